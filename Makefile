@@ -1,0 +1,48 @@
+# Builds the server modules into target/modules/.
+#
+#   make                 both modules (mod_gateway.so, ngx_http_gateway_module.so)
+#   make apache          only mod_gateway.so
+#   make test            the test suite against the real servers
+#   make demo            a demo application served by Apache on localhost
+#
+# PYTHON selects the interpreter to embed (default: Debian's /usr/bin/python3).
+
+PYTHON ?= /usr/bin/python3
+CARGO ?= cargo
+CC ?= cc
+MODULES := target/modules
+PY_LIBDIR := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+PY_LDVERSION := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("LDVERSION"))')
+PY_SHARED := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')
+# libpython is a shared dependency (DT_NEEDED) so C extension modules find its symbols.
+PY_LIBS := -L$(PY_LIBDIR) -Wl,-rpath,$(PY_LIBDIR) -lpython$(PY_LDVERSION)
+SYS_LIBS := -lpthread -ldl -lm -lutil -lgcc_s -lc
+export PYO3_PYTHON := $(PYTHON)
+
+.PHONY: all apache test demo check-python clean FORCE
+
+all: apache
+
+apache: $(MODULES)/mod_gateway.so
+
+check-python:
+	@test -x "$(PYTHON)" || { echo "error: $(PYTHON) not found: install python3-dev or set PYTHON=/path/to/python3" >&2; exit 1; }
+	@test "$(PY_SHARED)" = 1 || { echo "error: $(PYTHON) has no shared libpython; Gateway needs one (Debian: apt-get install python3-dev)" >&2; exit 1; }
+	@test -e "$(PY_LIBDIR)/libpython$(PY_LDVERSION).so" || { echo "error: $(PY_LIBDIR)/libpython$(PY_LDVERSION).so is missing (Debian: apt-get install python3-dev)" >&2; exit 1; }
+
+# Each server gets its own cargo target directory: the two builds differ only in
+# features, and must not overwrite each other's libgateway.a.
+$(MODULES)/mod_gateway.so: check-python FORCE
+	$(CARGO) build --release --features apache --target-dir target/apache
+	@mkdir -p $(MODULES)
+	$(CC) -shared -o $@ -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
+		target/apache/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+
+test: all
+	tests/run
+
+demo: all
+	tests/demo
+
+clean:
+	$(CARGO) clean

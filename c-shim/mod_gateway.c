@@ -1,0 +1,157 @@
+/*
+ * mod_gateway: the Apache httpd 2.4 side of Gateway.
+ *
+ * This file holds what only C does well here: the module record, the directive
+ * table, hook registration, and the few helpers built from APR macros. Everything
+ * else (configuration, the environ, running the WSGI application) is Rust, in
+ * src/apache/.
+ */
+
+#include "httpd.h"
+#include "http_config.h"
+#include "http_log.h"
+#include "http_protocol.h"
+#include "http_request.h"
+#include "apr_buckets.h"
+
+module AP_MODULE_DECLARE_DATA gateway_module;
+APLOG_USE_MODULE(gateway);
+
+/* Implemented in Rust: src/apache/config.rs */
+void *gateway_create_server_config(apr_pool_t *p, server_rec *s);
+void *gateway_merge_server_config(apr_pool_t *p, void *base, void *add);
+void *gateway_create_dir_config(apr_pool_t *p, char *dir);
+void *gateway_merge_dir_config(apr_pool_t *p, void *base, void *add);
+const char *gateway_cmd_script_alias(cmd_parms *cmd, void *dcfg,
+                                     const char *url, const char *target);
+const char *gateway_cmd_mode(cmd_parms *cmd, void *dcfg,
+                             int argc, char *const argv[]);
+const char *gateway_cmd_daemon(cmd_parms *cmd, void *dcfg,
+                               int argc, char *const argv[]);
+const char *gateway_cmd_python_home(cmd_parms *cmd, void *dcfg, const char *dir);
+const char *gateway_cmd_python_path(cmd_parms *cmd, void *dcfg, const char *path);
+
+/* Implemented in Rust: src/apache/hooks.rs */
+int gateway_post_config(apr_pool_t *pconf, apr_pool_t *plog,
+                        apr_pool_t *ptemp, server_rec *s);
+void gateway_child_init(apr_pool_t *pchild, server_rec *s);
+int gateway_translate_name(request_rec *r);
+int gateway_handler(request_rec *r);
+
+static const command_rec gateway_cmds[] = {
+    AP_INIT_TAKE2("GatewayScriptAlias", gateway_cmd_script_alias, NULL, RSRC_CONF,
+                  "URL-PATH FILE[:CALLABLE]: mount a WSGI application"),
+    AP_INIT_TAKE_ARGV("GatewayMode", gateway_cmd_mode, NULL, RSRC_CONF | ACCESS_CONF,
+                      "'embedded' or 'daemon NAME': where requests run"),
+    AP_INIT_TAKE_ARGV("GatewayDaemon", gateway_cmd_daemon, NULL, RSRC_CONF,
+                      "NAME [key=value ...]: define a daemon process group"),
+    AP_INIT_TAKE1("GatewayPythonHome", gateway_cmd_python_home, NULL, RSRC_CONF,
+                  "DIR: virtualenv or prefix of the embedded interpreter"),
+    AP_INIT_TAKE1("GatewayPythonPath", gateway_cmd_python_path, NULL, RSRC_CONF,
+                  "DIR[:DIR...]: extra sys.path entries for the embedded interpreter"),
+    {NULL}
+};
+
+/* Log one line to the error log of r (if any) or s, tagged with this module. */
+void gateway_ap_log(const server_rec *s, const request_rec *r, int level,
+                    const char *msg)
+{
+    if (r != NULL)
+        ap_log_rerror(APLOG_MARK, level, 0, r, "%s", msg);
+    else
+        ap_log_error(APLOG_MARK, level, 0, s, "%s", msg);
+}
+
+/* Whether a module log line at this level would be written (saves building it). */
+int gateway_ap_log_enabled(const server_rec *s, int level)
+{
+    return APLOG_IS_LEVEL(s, level);
+}
+
+/* The module's slot in a configuration vector. */
+int gateway_ap_module_index(void)
+{
+    return gateway_module.module_index;
+}
+
+/*
+ * Write a block and optionally flush it, with one brigade kept per request:
+ * a transient bucket avoids a copy, the flush bucket pushes it to the client now.
+ */
+apr_status_t gateway_ap_write(request_rec *r, apr_bucket_brigade **bbp,
+                              const char *data, apr_size_t len, int flush)
+{
+    conn_rec *c = r->connection;
+    apr_bucket_brigade *bb = *bbp;
+    apr_status_t rv;
+
+    if (bb == NULL)
+        bb = *bbp = apr_brigade_create(r->pool, c->bucket_alloc);
+    if (len > 0)
+        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_transient_create(data, len, c->bucket_alloc));
+    if (flush)
+        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(c->bucket_alloc));
+    rv = ap_pass_brigade(r->output_filters, bb);
+    apr_brigade_cleanup(bb);
+    if (rv == APR_SUCCESS && c->aborted)
+        rv = APR_ECONNABORTED;
+    return rv;
+}
+
+/* Send len bytes of an open file from offset through the core's sendfile path. */
+apr_status_t gateway_ap_send_file(request_rec *r, apr_bucket_brigade **bbp,
+                                  apr_file_t *file, apr_off_t offset, apr_size_t len)
+{
+    conn_rec *c = r->connection;
+    apr_bucket_brigade *bb = *bbp;
+    apr_status_t rv;
+
+    if (bb == NULL)
+        bb = *bbp = apr_brigade_create(r->pool, c->bucket_alloc);
+    apr_brigade_insert_file(bb, file, offset, len, r->pool);
+    /* The application closes its file when we return: send it all now. */
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(c->bucket_alloc));
+    rv = ap_pass_brigade(r->output_filters, bb);
+    apr_brigade_cleanup(bb);
+    if (rv == APR_SUCCESS && c->aborted)
+        rv = APR_ECONNABORTED;
+    return rv;
+}
+
+/*
+ * End a response that broke after its headers were sent: the error bucket tells
+ * the chunk filter to omit the last-chunk and the connection to close, so the
+ * client sees a truncated response instead of a complete-looking one.
+ */
+void gateway_ap_abort_response(request_rec *r)
+{
+    conn_rec *c = r->connection;
+    apr_bucket_brigade *bb = apr_brigade_create(r->pool, c->bucket_alloc);
+
+    APR_BRIGADE_INSERT_TAIL(bb, ap_bucket_error_create(HTTP_BAD_GATEWAY, NULL,
+                                                       r->pool, c->bucket_alloc));
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_eos_create(c->bucket_alloc));
+    ap_pass_brigade(r->output_filters, bb);
+    c->keepalive = AP_CONN_CLOSE;
+}
+
+static void gateway_register_hooks(apr_pool_t *p)
+{
+    /* Before mod_alias, so a GatewayScriptAlias wins over an Alias of the same path. */
+    static const char *const before_alias[] = {"mod_alias.c", NULL};
+
+    ap_hook_post_config(gateway_post_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_child_init(gateway_child_init, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_translate_name(gateway_translate_name, NULL, before_alias, APR_HOOK_MIDDLE);
+    ap_hook_handler(gateway_handler, NULL, NULL, APR_HOOK_MIDDLE);
+}
+
+module AP_MODULE_DECLARE_DATA gateway_module = {
+    STANDARD20_MODULE_STUFF,
+    gateway_create_dir_config,
+    gateway_merge_dir_config,
+    gateway_create_server_config,
+    gateway_merge_server_config,
+    gateway_cmds,
+    gateway_register_hooks
+};

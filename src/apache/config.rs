@@ -1,0 +1,228 @@
+//! The Apache directives: per-server and per-directory configuration records,
+//! their merging, and one handler per directive.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+
+use super::ffi::*;
+use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+
+/// One `GatewayScriptAlias`.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    /// The URL path without a trailing slash; empty for `/`.
+    pub prefix: String,
+    pub app: AppSpec,
+}
+
+impl Mount {
+    /// Whether `uri` (a decoded path) is at or below this mount point.
+    pub fn matches(&self, uri: &[u8]) -> bool {
+        let p = self.prefix.as_bytes();
+        uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/')
+    }
+}
+
+/// Configuration of the main server or a virtual host.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub mounts: Vec<Mount>,
+    pub mode: Option<Mode>,
+    pub python_home: Option<PathBuf>,
+    pub python_path: Vec<PathBuf>,
+    pub daemons: Vec<DaemonOptions>,
+}
+
+impl ServerConfig {
+    /// The mount that serves `uri`: the longest matching prefix.
+    pub fn mount_for(&self, uri: &[u8]) -> Option<&Mount> {
+        self.mounts.iter().filter(|m| m.matches(uri)).max_by_key(|m| m.prefix.len())
+    }
+}
+
+/// Configuration of a `<Directory>` or `<Location>`.
+#[derive(Debug, Clone, Default)]
+pub struct DirConfig {
+    pub mode: Option<Mode>,
+}
+
+/// Moves `value` into memory owned by `pool`: it is dropped when the pool is.
+fn pool_owned<T>(pool: *mut apr_pool_t, value: T) -> *mut c_void {
+    unsafe extern "C" fn drop_box<T>(data: *mut c_void) -> apr_status_t {
+        // SAFETY: data came from Box::into_raw below and the pool runs this once.
+        drop(unsafe { Box::from_raw(data.cast::<T>()) });
+        APR_SUCCESS as apr_status_t
+    }
+    let ptr = Box::into_raw(Box::new(value)).cast::<c_void>();
+    // SAFETY: pool is a live pool handed to us by httpd; the cleanup frees ptr with it.
+    unsafe { apr_pool_cleanup_register(pool, ptr, Some(drop_box::<T>), Some(apr_pool_cleanup_null)) };
+    ptr
+}
+
+/// The record in the module's slot of a configuration vector.
+///
+/// # Safety
+/// `vector` must be a configuration vector of this module's kind (server or dir).
+pub unsafe fn module_config<'a, T>(vector: *mut ap_conf_vector_t) -> Option<&'a T> {
+    let slot = unsafe { *vector.cast::<*mut c_void>().add(gateway_ap_module_index() as usize) };
+    unsafe { slot.cast::<T>().as_ref() }
+}
+
+unsafe fn module_config_mut<'a, T>(vector: *mut ap_conf_vector_t) -> &'a mut T {
+    let slot = unsafe { *vector.cast::<*mut c_void>().add(gateway_ap_module_index() as usize) };
+    unsafe { &mut *slot.cast::<T>() }
+}
+
+#[no_mangle]
+pub extern "C" fn gateway_create_server_config(p: *mut apr_pool_t, _s: *mut server_rec) -> *mut c_void {
+    pool_owned(p, ServerConfig::default())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_merge_server_config(p: *mut apr_pool_t, base: *mut c_void, add: *mut c_void) -> *mut c_void {
+    // SAFETY: httpd passes two records made by gateway_create_server_config.
+    let (base, add) = unsafe { (&*base.cast::<ServerConfig>(), &*add.cast::<ServerConfig>()) };
+    let merged = ServerConfig {
+        mounts: add.mounts.iter().chain(&base.mounts).cloned().collect(),
+        mode: add.mode.clone().or_else(|| base.mode.clone()),
+        python_home: base.python_home.clone(),
+        python_path: base.python_path.clone(),
+        daemons: add.daemons.iter().chain(&base.daemons).cloned().collect(),
+    };
+    pool_owned(p, merged)
+}
+
+#[no_mangle]
+pub extern "C" fn gateway_create_dir_config(p: *mut apr_pool_t, _dir: *mut c_char) -> *mut c_void {
+    pool_owned(p, DirConfig::default())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_merge_dir_config(p: *mut apr_pool_t, base: *mut c_void, add: *mut c_void) -> *mut c_void {
+    // SAFETY: httpd passes two records made by gateway_create_dir_config.
+    let (base, add) = unsafe { (&*base.cast::<DirConfig>(), &*add.cast::<DirConfig>()) };
+    pool_owned(p, DirConfig { mode: add.mode.clone().or_else(|| base.mode.clone()) })
+}
+
+/// Turns a directive handler's result into what httpd expects: NULL or a message
+/// in the configuration pool. httpd adds the file and line.
+fn result(cmd: *mut cmd_parms, directive: &str, r: Result<(), ConfigError>) -> *const c_char {
+    match r {
+        Ok(()) => std::ptr::null(),
+        Err(e) => {
+            let msg = CString::new(format!("{directive}: {e}")).unwrap_or_default();
+            // SAFETY: cmd is the live cmd_parms of this directive; apr_pstrdup copies msg.
+            unsafe { apr_pstrdup((*cmd).pool, msg.as_ptr()) }
+        }
+    }
+}
+
+/// Borrows a C string argument as UTF-8.
+unsafe fn arg<'a>(s: *const c_char) -> Result<&'a str, ConfigError> {
+    unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| ConfigError("arguments must be UTF-8".into()))
+}
+
+unsafe fn argv<'a>(argc: c_int, argv: *const *mut c_char) -> Result<Vec<&'a str>, ConfigError> {
+    (0..argc as usize).map(|i| unsafe { arg(*argv.add(i)) }).collect()
+}
+
+/// The server record a directive configures.
+unsafe fn server_config<'a>(cmd: *mut cmd_parms) -> &'a mut ServerConfig {
+    unsafe { module_config_mut::<ServerConfig>((*(*cmd).server).module_config) }
+}
+
+/// Fails unless the directive stands outside any virtual host or section.
+unsafe fn global_only(cmd: *mut cmd_parms) -> Result<(), ConfigError> {
+    let msg = unsafe { ap_check_cmd_context(cmd, GLOBAL_ONLY) };
+    if msg.is_null() {
+        Ok(())
+    } else {
+        Err(ConfigError(unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()))
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_script_alias(
+    cmd: *mut cmd_parms,
+    _dcfg: *mut c_void,
+    url: *const c_char,
+    target: *const c_char,
+) -> *const c_char {
+    let r = (|| {
+        let (url, target) = unsafe { (arg(url)?, arg(target)?) };
+        if !url.starts_with('/') {
+            return Err(ConfigError(format!("the URL path must start with '/', got '{url}'")));
+        }
+        let app = AppSpec::parse(target)?;
+        let cfg = unsafe { server_config(cmd) };
+        let prefix = url.trim_end_matches('/').to_string();
+        if cfg.mounts.iter().any(|m| m.prefix == prefix) {
+            return Err(ConfigError(format!("'{url}' is already mounted in this server")));
+        }
+        cfg.mounts.push(Mount { prefix, app });
+        Ok(())
+    })();
+    result(cmd, "GatewayScriptAlias", r)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_mode(cmd: *mut cmd_parms, dcfg: *mut c_void, argc: c_int, argv_: *const *mut c_char) -> *const c_char {
+    let r = (|| {
+        let mode = Mode::parse(&unsafe { argv(argc, argv_) }?)?;
+        if let Mode::Daemon(name) = &mode {
+            return Err(ConfigError(format!(
+                "daemon mode (group '{name}') is not available in this build yet; use 'GatewayMode embedded'"
+            )));
+        }
+        // Inside <Directory>/<Location> cmd->path is set and dcfg is that section's record.
+        if unsafe { (*cmd).path }.is_null() {
+            unsafe { server_config(cmd) }.mode = Some(mode);
+        } else {
+            unsafe { &mut *dcfg.cast::<DirConfig>() }.mode = Some(mode);
+        }
+        Ok(())
+    })();
+    result(cmd, "GatewayMode", r)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_daemon(cmd: *mut cmd_parms, _dcfg: *mut c_void, argc: c_int, argv_: *const *mut c_char) -> *const c_char {
+    let r = (|| {
+        let options = DaemonOptions::parse(&unsafe { argv(argc, argv_) }?)?;
+        let cfg = unsafe { server_config(cmd) };
+        if cfg.daemons.iter().any(|d| d.name == options.name) {
+            return Err(ConfigError(format!("daemon process group '{}' is already defined", options.name)));
+        }
+        cfg.daemons.push(options);
+        Ok(())
+    })();
+    result(cmd, "GatewayDaemon", r)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_python_home(cmd: *mut cmd_parms, _dcfg: *mut c_void, dir: *const c_char) -> *const c_char {
+    let r = (|| {
+        unsafe { global_only(cmd) }?;
+        let dir = PathBuf::from(unsafe { arg(dir) }?);
+        if !dir.is_dir() {
+            return Err(ConfigError(format!(
+                "'{}' is not a directory (expected a virtualenv or a Python prefix)",
+                dir.display()
+            )));
+        }
+        unsafe { server_config(cmd) }.python_home = Some(dir);
+        Ok(())
+    })();
+    result(cmd, "GatewayPythonHome", r)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_python_path(cmd: *mut cmd_parms, _dcfg: *mut c_void, path: *const c_char) -> *const c_char {
+    let r = (|| {
+        unsafe { global_only(cmd) }?;
+        let dirs = split_path_list(unsafe { arg(path) }?);
+        unsafe { server_config(cmd) }.python_path.extend(dirs);
+        Ok(())
+    })();
+    result(cmd, "GatewayPythonPath", r)
+}

@@ -1,0 +1,8 @@
+//! Server-neutral building blocks shared by every server and mode.
+
+pub mod cgi;
+pub mod config;
+pub mod log;
+
+/// The version reported as `gateway.version` and in log lines.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

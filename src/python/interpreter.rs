@@ -1,0 +1,170 @@
+//! Starting the embedded interpreter once per process, and giving each server
+//! thread one Python thread state for its whole life.
+
+use std::cell::Cell;
+use std::ffi::CString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// How the interpreter of this process is set up.
+#[derive(Debug, Clone, Default)]
+pub struct PythonSettings {
+    /// A virtualenv (a directory with `pyvenv.cfg`) or a Python prefix.
+    pub home: Option<PathBuf>,
+    /// Extra `sys.path` entries, added like site directories (`.pth` files work).
+    pub path: Vec<PathBuf>,
+}
+
+/// Why the interpreter could not be started.
+#[derive(Debug)]
+pub enum InitError {
+    /// Another embedder (mod_wsgi, most likely) owns the interpreter of this process.
+    AlreadyInitialized,
+    /// The configured home does not exist or is not a directory.
+    BadHome(PathBuf),
+    /// Python itself refused the configuration.
+    Python(String),
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::AlreadyInitialized => f.write_str(
+                "Python is already initialised in this process by another module (is mod_wsgi loaded too?); \
+                 Gateway needs the interpreter to itself: disable the other module",
+            ),
+            InitError::BadHome(home) => {
+                write!(f, "python home '{}' is not a directory (expected a virtualenv or a Python prefix)", home.display())
+            }
+            InitError::Python(msg) => write!(f, "starting Python failed: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for InitError {}
+
+fn c_path(p: &Path) -> Result<CString, InitError> {
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| InitError::Python(format!("path {} contains NUL", p.display())))
+}
+
+/// Starts the interpreter in this process and releases the GIL. Must run in a
+/// server child (or daemon), never in the Apache parent or the nginx master.
+pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
+    // SAFETY: Py_IsInitialized may be called at any time.
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        return Err(InitError::AlreadyInitialized);
+    }
+    if let Some(home) = &settings.home {
+        if !home.is_dir() {
+            return Err(InitError::BadHome(home.clone()));
+        }
+    }
+    // SAFETY: PyConfig is plain data, initialised by PyConfig_InitPythonConfig before use,
+    // and every string set on it is a valid NUL-terminated buffer.
+    unsafe {
+        let mut config: ffi::PyConfig = std::mem::zeroed();
+        ffi::PyConfig_InitPythonConfig(&mut config);
+        // The server owns the signals (SIGTERM, SIGHUP, SIGINT, ...).
+        config.install_signal_handlers = 0;
+        // Ignore the server's own argv and stay out of PYTHON* variables in its environment.
+        config.parse_argv = 0;
+        config.use_environment = 0;
+        let status = match &settings.home {
+            Some(home) if home.join("pyvenv.cfg").exists() => {
+                // A virtualenv is found through its interpreter, as `HOME/bin/python` would.
+                let program = c_path(&home.join("bin").join("python"))?;
+                Some(ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, program.as_ptr()))
+            }
+            Some(home) => {
+                let home = c_path(home)?;
+                Some(ffi::PyConfig_SetBytesString(&mut config, &mut config.home, home.as_ptr()))
+            }
+            None => None,
+        };
+        if let Some(status) = status {
+            check(status, &mut config)?;
+        }
+        let status = ffi::Py_InitializeFromConfig(&config);
+        check(status, &mut config)?;
+        ffi::PyConfig_Clear(&mut config);
+    }
+    let added = Python::attach(|py| add_site_dirs(py, &settings.path));
+    // SAFETY: this thread holds the GIL since Py_InitializeFromConfig; hand it over so that
+    // server threads can take it. The thread state stays this thread's.
+    unsafe {
+        ffi::PyEval_SaveThread();
+    }
+    added.map_err(|e| InitError::Python(format!("adding the python path failed: {e}")))
+}
+
+/// Fails with Python's own message when a PyStatus is an error.
+///
+/// # Safety
+/// `config` must be a PyConfig initialised by PyConfig_InitPythonConfig.
+unsafe fn check(status: ffi::PyStatus, config: &mut ffi::PyConfig) -> Result<(), InitError> {
+    if ffi::PyStatus_Exception(status) == 0 {
+        return Ok(());
+    }
+    ffi::PyConfig_Clear(config);
+    let msg = if status.err_msg.is_null() {
+        "unknown error".to_string()
+    } else {
+        std::ffi::CStr::from_ptr(status.err_msg).to_string_lossy().into_owned()
+    };
+    Err(InitError::Python(msg))
+}
+
+fn add_site_dirs(py: Python<'_>, dirs: &[PathBuf]) -> PyResult<()> {
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    let site = py.import("site")?;
+    for dir in dirs {
+        site.call_method1("addsitedir", (dir.as_os_str().to_string_lossy().as_ref(),))?;
+    }
+    Ok(())
+}
+
+thread_local! {
+    static HAS_THREAD_STATE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the GIL on a server thread. The first call on a thread creates
+/// the thread's Python thread state and keeps it for the thread's life, so that
+/// `threading.local` works and no thread state is created per request.
+pub fn with_gil<R>(f: impl for<'py> FnOnce(Python<'py>) -> R) -> R {
+    HAS_THREAD_STATE.with(|has| {
+        if !has.get() {
+            // SAFETY: the interpreter is initialised (callers check is_initialized first).
+            // Ensure creates this thread's state with a count of one that is never released,
+            // so later Ensure/Release pairs (Python::attach) reuse it; SaveThread drops the GIL.
+            unsafe {
+                ffi::PyGILState_Ensure();
+                ffi::PyEval_SaveThread();
+            }
+            has.set(true);
+        }
+    });
+    Python::attach(f)
+}
+
+/// Whether this process has a running interpreter.
+pub fn is_initialized() -> bool {
+    // SAFETY: Py_IsInitialized may be called at any time.
+    unsafe { ffi::Py_IsInitialized() != 0 }
+}
+
+/// Runs `atexit` handlers at the end of a process, as a Python program would.
+pub fn run_exit_handlers() {
+    if !is_initialized() {
+        return;
+    }
+    with_gil(|py| {
+        if let Err(e) = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs")) {
+            log::warn!("running atexit handlers failed: {e}");
+        }
+    });
+}

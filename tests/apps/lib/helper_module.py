@@ -1,0 +1,3 @@
+"""Importable only through the configured python path."""
+
+VALUE = "from the python path"

@@ -1,0 +1,59 @@
+"""Fixtures: the servers under test, each serving the whole battery of test apps."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import MODULES, Apache, Mount, Settings  # noqa: E402
+
+# The virtualenv the tests run from doubles as the applications' virtualenv
+# (Flask and numpy live only there).
+VENV = os.environ.get("GATEWAY_TEST_VENV", sys.prefix)
+
+BATTERY = [
+    "hello", "environ", "echo", "echo_validated", "stream", "writer", "closing", "filewrapper",
+    "filewrapper_validated", "cookies", "status", "exc_info_before", "exc_info_after", "threadlocal",
+    "slow", "extensions", "empty", "raise_before", "raise_after", "bad_status", "crlf_header",
+    "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises",
+]
+
+
+def battery_mounts(mode="embedded"):
+    mounts = [Mount(f"/{name}", "battery.py", name, mode=mode) for name in BATTERY]
+    mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode))
+    return mounts
+
+
+def battery_settings():
+    return Settings(python_home=VENV, python_path=[str(Path(__file__).parent / "apps" / "lib")])
+
+
+def make_server(kind, mounts, settings=None):
+    """A server of the given kind: 'apache-event', 'apache-prefork' or 'nginx'."""
+    if kind.startswith("apache-"):
+        return Apache(mounts, settings, mpm=kind.split("-", 1)[1])
+    raise ValueError(kind)
+
+
+def available_servers():
+    kinds = []
+    if (MODULES / "mod_gateway.so").exists():
+        kinds += ["apache-event", "apache-prefork"]
+    return kinds
+
+
+SERVERS = available_servers()
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request):
+    """A server of each kind with every battery app mounted, shared by a test module."""
+    srv = make_server(request.param, battery_mounts(), battery_settings())
+    # The python path entry must be readable by the server's user: point it at the copy.
+    srv.settings.python_path = [str(srv.apps / "lib")]
+    with srv:
+        yield srv

@@ -1,0 +1,260 @@
+"""Starts Debian's real servers on loopback with generated configurations and the
+modules just built, and talks HTTP to them.
+
+A server is described by a list of Mount objects; every server class (Apache
+with a given MPM, nginx) turns the same mounts into its own configuration, so one
+set of tests runs against all of them.
+"""
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ROOT / "target" / "modules"
+APPS = ROOT / "tests" / "apps"
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+RUN_USER = "www-data"
+
+
+@dataclass
+class Mount:
+    """A WSGI application at a URL prefix."""
+
+    prefix: str
+    script: str  # file name under tests/apps (copied into the server's directory)
+    callable: str = "application"
+    mode: str = "embedded"
+    vhost: str | None = None  # name-based virtual host (Host header); None = default server
+
+
+@dataclass
+class Settings:
+    """Process-wide settings of a server under test."""
+
+    python_home: str | None = None
+    python_path: list[str] = field(default_factory=list)
+    extra: str = ""  # raw configuration appended at server level
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
+
+
+class Server:
+    """Common life cycle: a private directory, a port, an error log."""
+
+    name = "server"
+
+    def __init__(self, mounts: list[Mount], settings: Settings | None = None):
+        self.mounts = mounts
+        self.settings = settings or Settings()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"gateway-{self.name}-"))
+        self.apps = self.dir / "apps"
+        self.markers = self.dir / "markers"
+        self.port = free_port()
+        shutil.copytree(APPS, self.apps)
+        self.markers.mkdir()
+        # The server's children run as www-data: they read the apps and write markers.
+        for p in [self.dir, *self.dir.rglob("*")]:
+            p.chmod(0o777 if p == self.markers else (0o755 if p.is_dir() else 0o644))
+        self.error_log = self.dir / "error.log"
+
+    # -- to implement per server
+    def write_config(self) -> Path:
+        raise NotImplementedError
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError
+
+    def configtest(self) -> subprocess.CompletedProcess:
+        raise NotImplementedError
+
+    # -- shared helpers
+    def script_path(self, script: str) -> str:
+        return str(self.apps / script)
+
+    def log_text(self) -> str:
+        try:
+            return self.error_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, needle: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_text()
+            if needle in text:
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} did not appear in the error log:\n{self.log_text()[-4000:]}")
+
+    def marker(self, name: str) -> Path:
+        return self.markers / name
+
+    def connect(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, host=None, timeout=30.0):
+        """One request on a fresh connection; returns (response, body bytes)."""
+        conn = self.connect(timeout)
+        try:
+            hdrs = dict(headers or {})
+            if host:
+                hdrs["Host"] = host
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp, data
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+APACHE_MPM = {
+    "event": """
+LoadModule mpm_event_module {mods}/mod_mpm_event.so
+StartServers 2
+ServerLimit 2
+ThreadsPerChild 8
+MaxRequestWorkers 16
+MinSpareThreads 1
+MaxSpareThreads 16
+""",
+    "prefork": """
+LoadModule mpm_prefork_module {mods}/mod_mpm_prefork.so
+StartServers 3
+MinSpareServers 1
+MaxSpareServers 6
+ServerLimit 6
+MaxRequestWorkers 6
+""",
+}
+
+
+class Apache(Server):
+    """Debian's apache2 with mod_gateway.so and the chosen MPM."""
+
+    def __init__(self, mounts, settings=None, mpm="event"):
+        self.name = f"apache-{mpm}"
+        self.mpm = mpm
+        super().__init__(mounts, settings)
+
+    def write_config(self) -> Path:
+        s = self.settings
+        lines = [
+            f"ServerRoot {self.dir}",
+            f"PidFile {self.dir}/httpd.pid",
+            f"Listen 127.0.0.1:{self.port}",
+            "ServerName localhost",
+            f"User {RUN_USER}",
+            f"Group {RUN_USER}",
+            APACHE_MPM[self.mpm].format(mods=APACHE_MODULES),
+            f"LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so",
+            f"LoadModule gateway_module {MODULES}/mod_gateway.so",
+            f"ErrorLog {self.error_log}",
+            "LogLevel info",
+            "KeepAliveTimeout 5",
+            "Timeout 30",
+            f"<Directory {self.apps}>\n  Require all granted\n</Directory>",
+        ]
+        if s.python_home:
+            lines.append(f"GatewayPythonHome {s.python_home}")
+        if s.python_path:
+            lines.append(f"GatewayPythonPath {':'.join(s.python_path)}")
+        lines.append(s.extra)
+        vhosts: dict[str, list[Mount]] = {}
+        for m in self.mounts:
+            if m.vhost:
+                vhosts.setdefault(m.vhost, []).append(m)
+            else:
+                lines.append(self.mount_directive(m))
+        if vhosts:
+            # The first virtual host is the default for unknown Host headers; main-server
+            # mounts are inherited by every virtual host.
+            lines.append(f"<VirtualHost 127.0.0.1:{self.port}>\n  ServerName default.test\n</VirtualHost>")
+            for host, ms in vhosts.items():
+                body = "\n".join("  " + self.mount_directive(m) for m in ms)
+                lines.append(f"<VirtualHost 127.0.0.1:{self.port}>\n  ServerName {host}\n{body}\n</VirtualHost>")
+        conf = self.dir / "httpd.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        conf.chmod(0o644)
+        return conf
+
+    def mount_directive(self, m: Mount) -> str:
+        target = self.script_path(m.script)
+        if m.callable != "application":
+            target += f":{m.callable}"
+        return f"GatewayScriptAlias {m.prefix} {target}"
+
+    def configtest(self) -> subprocess.CompletedProcess:
+        conf = self.write_config()
+        return subprocess.run(["apache2", "-f", str(conf), "-t"], capture_output=True, text=True)
+
+    def start(self):
+        conf = self.write_config()
+        r = subprocess.run(["apache2", "-f", str(conf), "-k", "start"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"apache2 failed to start:\n{r.stdout}{r.stderr}\n{self.log_text()}")
+        wait_for_port(self.port)
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "httpd.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def stop(self):
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def children(self) -> list[int]:
+        """Pids of the worker children."""
+        pid = self.pid()
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
