@@ -38,13 +38,21 @@ fn query(cmd: &str, args: &[&str]) -> Option<String> {
 
 fn check_libclang() {
     let found = env::var_os("LIBCLANG_PATH").is_some()
-        || ["/usr/lib/llvm-14/lib", "/usr/lib/llvm-15/lib", "/usr/lib/llvm-16/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib"]
-            .iter()
-            .any(|d| {
-                std::fs::read_dir(d).is_ok_and(|mut entries| {
-                    entries.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libclang")))
+        || [
+            "/usr/lib/llvm-14/lib",
+            "/usr/lib/llvm-15/lib",
+            "/usr/lib/llvm-16/lib",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib",
+        ]
+        .iter()
+        .any(|d| {
+            std::fs::read_dir(d).is_ok_and(|mut entries| {
+                entries.any(|e| {
+                    e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libclang"))
                 })
-            });
+            })
+        });
     if !found {
         fail("libclang is needed to generate the server bindings: install it (Debian: apt-get install libclang-dev) or set LIBCLANG_PATH");
     }
@@ -59,7 +67,12 @@ fn build_apache() {
     let mut includes = vec![PathBuf::from(&includedir)];
     for tool in ["apr-1-config", "apu-1-config"] {
         let flags = query(tool, &["--includes"]).unwrap_or_default();
-        includes.extend(flags.split_whitespace().filter_map(|f| f.strip_prefix("-I")).map(PathBuf::from));
+        includes.extend(
+            flags
+                .split_whitespace()
+                .filter_map(|f| f.strip_prefix("-I"))
+                .map(PathBuf::from),
+        );
     }
     if !includes.iter().any(|d| d.join("apr.h").exists()) {
         fail("APR headers not found: install them (Debian: apt-get install libapr1-dev libaprutil1-dev, pulled in by apache2-dev)");
@@ -69,7 +82,10 @@ fn build_apache() {
     let shim = "c-shim/mod_gateway.c";
     println!("cargo:rerun-if-changed={shim}");
     let mut cc = cc::Build::new();
-    cc.file(shim).warnings(true).extra_warnings(true).flag_if_supported("-Wno-missing-field-initializers");
+    cc.file(shim)
+        .warnings(true)
+        .extra_warnings(true)
+        .flag_if_supported("-Wno-missing-field-initializers");
     cc.flag_if_supported("-Wno-unused-parameter");
     for dir in &includes {
         cc.include(dir);
@@ -90,7 +106,7 @@ fn build_apache() {
         )
         .allowlist_type("request_rec|conn_rec|server_rec|cmd_parms|apr_table_entry_t|apr_array_header_t|module")
         .allowlist_function(
-            "ap_(state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|get_module_config)|\
+            "ap_(find_linked_module|state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|get_module_config)|\
              apr_(table_add|table_get|table_elts|pstrdup|pstrmemdup|pool_cleanup_register|pool_cleanup_null|os_file_put|palloc|strerror)",
         )
         .allowlist_var("AP_SQ_.*|AP_MPMQ_.*|APLOG_.*|REQUEST_CHUNKED_.*|HTTP_.*|OK|DECLINED|DONE|GLOBAL_ONLY|NOT_IN_.*|APR_SUCCESS|APR_FOPEN_.*|AP_CONN_.*")
@@ -103,7 +119,9 @@ fn build_apache() {
     for (k, _) in defines {
         bg = bg.clang_arg(format!("-D{k}"));
     }
-    let bindings = bg.generate().unwrap_or_else(|e| fail(&format!("generating Apache bindings failed: {e}")));
+    let bindings = bg
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("generating Apache bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("apache_bindings.rs");
     bindings.write_to_file(out).expect("write Apache bindings");
 }

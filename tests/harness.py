@@ -50,9 +50,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc=None):
+def wait_for_port(port: int, timeout: float = 15.0, failed=lambda: False):
+    """Waits until something listens on port; gives up early once failed() says so."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if failed():
+            raise RuntimeError("the server reported a start-up failure")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -228,7 +231,11 @@ class Apache(Server):
         r = subprocess.run(["apache2", "-f", str(conf), "-k", "start"], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"apache2 failed to start:\n{r.stdout}{r.stderr}\n{self.log_text()}")
-        wait_for_port(self.port)
+        # httpd detaches before post_config: a failure there shows only in the error log.
+        try:
+            wait_for_port(self.port, failed=lambda: "Configuration Failed" in self.log_text())
+        except RuntimeError as e:
+            raise RuntimeError(f"apache2 failed to start: {e}\n{self.log_text()}") from None
 
     def pid(self) -> int | None:
         try:

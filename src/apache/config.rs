@@ -36,7 +36,10 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// The mount that serves `uri`: the longest matching prefix.
     pub fn mount_for(&self, uri: &[u8]) -> Option<&Mount> {
-        self.mounts.iter().filter(|m| m.matches(uri)).max_by_key(|m| m.prefix.len())
+        self.mounts
+            .iter()
+            .filter(|m| m.matches(uri))
+            .max_by_key(|m| m.prefix.len())
     }
 }
 
@@ -55,7 +58,9 @@ fn pool_owned<T>(pool: *mut apr_pool_t, value: T) -> *mut c_void {
     }
     let ptr = Box::into_raw(Box::new(value)).cast::<c_void>();
     // SAFETY: pool is a live pool handed to us by httpd; the cleanup frees ptr with it.
-    unsafe { apr_pool_cleanup_register(pool, ptr, Some(drop_box::<T>), Some(apr_pool_cleanup_null)) };
+    unsafe {
+        apr_pool_cleanup_register(pool, ptr, Some(drop_box::<T>), Some(apr_pool_cleanup_null))
+    };
     ptr
 }
 
@@ -64,22 +69,37 @@ fn pool_owned<T>(pool: *mut apr_pool_t, value: T) -> *mut c_void {
 /// # Safety
 /// `vector` must be a configuration vector of this module's kind (server or dir).
 pub unsafe fn module_config<'a, T>(vector: *mut ap_conf_vector_t) -> Option<&'a T> {
-    let slot = unsafe { *vector.cast::<*mut c_void>().add(gateway_ap_module_index() as usize) };
+    let slot = unsafe {
+        *vector
+            .cast::<*mut c_void>()
+            .add(gateway_ap_module_index() as usize)
+    };
     unsafe { slot.cast::<T>().as_ref() }
 }
 
 unsafe fn module_config_mut<'a, T>(vector: *mut ap_conf_vector_t) -> &'a mut T {
-    let slot = unsafe { *vector.cast::<*mut c_void>().add(gateway_ap_module_index() as usize) };
+    let slot = unsafe {
+        *vector
+            .cast::<*mut c_void>()
+            .add(gateway_ap_module_index() as usize)
+    };
     unsafe { &mut *slot.cast::<T>() }
 }
 
 #[no_mangle]
-pub extern "C" fn gateway_create_server_config(p: *mut apr_pool_t, _s: *mut server_rec) -> *mut c_void {
+pub extern "C" fn gateway_create_server_config(
+    p: *mut apr_pool_t,
+    _s: *mut server_rec,
+) -> *mut c_void {
     pool_owned(p, ServerConfig::default())
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_merge_server_config(p: *mut apr_pool_t, base: *mut c_void, add: *mut c_void) -> *mut c_void {
+pub unsafe extern "C" fn gateway_merge_server_config(
+    p: *mut apr_pool_t,
+    base: *mut c_void,
+    add: *mut c_void,
+) -> *mut c_void {
     // SAFETY: httpd passes two records made by gateway_create_server_config.
     let (base, add) = unsafe { (&*base.cast::<ServerConfig>(), &*add.cast::<ServerConfig>()) };
     let merged = ServerConfig {
@@ -98,10 +118,19 @@ pub extern "C" fn gateway_create_dir_config(p: *mut apr_pool_t, _dir: *mut c_cha
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_merge_dir_config(p: *mut apr_pool_t, base: *mut c_void, add: *mut c_void) -> *mut c_void {
+pub unsafe extern "C" fn gateway_merge_dir_config(
+    p: *mut apr_pool_t,
+    base: *mut c_void,
+    add: *mut c_void,
+) -> *mut c_void {
     // SAFETY: httpd passes two records made by gateway_create_dir_config.
     let (base, add) = unsafe { (&*base.cast::<DirConfig>(), &*add.cast::<DirConfig>()) };
-    pool_owned(p, DirConfig { mode: add.mode.clone().or_else(|| base.mode.clone()) })
+    pool_owned(
+        p,
+        DirConfig {
+            mode: add.mode.clone().or_else(|| base.mode.clone()),
+        },
+    )
 }
 
 /// Turns a directive handler's result into what httpd expects: NULL or a message
@@ -119,11 +148,15 @@ fn result(cmd: *mut cmd_parms, directive: &str, r: Result<(), ConfigError>) -> *
 
 /// Borrows a C string argument as UTF-8.
 unsafe fn arg<'a>(s: *const c_char) -> Result<&'a str, ConfigError> {
-    unsafe { CStr::from_ptr(s) }.to_str().map_err(|_| ConfigError("arguments must be UTF-8".into()))
+    unsafe { CStr::from_ptr(s) }
+        .to_str()
+        .map_err(|_| ConfigError("arguments must be UTF-8".into()))
 }
 
 unsafe fn argv<'a>(argc: c_int, argv: *const *mut c_char) -> Result<Vec<&'a str>, ConfigError> {
-    (0..argc as usize).map(|i| unsafe { arg(*argv.add(i)) }).collect()
+    (0..argc as usize)
+        .map(|i| unsafe { arg(*argv.add(i)) })
+        .collect()
 }
 
 /// The server record a directive configures.
@@ -137,7 +170,11 @@ unsafe fn global_only(cmd: *mut cmd_parms) -> Result<(), ConfigError> {
     if msg.is_null() {
         Ok(())
     } else {
-        Err(ConfigError(unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned()))
+        Err(ConfigError(
+            unsafe { CStr::from_ptr(msg) }
+                .to_string_lossy()
+                .into_owned(),
+        ))
     }
 }
 
@@ -151,13 +188,17 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
     let r = (|| {
         let (url, target) = unsafe { (arg(url)?, arg(target)?) };
         if !url.starts_with('/') {
-            return Err(ConfigError(format!("the URL path must start with '/', got '{url}'")));
+            return Err(ConfigError(format!(
+                "the URL path must start with '/', got '{url}'"
+            )));
         }
         let app = AppSpec::parse(target)?;
         let cfg = unsafe { server_config(cmd) };
         let prefix = url.trim_end_matches('/').to_string();
         if cfg.mounts.iter().any(|m| m.prefix == prefix) {
-            return Err(ConfigError(format!("'{url}' is already mounted in this server")));
+            return Err(ConfigError(format!(
+                "'{url}' is already mounted in this server"
+            )));
         }
         cfg.mounts.push(Mount { prefix, app });
         Ok(())
@@ -166,7 +207,12 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_cmd_mode(cmd: *mut cmd_parms, dcfg: *mut c_void, argc: c_int, argv_: *const *mut c_char) -> *const c_char {
+pub unsafe extern "C" fn gateway_cmd_mode(
+    cmd: *mut cmd_parms,
+    dcfg: *mut c_void,
+    argc: c_int,
+    argv_: *const *mut c_char,
+) -> *const c_char {
     let r = (|| {
         let mode = Mode::parse(&unsafe { argv(argc, argv_) }?)?;
         if let Mode::Daemon(name) = &mode {
@@ -186,12 +232,20 @@ pub unsafe extern "C" fn gateway_cmd_mode(cmd: *mut cmd_parms, dcfg: *mut c_void
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_cmd_daemon(cmd: *mut cmd_parms, _dcfg: *mut c_void, argc: c_int, argv_: *const *mut c_char) -> *const c_char {
+pub unsafe extern "C" fn gateway_cmd_daemon(
+    cmd: *mut cmd_parms,
+    _dcfg: *mut c_void,
+    argc: c_int,
+    argv_: *const *mut c_char,
+) -> *const c_char {
     let r = (|| {
         let options = DaemonOptions::parse(&unsafe { argv(argc, argv_) }?)?;
         let cfg = unsafe { server_config(cmd) };
         if cfg.daemons.iter().any(|d| d.name == options.name) {
-            return Err(ConfigError(format!("daemon process group '{}' is already defined", options.name)));
+            return Err(ConfigError(format!(
+                "daemon process group '{}' is already defined",
+                options.name
+            )));
         }
         cfg.daemons.push(options);
         Ok(())
@@ -200,7 +254,11 @@ pub unsafe extern "C" fn gateway_cmd_daemon(cmd: *mut cmd_parms, _dcfg: *mut c_v
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_cmd_python_home(cmd: *mut cmd_parms, _dcfg: *mut c_void, dir: *const c_char) -> *const c_char {
+pub unsafe extern "C" fn gateway_cmd_python_home(
+    cmd: *mut cmd_parms,
+    _dcfg: *mut c_void,
+    dir: *const c_char,
+) -> *const c_char {
     let r = (|| {
         unsafe { global_only(cmd) }?;
         let dir = PathBuf::from(unsafe { arg(dir) }?);
@@ -217,7 +275,11 @@ pub unsafe extern "C" fn gateway_cmd_python_home(cmd: *mut cmd_parms, _dcfg: *mu
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_cmd_python_path(cmd: *mut cmd_parms, _dcfg: *mut c_void, path: *const c_char) -> *const c_char {
+pub unsafe extern "C" fn gateway_cmd_python_path(
+    cmd: *mut cmd_parms,
+    _dcfg: *mut c_void,
+    path: *const c_char,
+) -> *const c_char {
     let r = (|| {
         unsafe { global_only(cmd) }?;
         let dirs = split_path_list(unsafe { arg(path) }?);

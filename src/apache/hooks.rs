@@ -44,7 +44,9 @@ fn log_to_main_server(level: log::Level, line: &str) {
 /// Every server record of this configuration: the main server, then the virtual hosts.
 fn servers(s: *mut server_rec) -> impl Iterator<Item = *mut server_rec> {
     // SAFETY: httpd's server list is a NULL-terminated chain that lives as long as the configuration.
-    std::iter::successors((!s.is_null()).then_some(s), |&s| unsafe { Some((*s).next).filter(|n| !n.is_null()) })
+    std::iter::successors((!s.is_null()).then_some(s), |&s| unsafe {
+        Some((*s).next).filter(|n| !n.is_null())
+    })
 }
 
 /// # Safety
@@ -54,15 +56,37 @@ unsafe fn server_config<'a>(s: *const server_rec) -> Option<&'a ServerConfig> {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_post_config(_pconf: *mut apr_pool_t, _plog: *mut apr_pool_t, _ptemp: *mut apr_pool_t, s: *mut server_rec) -> c_int {
+pub unsafe extern "C" fn gateway_post_config(
+    _pconf: *mut apr_pool_t,
+    _plog: *mut apr_pool_t,
+    _ptemp: *mut apr_pool_t,
+    s: *mut server_rec,
+) -> c_int {
     MAIN_SERVER.store(s, Ordering::Relaxed);
     crate::common::log::install(log_to_main_server);
     // httpd reads the configuration twice at start-up; act on the real pass only.
     if unsafe { ap_state_query(AP_SQ_MAIN_STATE as c_int) } == AP_SQ_MS_CREATE_PRE_CONFIG as c_int {
         return OK as c_int;
     }
-    let mounts: usize = servers(s).map(|s| unsafe { server_config(s) }.map_or(0, |c| c.mounts.len())).sum();
-    log::info!("Gateway/{} ready, {} application(s) mounted", crate::common::VERSION, mounts);
+    // Two embedders cannot share one interpreter; whichever starts Python second breaks.
+    for other in [c"mod_wsgi.c", c"mod_python.c"] {
+        if !unsafe { ap_find_linked_module(other.as_ptr()) }.is_null() {
+            log::error!(
+                "{} is loaded too: it and Gateway would share one Python interpreter, which neither supports. \
+                 Unload one of them (a2dismod), or run the other's applications in a Gateway daemon group",
+                other.to_string_lossy().trim_end_matches(".c")
+            );
+            return HTTP_INTERNAL_SERVER_ERROR as c_int;
+        }
+    }
+    let mounts: usize = servers(s)
+        .map(|s| unsafe { server_config(s) }.map_or(0, |c| c.mounts.len()))
+        .sum();
+    log::info!(
+        "Gateway/{} ready, {} application(s) mounted",
+        crate::common::VERSION,
+        mounts
+    );
     OK as c_int
 }
 
@@ -75,12 +99,18 @@ fn mpm_query(code: u32) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut server_rec) {
-    let any_mounts = servers(s).any(|s| unsafe { server_config(s) }.is_some_and(|c| !c.mounts.is_empty()));
+    let any_mounts =
+        servers(s).any(|s| unsafe { server_config(s) }.is_some_and(|c| !c.mounts.is_empty()));
     if !any_mounts {
         return;
     }
-    let Some(cfg) = (unsafe { server_config(s) }) else { return };
-    let settings = PythonSettings { home: cfg.python_home.clone(), path: cfg.python_path.clone() };
+    let Some(cfg) = (unsafe { server_config(s) }) else {
+        return;
+    };
+    let settings = PythonSettings {
+        home: cfg.python_home.clone(),
+        path: cfg.python_path.clone(),
+    };
     let started = match interpreter::initialize(&settings) {
         Ok(()) => {
             let threads = mpm_query(AP_MPMQ_MAX_THREADS);
@@ -89,7 +119,8 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
                 server: "apache",
                 mode: "embedded",
                 process_group: String::new(),
-                multithread: mpm_query(AP_MPMQ_IS_THREADED) != AP_MPMQ_NOT_SUPPORTED as c_int && threads > 1,
+                multithread: mpm_query(AP_MPMQ_IS_THREADED) != AP_MPMQ_NOT_SUPPORTED as c_int
+                    && threads > 1,
                 multiprocess: daemons > 1,
             })
         }
@@ -104,7 +135,14 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
         APR_SUCCESS as apr_status_t
     }
     // SAFETY: pchild lives until the child exits, when the cleanup runs atexit handlers.
-    unsafe { apr_pool_cleanup_register(pchild, std::ptr::null_mut(), Some(at_exit), Some(apr_pool_cleanup_null)) };
+    unsafe {
+        apr_pool_cleanup_register(
+            pchild,
+            std::ptr::null_mut(),
+            Some(at_exit),
+            Some(apr_pool_cleanup_null),
+        )
+    };
 }
 
 /// Maps URLs below a GatewayScriptAlias to its script, so that `<Directory>`
@@ -141,7 +179,11 @@ pub unsafe extern "C" fn gateway_handler(r: *mut request_rec) -> c_int {
     match catch_unwind(AssertUnwindSafe(|| unsafe { handle(r) })) {
         Ok(status) => status,
         Err(_) => {
-            request::log(r, log::Level::Error, "internal error (panic) while serving this request");
+            request::log(
+                r,
+                log::Level::Error,
+                "internal error (panic) while serving this request",
+            );
             HTTP_INTERNAL_SERVER_ERROR as c_int
         }
     }
@@ -149,23 +191,38 @@ pub unsafe extern "C" fn gateway_handler(r: *mut request_rec) -> c_int {
 
 unsafe fn handle(r: *mut request_rec) -> c_int {
     let uri = unsafe { CStr::from_ptr((*r).uri) }.to_bytes();
-    let Some(mount): Option<&Mount> = (unsafe { server_config((*r).server) }).and_then(|c| c.mount_for(uri)) else {
+    let Some(mount): Option<&Mount> =
+        (unsafe { server_config((*r).server) }).and_then(|c| c.mount_for(uri))
+    else {
         return DECLINED;
     };
     let server_mode = unsafe { server_config((*r).server) }.and_then(|c| c.mode.clone());
-    let dir_mode = unsafe { module_config::<DirConfig>((*r).per_dir_config) }.and_then(|c| c.mode.clone());
+    let dir_mode =
+        unsafe { module_config::<DirConfig>((*r).per_dir_config) }.and_then(|c| c.mode.clone());
     if let Some(Mode::Daemon(name)) = dir_mode.or(server_mode) {
-        request::log(r, log::Level::Error, &format!("daemon process group '{name}' is not available in this build"));
+        request::log(
+            r,
+            log::Level::Error,
+            &format!("daemon process group '{name}' is not available in this build"),
+        );
         return HTTP_SERVICE_UNAVAILABLE as c_int;
     }
     let info = match PYTHON.get() {
         Some(Ok(info)) => info,
         Some(Err(why)) => {
-            request::log(r, log::Level::Error, &format!("Python is not available in this process: {why}"));
+            request::log(
+                r,
+                log::Level::Error,
+                &format!("Python is not available in this process: {why}"),
+            );
             return HTTP_INTERNAL_SERVER_ERROR as c_int;
         }
         None => {
-            request::log(r, log::Level::Error, "Python was not started in this process (no child_init?)");
+            request::log(
+                r,
+                log::Level::Error,
+                "Python was not started in this process (no child_init?)",
+            );
             return HTTP_INTERNAL_SERVER_ERROR as c_int;
         }
     };

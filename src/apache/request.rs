@@ -36,7 +36,9 @@ unsafe fn table<'a>(t: *const apr_table_t) -> Vec<(&'a [u8], &'a [u8])> {
     if elts.nelts <= 0 || elts.elts.is_null() {
         return Vec::new();
     }
-    let entries = unsafe { std::slice::from_raw_parts(elts.elts.cast::<apr_table_entry_t>(), elts.nelts as usize) };
+    let entries = unsafe {
+        std::slice::from_raw_parts(elts.elts.cast::<apr_table_entry_t>(), elts.nelts as usize)
+    };
     entries
         .iter()
         .filter(|e| !e.key.is_null())
@@ -89,7 +91,9 @@ impl RequestBody for ApacheBody {
         let n = unsafe { ap_get_client_block(r, buf.as_mut_ptr().cast(), buf.len() as apr_size_t) };
         if n < 0 {
             self.expected = false;
-            return Err(io::Error::other("the client sent a broken body or went away"));
+            return Err(io::Error::other(
+                "the client sent a broken body or went away",
+            ));
         }
         Ok(n as usize)
     }
@@ -132,12 +136,24 @@ impl ResponseChannel for ApacheResponse {
                 if name.eq_ignore_ascii_case("content-type") {
                     ap_set_content_type(r, self.pstr(value));
                 } else if name.eq_ignore_ascii_case("content-length") {
-                    match std::str::from_utf8(value).ok().and_then(|v| v.trim().parse::<apr_off_t>().ok()) {
+                    match std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.trim().parse::<apr_off_t>().ok())
+                    {
                         Some(n) => ap_set_content_length(r, n),
-                        None => return Err(io::Error::other(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value)))),
+                        None => {
+                            return Err(io::Error::other(format!(
+                                "invalid Content-Length {:?}",
+                                String::from_utf8_lossy(value)
+                            )))
+                        }
                     }
                 } else {
-                    apr_table_add((*r).headers_out, self.pstr(name.as_bytes()), self.pstr(value));
+                    apr_table_add(
+                        (*r).headers_out,
+                        self.pstr(name.as_bytes()),
+                        self.pstr(value),
+                    );
                 }
             }
         }
@@ -147,7 +163,13 @@ impl ResponseChannel for ApacheResponse {
     fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
         // SAFETY: r is live; data stays valid during the call (transient bucket, passed at once).
         let rv = unsafe {
-            gateway_ap_write(self.r.0, &mut self.brigade, data.as_ptr().cast(), data.len() as apr_size_t, c_int::from(flush))
+            gateway_ap_write(
+                self.r.0,
+                &mut self.brigade,
+                data.as_ptr().cast(),
+                data.len() as apr_size_t,
+                c_int::from(flush),
+            )
         };
         self.check(rv)
     }
@@ -159,11 +181,22 @@ impl ResponseChannel for ApacheResponse {
         // SAFETY: wraps the application's open fd without taking ownership (no cleanup closes it);
         // the shim sends the data with a flush before returning, while the fd is still open.
         let rv = unsafe {
-            let rv = apr_os_file_put(&mut file, &mut osfd, (APR_FOPEN_READ | APR_FOPEN_SENDFILE_ENABLED) as i32, (*r).pool);
+            let rv = apr_os_file_put(
+                &mut file,
+                &mut osfd,
+                (APR_FOPEN_READ | APR_FOPEN_SENDFILE_ENABLED) as i32,
+                (*r).pool,
+            );
             if rv != APR_SUCCESS as apr_status_t {
                 rv
             } else {
-                gateway_ap_send_file(r, &mut self.brigade, file, offset as apr_off_t, len as apr_size_t)
+                gateway_ap_send_file(
+                    r,
+                    &mut self.brigade,
+                    file,
+                    offset as apr_off_t,
+                    len as apr_size_t,
+                )
             }
         };
         self.check(rv)
@@ -204,7 +237,11 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
             server_port: ap_get_server_port(r),
             server_addr: bytes((*c).local_ip),
             remote_addr: bytes((*r).useragent_ip),
-            remote_port: if (*r).useragent_addr.is_null() { 0 } else { (*(*r).useragent_addr).port },
+            remote_port: if (*r).useragent_addr.is_null() {
+                0
+            } else {
+                (*(*r).useragent_addr).port
+            },
             https: scheme == b"https",
             remote_user: opt_bytes((*r).user),
             auth_type: opt_bytes((*r).ap_auth_type),
@@ -214,8 +251,15 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
     };
     let request = Request {
         head,
-        body: Box::new(ApacheBody { r: RequestPtr(r), started: false, expected: false }),
-        response: Box::new(ApacheResponse { r: RequestPtr(r), brigade: std::ptr::null_mut() }),
+        body: Box::new(ApacheBody {
+            r: RequestPtr(r),
+            started: false,
+            expected: false,
+        }),
+        response: Box::new(ApacheResponse {
+            r: RequestPtr(r),
+            brigade: std::ptr::null_mut(),
+        }),
     };
     let outcome = wsgi::run(&mount.app, info, request);
     match outcome {

@@ -52,7 +52,13 @@ pub fn header_key(name: &[u8]) -> Option<Cow<'static, str>> {
     }
     let mut key = String::with_capacity(5 + name.len());
     key.push_str("HTTP_");
-    key.extend(name.iter().map(|&c| if c == b'-' { '_' } else { c.to_ascii_uppercase() as char }));
+    key.extend(name.iter().map(|&c| {
+        if c == b'-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase() as char
+        }
+    }));
     Some(Cow::Owned(key))
 }
 
@@ -71,10 +77,19 @@ mod tests {
 
     #[test]
     fn header_names_map_to_cgi_keys() {
-        assert_eq!(header_key(b"User-Agent").as_deref(), Some("HTTP_USER_AGENT"));
+        assert_eq!(
+            header_key(b"User-Agent").as_deref(),
+            Some("HTTP_USER_AGENT")
+        );
         assert_eq!(header_key(b"content-type").as_deref(), Some("CONTENT_TYPE"));
-        assert_eq!(header_key(b"Content-Length").as_deref(), Some("CONTENT_LENGTH"));
-        assert_eq!(header_key(b"X-Forwarded-For").as_deref(), Some("HTTP_X_FORWARDED_FOR"));
+        assert_eq!(
+            header_key(b"Content-Length").as_deref(),
+            Some("CONTENT_LENGTH")
+        );
+        assert_eq!(
+            header_key(b"X-Forwarded-For").as_deref(),
+            Some("HTTP_X_FORWARDED_FOR")
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ impl AppSpec {
         let (file, callable) = match spec.rsplit_once(':') {
             Some((file, name)) if is_identifier(name) => (file, name),
             Some((_, name)) if !name.contains('/') => {
-                return err(format!("'{name}' is not a valid Python name for the callable in '{spec}'"))
+                return err(format!(
+                    "'{name}' is not a valid Python name for the callable in '{spec}'"
+                ))
             }
             _ => (spec, "application"),
         };
@@ -47,13 +49,17 @@ impl AppSpec {
         if let Err(e) = File::open(file) {
             return err(format!("cannot read the WSGI script '{file}': {e}"));
         }
-        Ok(AppSpec { file: PathBuf::from(file), callable: callable.to_string() })
+        Ok(AppSpec {
+            file: PathBuf::from(file),
+            callable: callable.to_string(),
+        })
     }
 }
 
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic()) && chars.all(|c| c == '_' || c.is_alphanumeric())
+    matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic())
+        && chars.all(|c| c == '_' || c.is_alphanumeric())
 }
 
 /// Where the requests of a virtual host or location run.
@@ -73,14 +79,20 @@ impl Mode {
             ["embedded"] => Ok(Mode::Embedded),
             ["daemon", name] => Ok(Mode::Daemon(name.to_string())),
             ["daemon"] => err("'daemon' needs the name of a daemon process group"),
-            _ => err(format!("expected 'embedded' or 'daemon NAME', got '{}'", args.join(" "))),
+            _ => err(format!(
+                "expected 'embedded' or 'daemon NAME', got '{}'",
+                args.join(" ")
+            )),
         }
     }
 }
 
 /// Splits a `DIR[:DIR...]` list, dropping empty entries.
 pub fn split_path_list(list: &str) -> Vec<PathBuf> {
-    list.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect()
+    list.split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// The options of one daemon process group (`GatewayDaemon` / `gateway_daemon`).
@@ -122,7 +134,9 @@ impl DaemonOptions {
             return err("a daemon process group needs a name");
         };
         if name.contains('=') || name.is_empty() {
-            return err(format!("the first argument must be the group's name, got '{name}'"));
+            return err(format!(
+                "the first argument must be the group's name, got '{name}'"
+            ));
         }
         let mut d = DaemonOptions {
             name: name.to_string(),
@@ -188,7 +202,10 @@ mod tests {
     #[test]
     fn app_spec_rejects_missing_file_and_bad_names() {
         let e = AppSpec::parse("/nonexistent/app.py").unwrap_err();
-        assert!(e.0.contains("cannot read the WSGI script '/nonexistent/app.py'"), "{e}");
+        assert!(
+            e.0.contains("cannot read the WSGI script '/nonexistent/app.py'"),
+            "{e}"
+        );
         assert!(AppSpec::parse("Cargo.toml:1app").is_err());
     }
 
@@ -202,7 +219,8 @@ mod tests {
 
     #[test]
     fn daemon_options_reject_unknown_keys_and_bad_numbers() {
-        let d = DaemonOptions::parse(&["g", "processes=2", "threads=4", "python-path=/a:/b"]).unwrap();
+        let d =
+            DaemonOptions::parse(&["g", "processes=2", "threads=4", "python-path=/a:/b"]).unwrap();
         assert_eq!((d.processes, d.threads, d.python_path.len()), (2, 4, 2));
         let e = DaemonOptions::parse(&["g", "colour=red"]).unwrap_err();
         assert!(e.0.contains("unknown daemon option 'colour'"), "{e}");

@@ -36,13 +36,21 @@ pub fn install(sink: Sink) {
 
 /// A log line about one request: `gateway: METHOD URI: message`.
 pub fn request_line(method: &[u8], uri: &[u8], message: &str) -> String {
-    format!("gateway: {} {}: {}", String::from_utf8_lossy(method), String::from_utf8_lossy(uri), message)
+    format!(
+        "gateway: {} {}: {}",
+        String::from_utf8_lossy(method),
+        String::from_utf8_lossy(uri),
+        message
+    )
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn request_lines_name_method_and_uri() {
-        assert_eq!(super::request_line(b"GET", b"/a?b", "boom"), "gateway: GET /a?b: boom");
+        assert_eq!(
+            super::request_line(b"GET", b"/a?b", "boom"),
+            "gateway: GET /a?b: boom"
+        );
     }
 }

@@ -69,10 +69,18 @@ pub fn get<'py>(py: Python<'py>, spec: &AppSpec) -> PyResult<Bound<'py, PyAny>> 
     let load = LOAD.get_or_try_init(py, || -> PyResult<_> {
         let globals = PyDict::new(py);
         py.run(LOADER, Some(&globals), None)?;
-        Ok(globals.get_item("load")?.expect("the loader defines load()").unbind())
+        Ok(globals
+            .get_item("load")?
+            .expect("the loader defines load()")
+            .unbind())
     })?;
-    let app = load
-        .bind(py).call1((spec.file.to_string_lossy().as_ref(), spec.callable.as_str(), module_name(spec)))?;
-    APPS.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.clone(), app.clone().unbind());
+    let app = load.bind(py).call1((
+        spec.file.to_string_lossy().as_ref(),
+        spec.callable.as_str(),
+        module_name(spec),
+    ))?;
+    APPS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(spec.clone(), app.clone().unbind());
     Ok(app)
 }

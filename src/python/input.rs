@@ -28,7 +28,12 @@ pub struct Input {
 
 impl Input {
     pub fn new(body: Box<dyn RequestBody>) -> Input {
-        Input { body: Some(body), buf: Vec::new(), pos: 0, eof: false }
+        Input {
+            body: Some(body),
+            buf: Vec::new(),
+            pos: 0,
+            eof: false,
+        }
     }
 
     /// Cuts the link to the server's request (which is about to be freed).
@@ -63,7 +68,9 @@ impl Input {
             Err(e) => {
                 self.buf.truncate(start);
                 self.eof = true;
-                Err(PyOSError::new_err(format!("reading the request body failed: {e}")))
+                Err(PyOSError::new_err(format!(
+                    "reading the request body failed: {e}"
+                )))
             }
         }
     }
@@ -75,7 +82,11 @@ impl Input {
         bytes
     }
 
-    fn line<'py>(&mut self, py: Python<'py>, limit: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn line<'py>(
+        &mut self,
+        py: Python<'py>,
+        limit: Option<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let mut scanned = 0;
         loop {
             let window = &self.buf[self.pos..];
@@ -113,12 +124,20 @@ impl Input {
     }
 
     #[pyo3(signature = (size=None))]
-    fn readline<'py>(&mut self, py: Python<'py>, size: Option<isize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(
+        &mut self,
+        py: Python<'py>,
+        size: Option<isize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         self.line(py, limit(size))
     }
 
     #[pyo3(signature = (hint=None))]
-    fn readlines<'py>(&mut self, py: Python<'py>, hint: Option<isize>) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(
+        &mut self,
+        py: Python<'py>,
+        hint: Option<isize>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let lines = PyList::empty(py);
         let hint = limit(hint).filter(|&h| h > 0);
         let mut total = 0;

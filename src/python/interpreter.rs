@@ -47,7 +47,8 @@ impl fmt::Display for InitError {
 impl std::error::Error for InitError {}
 
 fn c_path(p: &Path) -> Result<CString, InitError> {
-    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| InitError::Python(format!("path {} contains NUL", p.display())))
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| InitError::Python(format!("path {} contains NUL", p.display())))
 }
 
 /// Starts the interpreter in this process and releases the GIL. Must run in a
@@ -76,11 +77,19 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
             Some(home) if home.join("pyvenv.cfg").exists() => {
                 // A virtualenv is found through its interpreter, as `HOME/bin/python` would.
                 let program = c_path(&home.join("bin").join("python"))?;
-                Some(ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, program.as_ptr()))
+                Some(ffi::PyConfig_SetBytesString(
+                    &mut config,
+                    &mut config.program_name,
+                    program.as_ptr(),
+                ))
             }
             Some(home) => {
                 let home = c_path(home)?;
-                Some(ffi::PyConfig_SetBytesString(&mut config, &mut config.home, home.as_ptr()))
+                Some(ffi::PyConfig_SetBytesString(
+                    &mut config,
+                    &mut config.home,
+                    home.as_ptr(),
+                ))
             }
             None => None,
         };
@@ -112,7 +121,9 @@ unsafe fn check(status: ffi::PyStatus, config: &mut ffi::PyConfig) -> Result<(),
     let msg = if status.err_msg.is_null() {
         "unknown error".to_string()
     } else {
-        std::ffi::CStr::from_ptr(status.err_msg).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(status.err_msg)
+            .to_string_lossy()
+            .into_owned()
     };
     Err(InitError::Python(msg))
 }
@@ -163,7 +174,10 @@ pub fn run_exit_handlers() {
         return;
     }
     with_gil(|py| {
-        if let Err(e) = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs")) {
+        if let Err(e) = py
+            .import("atexit")
+            .and_then(|m| m.call_method0("_run_exitfuncs"))
+        {
             log::warn!("running atexit handlers failed: {e}");
         }
     });

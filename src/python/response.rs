@@ -30,8 +30,17 @@ pub trait ResponseChannel: Send + Sync {
 }
 
 /// Hop-by-hop headers belong to the server's connection, never to the application.
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// The `start_response` callable of one request; its `write` method is the
 /// `write()` callable of PEP 3333.
@@ -102,9 +111,17 @@ impl StartResponse {
     /// Sends body bytes, sending the headers first if they have not gone yet.
     pub fn send(&mut self, py: Python<'_>, data: &[u8], flush: bool) -> PyResult<()> {
         if self.status.is_none() {
-            return Err(PyRuntimeError::new_err("the application sent body data before calling start_response()"));
+            return Err(PyRuntimeError::new_err(
+                "the application sent body data before calling start_response()",
+            ));
         }
-        let StartResponse { channel, status, headers, headers_sent, .. } = self;
+        let StartResponse {
+            channel,
+            status,
+            headers,
+            headers_sent,
+            ..
+        } = self;
         let Some(channel) = channel.as_mut() else {
             return Err(PyOSError::new_err("the request is over"));
         };
@@ -168,13 +185,18 @@ impl StartResponse {
             }
             Some(_) => {}
             None if slf.status.is_some() => {
-                return Err(PyRuntimeError::new_err("start_response() was called a second time without exc_info"));
+                return Err(PyRuntimeError::new_err(
+                    "start_response() was called a second time without exc_info",
+                ));
             }
             None => {}
         }
         let status = parse_status(status)?;
         let headers = parse_headers(headers, &mut |name| {
-            slf.log(log::Level::Warn, &format!("dropped hop-by-hop response header '{name}'"))
+            slf.log(
+                log::Level::Warn,
+                &format!("dropped hop-by-hop response header '{name}'"),
+            )
         })?;
         slf.status = Some(status);
         slf.headers = headers;
@@ -184,21 +206,29 @@ impl StartResponse {
 
     /// The `write()` callable: sends `data` at once.
     fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let data = data
-            .cast::<PyBytes>()
-            .map_err(|_| PyTypeError::new_err(format!("write() takes bytes, got {}", type_name(data))))?;
+        let data = data.cast::<PyBytes>().map_err(|_| {
+            PyTypeError::new_err(format!("write() takes bytes, got {}", type_name(data)))
+        })?;
         self.send(py, data.as_bytes(), true)
     }
 }
 
 pub(crate) fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn parse_status(status: &Bound<'_, PyAny>) -> PyResult<(u16, String)> {
     let s = status
         .cast::<PyString>()
-        .map_err(|_| PyTypeError::new_err(format!("status must be a str like '200 OK', got {}", type_name(status))))?
+        .map_err(|_| {
+            PyTypeError::new_err(format!(
+                "status must be a str like '200 OK', got {}",
+                type_name(status)
+            ))
+        })?
         .to_str()?;
     let b = s.as_bytes();
     let valid = b.len() >= 3
@@ -207,28 +237,42 @@ fn parse_status(status: &Bound<'_, PyAny>) -> PyResult<(u16, String)> {
         && (b.len() == 3 || b[3] == b' ')
         && !b.iter().any(|&c| c < 0x20 || c == 0x7f);
     if !valid {
-        return Err(PyValueError::new_err(format!("status must look like '200 OK', got {s:?}")));
+        return Err(PyValueError::new_err(format!(
+            "status must look like '200 OK', got {s:?}"
+        )));
     }
     Ok((s[..3].parse().expect("three digits"), s.to_string()))
 }
 
 fn is_token(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
 }
 
-fn parse_headers(headers: &Bound<'_, PyAny>, dropped: &mut dyn FnMut(&str)) -> PyResult<Vec<Header>> {
+fn parse_headers(
+    headers: &Bound<'_, PyAny>,
+    dropped: &mut dyn FnMut(&str),
+) -> PyResult<Vec<Header>> {
     let mut out = Vec::new();
-    for item in headers
-        .try_iter()
-        .map_err(|_| PyTypeError::new_err(format!("headers must be a list of (name, value) tuples, got {}", type_name(headers))))?
-    {
+    for item in headers.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "headers must be a list of (name, value) tuples, got {}",
+            type_name(headers)
+        ))
+    })? {
         let item = item?;
         let pair = item
             .cast::<PyTuple>()
             .ok()
             .filter(|t| t.len() == 2)
-            .ok_or_else(|| PyTypeError::new_err(format!("each header must be a (name, value) tuple, got {}", type_name(&item))))?;
+            .ok_or_else(|| {
+                PyTypeError::new_err(format!(
+                    "each header must be a (name, value) tuple, got {}",
+                    type_name(&item)
+                ))
+            })?;
         let (name, value) = (pair.get_item(0)?, pair.get_item(1)?);
         let (Ok(name), Ok(value)) = (name.cast::<PyString>(), value.cast::<PyString>()) else {
             return Err(PyTypeError::new_err(format!(
@@ -240,15 +284,23 @@ fn parse_headers(headers: &Bound<'_, PyAny>, dropped: &mut dyn FnMut(&str)) -> P
         let name = name.to_str()?;
         let value = value.to_str()?;
         if !is_token(name) {
-            return Err(PyValueError::new_err(format!("invalid response header name {name:?}")));
+            return Err(PyValueError::new_err(format!(
+                "invalid response header name {name:?}"
+            )));
         }
         if value.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
             return Err(PyValueError::new_err(format!(
                 "response header {name} contains CR, LF or NUL, refused (header injection): {value:?}"
             )));
         }
-        let Some(value) = value.chars().map(|c| u8::try_from(c as u32).ok()).collect::<Option<Vec<u8>>>() else {
-            return Err(PyValueError::new_err(format!("response header {name} is not latin-1: {value:?}")));
+        let Some(value) = value
+            .chars()
+            .map(|c| u8::try_from(c as u32).ok())
+            .collect::<Option<Vec<u8>>>()
+        else {
+            return Err(PyValueError::new_err(format!(
+                "response header {name} is not latin-1: {value:?}"
+            )));
         };
         if HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) {
             dropped(name);
@@ -263,8 +315,18 @@ fn parse_headers(headers: &Bound<'_, PyAny>, dropped: &mut dyn FnMut(&str)) -> P
 pub fn format_exception(py: Python<'_>, err: &PyErr) -> String {
     let formatted = py
         .import("traceback")
-        .and_then(|tb| tb.call_method1("format_exception", (err.get_type(py), err.value(py), err.traceback(py))))
-        .and_then(|lines| lines.try_iter()?.map(|l| l?.extract::<String>()).collect::<PyResult<Vec<_>>>());
+        .and_then(|tb| {
+            tb.call_method1(
+                "format_exception",
+                (err.get_type(py), err.value(py), err.traceback(py)),
+            )
+        })
+        .and_then(|lines| {
+            lines
+                .try_iter()?
+                .map(|l| l?.extract::<String>())
+                .collect::<PyResult<Vec<_>>>()
+        });
     match formatted {
         Ok(lines) => lines.concat(),
         Err(_) => err.to_string(),

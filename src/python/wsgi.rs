@@ -47,7 +47,11 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
     // SAFETY: PyUnicode_DecodeLatin1 reads exactly len bytes and cannot fail on any input
     // except out of memory, which from_owned_ptr turns into a panic-free error path below.
     unsafe {
-        let ptr = ffi::PyUnicode_DecodeLatin1(bytes.as_ptr().cast(), bytes.len() as ffi::Py_ssize_t, std::ptr::null());
+        let ptr = ffi::PyUnicode_DecodeLatin1(
+            bytes.as_ptr().cast(),
+            bytes.len() as ffi::Py_ssize_t,
+            std::ptr::null(),
+        );
         Bound::from_owned_ptr_or_err(py, ptr)
             .map(|s| s.cast_into_unchecked())
             .unwrap_or_else(|_| PyString::new(py, &String::from_utf8_lossy(bytes)))
@@ -56,7 +60,11 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
 
 /// Builds the environ of one request: every CGI variable PEP 3333 asks for, the
 /// request headers as `HTTP_*`, and the `wsgi.*` and `gateway.*` keys.
-pub fn build_environ<'py>(py: Python<'py>, head: &RequestHead<'_>, info: &ServerInfo) -> PyResult<Bound<'py, PyDict>> {
+pub fn build_environ<'py>(
+    py: Python<'py>,
+    head: &RequestHead<'_>,
+    info: &ServerInfo,
+) -> PyResult<Bound<'py, PyDict>> {
     let env = PyDict::new(py);
     for (key, value) in &head.server_vars {
         if let Ok(key) = std::str::from_utf8(key) {
@@ -71,10 +79,16 @@ pub fn build_environ<'py>(py: Python<'py>, head: &RequestHead<'_>, info: &Server
     set(intern!(py, "REQUEST_URI"), head.request_uri)?;
     set(intern!(py, "SERVER_PROTOCOL"), head.protocol)?;
     set(intern!(py, "SERVER_NAME"), head.server_name)?;
-    set(intern!(py, "SERVER_PORT"), head.server_port.to_string().as_bytes())?;
+    set(
+        intern!(py, "SERVER_PORT"),
+        head.server_port.to_string().as_bytes(),
+    )?;
     set(intern!(py, "SERVER_ADDR"), head.server_addr)?;
     set(intern!(py, "REMOTE_ADDR"), head.remote_addr)?;
-    set(intern!(py, "REMOTE_PORT"), head.remote_port.to_string().as_bytes())?;
+    set(
+        intern!(py, "REMOTE_PORT"),
+        head.remote_port.to_string().as_bytes(),
+    )?;
     let software = format!("Gateway/{VERSION} ({})", info.server);
     set(intern!(py, "SERVER_SOFTWARE"), software.as_bytes())?;
     if head.https {
@@ -87,9 +101,12 @@ pub fn build_environ<'py>(py: Python<'py>, head: &RequestHead<'_>, info: &Server
         set(intern!(py, "AUTH_TYPE"), auth)?;
     }
 
-    let mut folded: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(head.headers.len());
+    let mut folded: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)> =
+        Vec::with_capacity(head.headers.len());
     for (name, value) in &head.headers {
-        let Some(key) = header_key(name) else { continue };
+        let Some(key) = header_key(name) else {
+            continue;
+        };
         match folded.iter_mut().find(|(k, _)| *k == key) {
             Some((k, existing)) => {
                 existing.extend_from_slice(header_separator(k).as_bytes());
@@ -103,15 +120,28 @@ pub fn build_environ<'py>(py: Python<'py>, head: &RequestHead<'_>, info: &Server
     }
 
     env.set_item(intern!(py, "wsgi.version"), (1, 0))?;
-    env.set_item(intern!(py, "wsgi.url_scheme"), if head.https { intern!(py, "https") } else { intern!(py, "http") })?;
+    env.set_item(
+        intern!(py, "wsgi.url_scheme"),
+        if head.https {
+            intern!(py, "https")
+        } else {
+            intern!(py, "http")
+        },
+    )?;
     env.set_item(intern!(py, "wsgi.multithread"), info.multithread)?;
     env.set_item(intern!(py, "wsgi.multiprocess"), info.multiprocess)?;
     env.set_item(intern!(py, "wsgi.run_once"), false)?;
     env.set_item(intern!(py, "wsgi.input_terminated"), true)?;
-    env.set_item(intern!(py, "wsgi.file_wrapper"), py.get_type::<FileWrapper>())?;
+    env.set_item(
+        intern!(py, "wsgi.file_wrapper"),
+        py.get_type::<FileWrapper>(),
+    )?;
     env.set_item(intern!(py, "gateway.server"), info.server)?;
     env.set_item(intern!(py, "gateway.mode"), info.mode)?;
-    env.set_item(intern!(py, "gateway.process_group"), info.process_group.as_str())?;
+    env.set_item(
+        intern!(py, "gateway.process_group"),
+        info.process_group.as_str(),
+    )?;
     env.set_item(intern!(py, "gateway.version"), VERSION)?;
     Ok(env)
 }
@@ -129,7 +159,10 @@ impl FileWrapper {
     #[new]
     #[pyo3(signature = (filelike, blksize=8192))]
     fn new(filelike: Py<PyAny>, blksize: usize) -> FileWrapper {
-        FileWrapper { filelike, blksize: blksize.max(1) }
+        FileWrapper {
+            filelike,
+            blksize: blksize.max(1),
+        }
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -137,7 +170,10 @@ impl FileWrapper {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let data = self.filelike.bind(py).call_method1(intern!(py, "read"), (self.blksize,))?;
+        let data = self
+            .filelike
+            .bind(py)
+            .call_method1(intern!(py, "read"), (self.blksize,))?;
         Ok((data.len()? > 0).then_some(data))
     }
 
@@ -154,8 +190,16 @@ impl FileWrapper {
 /// server can send it directly.
 fn sendable_file(py: Python<'_>, wrapper: &FileWrapper) -> Option<(RawFd, u64, u64)> {
     let file = wrapper.filelike.bind(py);
-    let fd: RawFd = file.call_method0(intern!(py, "fileno")).ok()?.extract().ok()?;
-    let offset: u64 = file.call_method0(intern!(py, "tell")).ok()?.extract().ok()?;
+    let fd: RawFd = file
+        .call_method0(intern!(py, "fileno"))
+        .ok()?
+        .extract()
+        .ok()?;
+    let offset: u64 = file
+        .call_method0(intern!(py, "tell"))
+        .ok()?
+        .extract()
+        .ok()?;
     // SAFETY: fstat only writes into the zeroed stat buffer we own.
     let size = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -177,7 +221,11 @@ pub struct ErrorStream {
 impl ErrorStream {
     pub fn new(method: &[u8], uri: &[u8]) -> ErrorStream {
         ErrorStream {
-            prefix: format!("{} {}", String::from_utf8_lossy(method), String::from_utf8_lossy(uri)),
+            prefix: format!(
+                "{} {}",
+                String::from_utf8_lossy(method),
+                String::from_utf8_lossy(uri)
+            ),
             pending: String::new(),
         }
     }
@@ -231,8 +279,15 @@ pub struct Request<'a> {
 /// errors: they are logged with their traceback and reported in the outcome.
 pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
     super::interpreter::with_gil(|py| {
-        let Request { head, body, response } = request;
-        let responder = match Bound::new(py, StartResponse::new(response, head.method, head.request_uri)) {
+        let Request {
+            head,
+            body,
+            response,
+        } = request;
+        let responder = match Bound::new(
+            py,
+            StartResponse::new(response, head.method, head.request_uri),
+        ) {
             Ok(r) => r,
             Err(e) => {
                 log::error!("{}", format_args!("cannot create start_response: {e}"));
@@ -247,7 +302,9 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
                 outcome
             }
             Err(e) => {
-                responder.borrow().log_exception(py, "cannot create wsgi.input", &e);
+                responder
+                    .borrow()
+                    .log_exception(py, "cannot create wsgi.input", &e);
                 Outcome::Failed
             }
         };
@@ -267,14 +324,21 @@ fn call_app(
     let app = match app::get(py, spec) {
         Ok(app) => app,
         Err(e) => {
-            let msg = format!("loading the WSGI application {}:{} failed", spec.file.display(), spec.callable);
+            let msg = format!(
+                "loading the WSGI application {}:{} failed",
+                spec.file.display(),
+                spec.callable
+            );
             responder.borrow().log_exception(py, &msg, &e);
             return Outcome::Failed;
         }
     };
     let environ = build_environ(py, head, info).and_then(|env| {
         env.set_item(intern!(py, "wsgi.input"), input)?;
-        env.set_item(intern!(py, "wsgi.errors"), Bound::new(py, ErrorStream::new(head.method, head.request_uri))?)?;
+        env.set_item(
+            intern!(py, "wsgi.errors"),
+            Bound::new(py, ErrorStream::new(head.method, head.request_uri))?,
+        )?;
         Ok(env)
     });
     let result = environ.and_then(|env| app.call1((env, responder)));
@@ -290,26 +354,42 @@ fn call_app(
     };
     match (outcome, closed) {
         (outcome, Ok(())) => outcome,
-        (Outcome::Complete, Err(e)) if !responder.borrow().headers_sent() => {
-            failure(py, responder, "close() of the response raised an exception", &e)
-        }
+        (Outcome::Complete, Err(e)) if !responder.borrow().headers_sent() => failure(
+            py,
+            responder,
+            "close() of the response raised an exception",
+            &e,
+        ),
         (outcome, Err(e)) => {
-            responder.borrow().log_exception(py, "close() of the response raised an exception", &e);
+            responder
+                .borrow()
+                .log_exception(py, "close() of the response raised an exception", &e);
             outcome
         }
     }
 }
 
 /// Logs an application error and says how the request must end.
-fn failure(py: Python<'_>, responder: &Bound<'_, StartResponse>, context: &str, err: &PyErr) -> Outcome {
+fn failure(
+    py: Python<'_>,
+    responder: &Bound<'_, StartResponse>,
+    context: &str,
+    err: &PyErr,
+) -> Outcome {
     let mut r = responder.borrow_mut();
     if r.client_gone() {
-        r.log(log::Level::Info, "the client closed the connection before the response was complete");
+        r.log(
+            log::Level::Info,
+            "the client closed the connection before the response was complete",
+        );
         return Outcome::ClientGone;
     }
     r.log_exception(py, context, err);
     if r.headers_sent() {
-        r.log(log::Level::Error, "the response was cut short: its headers had already been sent");
+        r.log(
+            log::Level::Error,
+            "the response was cut short: its headers had already been sent",
+        );
         r.abort(py);
         Outcome::Aborted
     } else {
@@ -318,7 +398,11 @@ fn failure(py: Python<'_>, responder: &Bound<'_, StartResponse>, context: &str, 
 }
 
 /// Sends the iterable an application returned.
-fn send_result(py: Python<'_>, result: &Bound<'_, PyAny>, responder: &Bound<'_, StartResponse>) -> Outcome {
+fn send_result(
+    py: Python<'_>,
+    result: &Bound<'_, PyAny>,
+    responder: &Bound<'_, StartResponse>,
+) -> Outcome {
     if result.is_instance_of::<PyString>() || result.is_instance_of::<PyBytes>() {
         let e = PyTypeError::new_err(format!(
             "the application returned a {}; it must return an iterable of bytes, e.g. [body]",
@@ -331,7 +415,9 @@ fn send_result(py: Python<'_>, result: &Bound<'_, PyAny>, responder: &Bound<'_, 
             let mut r = responder.borrow_mut();
             if !r.started() {
                 drop(r);
-                let e = pyo3::exceptions::PyRuntimeError::new_err("the application returned without calling start_response()");
+                let e = pyo3::exceptions::PyRuntimeError::new_err(
+                    "the application returned without calling start_response()",
+                );
                 return failure(py, responder, "invalid response", &e);
             }
             let len = r.content_length().map_or(available, |cl| cl.min(available));
@@ -347,12 +433,22 @@ fn send_result(py: Python<'_>, result: &Bound<'_, PyAny>, responder: &Bound<'_, 
     let flush_each = !(result.is_instance_of::<PyList>() || result.is_instance_of::<PyTuple>());
     let iter = match result.try_iter() {
         Ok(iter) => iter,
-        Err(e) => return failure(py, responder, "the application's response is not iterable", &e),
+        Err(e) => {
+            return failure(
+                py,
+                responder,
+                "the application's response is not iterable",
+                &e,
+            )
+        }
     };
     for chunk in iter {
         let sent = chunk.and_then(|chunk| {
             let bytes = chunk.cast::<PyBytes>().map_err(|_| {
-                PyTypeError::new_err(format!("response body chunks must be bytes, got {}", type_name(&chunk)))
+                PyTypeError::new_err(format!(
+                    "response body chunks must be bytes, got {}",
+                    type_name(&chunk)
+                ))
             })?;
             let data = bytes.as_bytes();
             if data.is_empty() {
@@ -368,7 +464,9 @@ fn send_result(py: Python<'_>, result: &Bound<'_, PyAny>, responder: &Bound<'_, 
     let mut r = responder.borrow_mut();
     if !r.started() {
         drop(r);
-        let e = pyo3::exceptions::PyRuntimeError::new_err("the application returned without calling start_response()");
+        let e = pyo3::exceptions::PyRuntimeError::new_err(
+            "the application returned without calling start_response()",
+        );
         return failure(py, responder, "invalid response", &e);
     }
     if !r.headers_sent() {

@@ -1,0 +1,121 @@
+"""Apache-only behaviour: directives and their errors, virtual hosts, sections."""
+
+import json
+import subprocess
+
+import pytest
+from conftest import battery_settings
+from harness import APACHE_MODULES, Apache, Mount, Settings
+
+MPMS = ["event", "prefork"]
+
+
+def configtest(mounts, extra="", settings=None):
+    srv = Apache(mounts, settings or Settings(extra=extra))
+    result = srv.configtest()
+    return srv, result.returncode, result.stdout + result.stderr
+
+
+def test_configtest_passes_on_a_valid_configuration():
+    _, rc, out = configtest([Mount("/", "hello.py")])
+    assert rc == 0, out
+    assert "Syntax OK" in out
+
+
+@pytest.mark.parametrize("directive,message", [
+    ("GatewayScriptAlias /app /nonexistent/app.py", "GatewayScriptAlias: cannot read the WSGI script '/nonexistent/app.py'"),
+    ("GatewayScriptAlias app {apps}/hello.py", "GatewayScriptAlias: the URL path must start with '/'"),
+    ("GatewayScriptAlias /app {apps}/hello.py:not-a-name", "not a valid Python name"),
+    ("GatewayDaemon g processes=2 colour=blue", "GatewayDaemon: unknown daemon option 'colour'"),
+    ("GatewayDaemon g threads=zero", "GatewayDaemon: daemon option 'threads' needs a whole number"),
+    ("GatewayMode sometimes", "GatewayMode: expected 'embedded' or 'daemon NAME'"),
+    ("GatewayPythonHome /nonexistent/venv", "GatewayPythonHome: '/nonexistent/venv' is not a directory"),
+    ("<VirtualHost 127.0.0.1:1>\nGatewayPythonHome /usr\n</VirtualHost>", "GatewayPythonHome"),
+])
+def test_configtest_fails_with_file_and_line(directive, message):
+    srv = Apache([Mount("/", "hello.py")], Settings())
+    srv.settings.extra = directive.format(apps=srv.apps)
+    conf = srv.write_config()
+    lines = conf.read_text().splitlines()
+    bad_line = next(i for i, line in enumerate(lines, 1) if line.startswith(directive.split()[0].format(apps=srv.apps)))
+    result = subprocess.run(["apache2", "-f", str(conf), "-t"], capture_output=True, text=True)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert message in out, out
+    assert f"line {bad_line} of {conf}" in out or f"line {bad_line + 1} of {conf}" in out, out
+
+
+@pytest.mark.parametrize("mpm", MPMS)
+def test_two_virtual_hosts_mount_two_apps(mpm):
+    mounts = [Mount("/", "battery.py", "hello", vhost="one.test"),
+              Mount("/", "battery.py", "environ", vhost="two.test"),
+              Mount("/shared", "battery.py", "cookies")]
+    with Apache(mounts, battery_settings(), mpm=mpm) as srv:
+        resp, data = srv.get("/", host="one.test")
+        assert data == b"Hello, world!"
+        resp, data = srv.get("/x", host="two.test")
+        env = json.loads(data)
+        assert env["SERVER_NAME"] == "two.test"
+        assert env["SCRIPT_NAME"] == "" and env["PATH_INFO"] == "/x"
+        # Main-server mounts are inherited by every virtual host.
+        for host in ("one.test", "two.test"):
+            resp, _ = srv.get("/shared?n=2", host=host)
+            assert len(resp.headers.get_all("Set-Cookie")) == 2
+
+
+def test_longest_mount_wins_and_root_mount():
+    mounts = [Mount("/", "battery.py", "environ"), Mount("/app", "battery.py", "hello"),
+              Mount("/app/deeper", "battery.py", "environ")]
+    with Apache(mounts, battery_settings()) as srv:
+        env = json.loads(srv.get("/other/path")[1])
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/other/path")
+        assert srv.get("/app/x")[1] == b"Hello, world!"
+        env = json.loads(srv.get("/app/deeper/y")[1])
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/app/deeper", "/y")
+        # A prefix matches whole path segments only.
+        env = json.loads(srv.get("/application")[1])
+        assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/application")
+
+
+def test_mode_embedded_in_location_and_setenv():
+    srv = Apache([Mount("/env", "battery.py", "environ")], battery_settings())
+    srv.settings.extra = (f"LoadModule env_module {APACHE_MODULES}/mod_env.so\n"
+                          "SetEnv DEPLOYMENT staging\n"
+                          "GatewayMode embedded\n<Location /env>\n  GatewayMode embedded\n</Location>")
+    with srv:
+        env = json.loads(srv.get("/env")[1])
+        assert env["gateway.mode"] == "embedded"
+        assert env["DEPLOYMENT"] == "staging"
+
+
+def test_access_control_of_the_script_directory_applies():
+    srv = Apache([Mount("/app", "hello.py")], Settings())
+    srv.settings.extra = f"<Directory {srv.apps}>\n  Require all denied\n</Directory>"
+    with srv:
+        assert srv.get("/app")[0].status == 403
+
+
+def test_broken_script_is_retried_after_it_is_fixed():
+    srv = Apache([Mount("/app", "hello.py")], Settings())
+    script = srv.apps / "hello.py"
+    good = script.read_text()
+    script.write_text("this is not python(\n")
+    with srv:
+        resp, _ = srv.get("/app")
+        assert resp.status == 500
+        srv.wait_for_log("SyntaxError")
+        assert "gateway: GET /app: loading the WSGI application" in srv.log_text()
+        script.write_text(good)
+        for _ in range(20):  # every child must reload it
+            assert srv.get("/app")[1] == b"Hello, world!"
+
+
+def test_refuses_to_share_python_with_mod_wsgi():
+    wsgi = APACHE_MODULES / "mod_wsgi.so"
+    if not wsgi.exists():
+        pytest.skip("Debian's mod_wsgi is not installed")
+    srv = Apache([Mount("/app", "hello.py")], Settings())
+    srv.settings.extra = f"LoadModule wsgi_module {wsgi}"
+    with pytest.raises(RuntimeError, match="apache2 failed to start"):
+        srv.start()
+    assert "gateway: mod_wsgi is loaded too" in srv.log_text()
