@@ -42,7 +42,7 @@ test: all
 	tests/run
 
 demo: all
-	tests/demo
+	demo/run
 
 clean:
 	$(CARGO) clean

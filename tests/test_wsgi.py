@@ -193,6 +193,13 @@ def test_streaming_sends_each_chunk_at_once(server):
     assert b"Transfer-Encoding: chunked" in received  # no Content-Length: the server chunks
 
 
+def test_single_item_response_gets_a_content_length(server):
+    resp, data = server.get("/single")
+    assert data == b"one piece"
+    assert resp.getheader("Content-Length") == "9"
+    assert resp.getheader("Transfer-Encoding") is None
+
+
 def test_write_callable(server):
     resp, data = server.get("/writer")
     assert resp.status == 200

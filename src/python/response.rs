@@ -91,6 +91,15 @@ impl StartResponse {
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
     }
 
+    /// Declares the body's length when the application did not, so the server
+    /// need not chunk a body it already has whole.
+    pub fn set_content_length(&mut self, len: usize) {
+        if !self.headers_sent && self.content_length().is_none() {
+            self.headers
+                .push(("Content-Length".to_string(), len.to_string().into_bytes()));
+        }
+    }
+
     /// Logs a line about this request.
     pub fn log(&self, level: log::Level, msg: &str) {
         let line = request_line(&self.method, &self.uri, msg);

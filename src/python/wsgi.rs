@@ -431,6 +431,14 @@ fn send_result(
     }
     // A list or tuple is all there already: flush once at the end, not per item.
     let flush_each = !(result.is_instance_of::<PyList>() || result.is_instance_of::<PyTuple>());
+    if !flush_each && result.len().ok() == Some(1) {
+        if let Ok(Ok(only)) = result.get_item(0).map(|item| item.cast_into::<PyBytes>()) {
+            let mut r = responder.borrow_mut();
+            if r.started() {
+                r.set_content_length(only.as_bytes().len());
+            }
+        }
+    }
     let iter = match result.try_iter() {
         Ok(iter) => iter,
         Err(e) => {

@@ -341,3 +341,10 @@ def close_raises(environ, start_response):
 
     start_response("200 OK", [("Content-Type", "text/plain")])
     return Body()
+
+
+def single(environ, start_response):
+    """One-item list, no Content-Length from the application. (Not validated:
+    the validator would hide the list behind its own iterator.)"""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"one piece"]
