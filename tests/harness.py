@@ -154,6 +154,16 @@ MaxRequestWorkers 16
 MinSpareThreads 1
 MaxSpareThreads 16
 """,
+    # One child: every request shares one interpreter, so a held GIL would show.
+    "event1": """
+LoadModule mpm_event_module {mods}/mod_mpm_event.so
+StartServers 1
+ServerLimit 1
+ThreadsPerChild 8
+MaxRequestWorkers 8
+MinSpareThreads 1
+MaxSpareThreads 8
+""",
     "prefork": """
 LoadModule mpm_prefork_module {mods}/mod_mpm_prefork.so
 StartServers 3

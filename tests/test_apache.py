@@ -1,7 +1,9 @@
 """Apache-only behaviour: directives and their errors, virtual hosts, sections."""
 
 import json
+import socket
 import subprocess
+import time
 
 import pytest
 from conftest import battery_settings
@@ -119,3 +121,41 @@ def test_refuses_to_share_python_with_mod_wsgi():
     with pytest.raises(RuntimeError, match="apache2 failed to start"):
         srv.start()
     assert "gateway: mod_wsgi is loaded too" in srv.log_text()
+
+
+@pytest.fixture(scope="module")
+def one_child():
+    """Event MPM with a single child process: all requests share one interpreter."""
+    with Apache([Mount("/hello", "battery.py", "hello"), Mount("/echo", "battery.py", "echo"),
+                 Mount("/closing", "battery.py", "closing")], battery_settings(), mpm="event1") as srv:
+        yield srv
+
+
+def test_gil_released_while_waiting_for_the_body(one_child):
+    with socket.create_connection(("127.0.0.1", one_child.port), timeout=15) as s:
+        s.sendall(b"POST /echo?how=read HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        time.sleep(0.3)  # the application is now blocked reading the rest of the body
+        for _ in range(5):
+            assert one_child.get("/hello", timeout=5)[1] == b"Hello, world!"
+        s.sendall(b"x" * 99000)
+        reply = b""
+        while b'"length": 100000' not in reply:
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+
+
+def test_gil_released_while_the_client_is_slow_to_read(one_child):
+    token = "slow-reader"
+    with socket.create_connection(("127.0.0.1", one_child.port), timeout=15) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # 128 MiB that the client does not read: the thread blocks writing.
+        s.sendall(f"GET /closing?token={token}&chunks=2048 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(1024)
+        time.sleep(0.3)
+        for _ in range(5):
+            assert one_child.get("/hello", timeout=5)[1] == b"Hello, world!"
+    deadline = time.monotonic() + 20
+    while not one_child.marker(token).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert one_child.marker(token).exists(), "close() was not called after the slow client left"
