@@ -46,3 +46,32 @@ demo: all
 
 clean:
 	$(CARGO) clean
+
+# --- Installation into the servers' standard places (Debian layout by default) ---
+#
+#   make install        both modules, with gateway.load (a2enmod gateway) and nginx's snippet
+#   make uninstall      removes everything install put there
+#
+# Other layouts: APACHE_MODDIR (default: apxs -q LIBEXECDIR), APACHE_CONFDIR,
+# NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, DESTDIR for staging.
+
+APXS ?= apxs
+APACHE_MODDIR ?= $(shell $(APXS) -q LIBEXECDIR 2>/dev/null || echo /usr/lib/apache2/modules)
+APACHE_CONFDIR ?= /etc/apache2/mods-available
+
+.PHONY: install uninstall install-apache uninstall-apache
+
+install: install-apache
+
+uninstall: uninstall-apache
+
+install-apache: $(MODULES)/mod_gateway.so
+	install -d $(DESTDIR)$(APACHE_MODDIR) $(DESTDIR)$(APACHE_CONFDIR)
+	install -m 644 $(MODULES)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so
+	printf '# Gateway: Python WSGI applications in Apache (embedded or daemon mode)\nLoadModule gateway_module %s/mod_gateway.so\n' \
+		"$(APACHE_MODDIR)" > $(DESTDIR)$(APACHE_CONFDIR)/gateway.load
+	@echo "installed: enable with 'a2enmod gateway' (and disable mod_wsgi: a2dismod wsgi)"
+
+uninstall-apache:
+	-[ -n "$(DESTDIR)" ] || ! command -v a2dismod >/dev/null || a2dismod -q gateway 2>/dev/null
+	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_CONFDIR)/gateway.load

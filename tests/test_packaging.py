@@ -1,0 +1,98 @@
+"""Installation into the servers' standard places, and the Docker files (which
+cannot be built here) kept honest against the repository."""
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import APACHE_MODULES, MODULES, ROOT, Apache, Mount, Settings
+
+DOCKER = ROOT / "docker"
+
+
+def dockerfiles():
+    return sorted(DOCKER.glob("*.Dockerfile"))
+
+
+def test_there_is_an_image_per_server():
+    assert {p.name for p in dockerfiles()} == {"apache.Dockerfile", "nginx.Dockerfile"}
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
+def test_dockerfiles_copy_only_files_that_exist(dockerfile):
+    copies = 0
+    for line in dockerfile.read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        words = shlex.split(line)
+        if any(w.startswith("--from") for w in words):
+            continue
+        for source in words[1:-1]:
+            copies += 1
+            assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}: no such file in the repository"
+    assert copies > 0
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
+def test_dockerfiles_install_like_ci(dockerfile):
+    """One install recipe for CI and images: the Dockerfiles and .ci/run both run tools/install-deps."""
+    assert "tools/install-deps" in dockerfile.read_text()
+    assert "tools/install-deps" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_compose_builds_the_dockerfiles_that_exist():
+    text = (DOCKER / "compose.yaml").read_text()
+    referenced = re.findall(r"dockerfile:\s*(\S+)", text)
+    assert referenced, text
+    for path in referenced:
+        assert (ROOT / path).exists(), path
+    for conf in re.findall(r"COPY (docker/\S+)", "".join(p.read_text() for p in dockerfiles())):
+        assert (ROOT / conf).exists(), conf
+
+
+def make(*args, **env):
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_apache_install_to_another_layout_serves_requests(tmp_path):
+    """APACHE_MODDIR/APACHE_CONFDIR relocate the install; the .load snippet it writes works."""
+    moddir, confdir = tmp_path / "modules", tmp_path / "mods-available"
+    r = make("install-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    load = (confdir / "gateway.load").read_text()
+    assert f"LoadModule gateway_module {moddir}/mod_gateway.so" in load
+    srv = Apache([Mount("/app", "hello.py")], Settings())
+    conf = srv.write_config()
+    # Load the module through the installed snippet instead of the build tree.
+    text = conf.read_text().replace(f"LoadModule gateway_module {MODULES}/mod_gateway.so", f"Include {confdir}/gateway.load")
+    conf.write_text(text)
+    srv.write_config = lambda: conf
+    with srv:
+        assert srv.get("/app")[1] == b"Hello, world!"
+    r = make("uninstall-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (moddir / "mod_gateway.so").exists() and not (confdir / "gateway.load").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/a2enmod").exists(), reason="needs root and Debian's apache2")
+def test_system_install_enables_with_a2enmod():
+    r = make("install-apache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    try:
+        assert (APACHE_MODULES / "mod_gateway.so").exists()
+        r = subprocess.run(["a2enmod", "gateway"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert Path("/etc/apache2/mods-enabled/gateway.load").resolve() == Path("/etc/apache2/mods-available/gateway.load")
+        # Debian's own configuration now loads the module.
+        r = subprocess.run(["apache2ctl", "-t", "-D", "DUMP_MODULES"], capture_output=True, text=True)
+        assert "gateway_module (shared)" in r.stdout, r.stdout + r.stderr
+    finally:
+        r = make("uninstall-apache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (APACHE_MODULES / "mod_gateway.so").exists()
+    assert not Path("/etc/apache2/mods-enabled/gateway.load").exists()
+    assert not Path("/etc/apache2/mods-available/gateway.load").exists()
