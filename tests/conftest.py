@@ -18,13 +18,14 @@ BATTERY = [
     "hello", "environ", "echo", "echo_validated", "stream", "writer", "closing", "filewrapper",
     "filewrapper_validated", "cookies", "status", "exc_info_before", "exc_info_after", "threadlocal",
     "slow", "extensions", "empty", "raise_before", "raise_after", "bad_status", "crlf_header",
-    "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises", "single",
+    "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises", "single", "prints",
 ]
 
 
 def battery_mounts(mode="embedded"):
     mounts = [Mount(f"/{name}", "battery.py", name, mode=mode) for name in BATTERY]
     mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode))
+    mounts.append(Mount("/django", "django_site/site_wsgi.py", mode=mode))
     return mounts
 
 

@@ -412,3 +412,26 @@ def test_server_survives_a_burst_of_failures(server):
         for path, _, _ in BROKEN[:3]:
             assert server.get(path)[0].status == 500
     assert server.get("/hello")[1] == b"Hello, world!"
+
+
+def test_django_app(server):
+    if "/django" not in [m.prefix for m in server.mounts]:
+        pytest.skip("no Django mount on this server")
+    out = body_json(server, "/django/items/7/?q=1", method="POST", body=b"x" * 5000,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert out["framework"] == "django"
+    assert out["path"] == "/django/items/7/" and out["script_name"] == "/django"
+    assert out["query"] == {"q": "1"} and out["body_length"] == 5000
+    resp, _ = server.get("/django/missing/")
+    assert resp.status == 404
+
+
+def test_output_streams_go_to_the_error_log(server):
+    tag = token()
+    assert server.get(f"/prints?tag={tag}")[1] == b"printed"
+    for stream in ("wsgi.errors", "stderr", "stdout"):
+        server.wait_for_log(f"{stream} says {tag}")
+    lines = [line for line in server.log_text().splitlines() if tag in line]
+    assert any(f"gateway: GET /prints?tag={tag}: wsgi.errors says {tag}" in line for line in lines), lines
+    assert any(f"gateway: python stderr: stderr says {tag}" in line for line in lines), lines
+    assert any(f"gateway: python stdout: stdout says {tag}" in line for line in lines), lines

@@ -100,13 +100,20 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
         check(status, &mut config)?;
         ffi::PyConfig_Clear(&mut config);
     }
-    let added = Python::attach(|py| add_site_dirs(py, &settings.path));
+    let added = Python::attach(|py| {
+        super::log_stream::redirect_std_streams(py)?;
+        add_site_dirs(py, &settings.path)
+    });
     // SAFETY: this thread holds the GIL since Py_InitializeFromConfig; hand it over so that
     // server threads can take it. The thread state stays this thread's.
     unsafe {
         ffi::PyEval_SaveThread();
     }
-    added.map_err(|e| InitError::Python(format!("adding the python path failed: {e}")))
+    added.map_err(|e| {
+        InitError::Python(format!(
+            "setting up sys.path and the standard streams failed: {e}"
+        ))
+    })
 }
 
 /// Fails with Python's own message when a PyStatus is an error.

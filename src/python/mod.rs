@@ -5,6 +5,7 @@
 pub mod app;
 pub mod input;
 pub mod interpreter;
+pub mod log_stream;
 pub mod response;
 pub mod wsgi;
 

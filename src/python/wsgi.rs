@@ -11,6 +11,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::app;
 use super::input::{Input, RequestBody};
+use super::log_stream::LogStream;
 use super::response::{type_name, ResponseChannel, StartResponse};
 use crate::common::cgi::{header_key, header_separator, RequestHead};
 use crate::common::config::AppSpec;
@@ -211,63 +212,6 @@ fn sendable_file(py: Python<'_>, wrapper: &FileWrapper) -> Option<(RawFd, u64, u
     Some((fd, offset, size.saturating_sub(offset)))
 }
 
-/// `wsgi.errors`: text written here goes to the server's error log, a line at a time.
-#[pyclass(module = "gateway")]
-pub struct ErrorStream {
-    prefix: String,
-    pending: String,
-}
-
-impl ErrorStream {
-    pub fn new(method: &[u8], uri: &[u8]) -> ErrorStream {
-        ErrorStream {
-            prefix: format!(
-                "{} {}",
-                String::from_utf8_lossy(method),
-                String::from_utf8_lossy(uri)
-            ),
-            pending: String::new(),
-        }
-    }
-
-    fn emit(&mut self, all: bool) {
-        while let Some(i) = self.pending.find('\n') {
-            log::error!("{}: {}", self.prefix, &self.pending[..i]);
-            self.pending.drain(..=i);
-        }
-        if all && !self.pending.is_empty() {
-            log::error!("{}: {}", self.prefix, self.pending);
-            self.pending.clear();
-        }
-    }
-}
-
-#[pymethods]
-impl ErrorStream {
-    fn write(&mut self, text: &str) -> usize {
-        self.pending.push_str(text);
-        self.emit(false);
-        text.chars().count()
-    }
-
-    fn writelines(&mut self, lines: &Bound<'_, PyAny>) -> PyResult<()> {
-        for line in lines.try_iter()? {
-            self.write(line?.extract::<&str>()?);
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) {
-        self.emit(true);
-    }
-}
-
-impl Drop for ErrorStream {
-    fn drop(&mut self) {
-        self.emit(true);
-    }
-}
-
 /// One request as the server hands it over.
 pub struct Request<'a> {
     pub head: RequestHead<'a>,
@@ -337,7 +281,7 @@ fn call_app(
         env.set_item(intern!(py, "wsgi.input"), input)?;
         env.set_item(
             intern!(py, "wsgi.errors"),
-            Bound::new(py, ErrorStream::new(head.method, head.request_uri))?,
+            Bound::new(py, LogStream::for_request(head.method, head.request_uri))?,
         )?;
         Ok(env)
     });

@@ -348,3 +348,14 @@ def single(environ, start_response):
     the validator would hide the list behind its own iterator.)"""
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"one piece"]
+
+
+@validator
+def prints(environ, start_response):
+    """print() and sys.stderr end up in the error log as gateway: lines."""
+    tag = query(environ)["tag"]
+    print(f"stdout says {tag}")
+    sys.stderr.write(f"stderr says {tag}\n")
+    environ["wsgi.errors"].write(f"wsgi.errors says {tag}\n")
+    environ["wsgi.errors"].flush()
+    return plain(start_response, b"printed")
