@@ -159,3 +159,21 @@ def test_gil_released_while_the_client_is_slow_to_read(one_child):
     while not one_child.marker(token).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert one_child.marker(token).exists(), "close() was not called after the slow client left"
+
+
+def test_graceful_restart_reloads_the_application():
+    srv = Apache([Mount("/app", "battery.py", "threadlocal")], battery_settings())
+    with srv:
+        pids_before = {json.loads(srv.get("/app")[1])["pid"] for _ in range(10)}
+        subprocess.run(["apache2", "-f", str(srv.dir / "httpd.conf"), "-k", "graceful"], check=True)
+        deadline = time.monotonic() + 20
+        while srv.log_text().count("resuming normal operations") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.log_text().count("resuming normal operations") == 2
+        new_child = False
+        while time.monotonic() < deadline and not new_child:
+            resp, data = srv.get("/app")
+            assert resp.status == 200
+            new_child = json.loads(data)["pid"] not in pids_before
+        assert new_child, "no new child served after the graceful restart"
+        assert "Traceback" not in srv.log_text()
