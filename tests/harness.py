@@ -194,6 +194,7 @@ class Apache(Server):
             f"Group {RUN_USER}",
             APACHE_MPM[self.mpm].format(mods=APACHE_MODULES),
             f"LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so",
+            f"LoadModule alias_module {APACHE_MODULES}/mod_alias.so",
             f"LoadModule gateway_module {MODULES}/mod_gateway.so",
             f"ErrorLog {self.error_log}",
             "LogLevel info",
