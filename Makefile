@@ -23,7 +23,7 @@ export PYO3_PYTHON := $(PYTHON)
 
 all: apache
 
-apache: $(MODULES)/mod_gateway.so
+apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
 
 check-python:
 	@test -x "$(PYTHON)" || { echo "error: $(PYTHON) not found: install python3-dev or set PYTHON=/path/to/python3" >&2; exit 1; }
@@ -33,10 +33,17 @@ check-python:
 # Each server gets its own cargo target directory: the two builds differ only in
 # features, and must not overwrite each other's libgateway.a.
 $(MODULES)/mod_gateway.so: check-python FORCE
-	$(CARGO) build --release --features apache --target-dir target/apache
+	$(CARGO) build --release --lib --features apache --target-dir target/apache
 	@mkdir -p $(MODULES)
 	$(CC) -shared -o $@ -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
 		target/apache/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+
+# The daemon executable (supervisor and daemon processes of daemon mode) is
+# server-neutral: one build, next to the modules, where they look for it.
+$(MODULES)/gateway-daemon: check-python FORCE
+	$(CARGO) build --release --bin gateway-daemon --target-dir target/daemon
+	@mkdir -p $(MODULES)
+	install -m 0755 target/daemon/release/gateway-daemon $@
 
 test: all
 	tests/run
@@ -65,13 +72,15 @@ install: install-apache
 
 uninstall: uninstall-apache
 
-install-apache: $(MODULES)/mod_gateway.so
+install-apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
 	install -d $(DESTDIR)$(APACHE_MODDIR) $(DESTDIR)$(APACHE_CONFDIR)
 	install -m 644 $(MODULES)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so
+	install -m 755 $(MODULES)/gateway-daemon $(DESTDIR)$(APACHE_MODDIR)/gateway-daemon
 	printf '# Gateway: Python WSGI applications in Apache (embedded or daemon mode)\nLoadModule gateway_module %s/mod_gateway.so\n' \
 		"$(APACHE_MODDIR)" > $(DESTDIR)$(APACHE_CONFDIR)/gateway.load
 	@echo "installed: enable with 'a2enmod gateway' (and disable mod_wsgi: a2dismod wsgi)"
 
 uninstall-apache:
 	-[ -n "$(DESTDIR)" ] || ! command -v a2dismod >/dev/null || a2dismod -q gateway 2>/dev/null
-	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_CONFDIR)/gateway.load
+	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/gateway-daemon \
+		$(DESTDIR)$(APACHE_CONFDIR)/gateway.load

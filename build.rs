@@ -14,11 +14,29 @@ fn main() {
     if apache && nginx {
         fail("features `apache` and `nginx` are exclusive: build each module separately (see the Makefile)");
     }
+    link_python_for_executables();
     if apache {
         build_apache();
     }
     if nginx {
         build_nginx();
+    }
+}
+
+/// The daemon executable finds libpython where the selected Python has it, even
+/// outside the loader's default directories.
+fn link_python_for_executables() {
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+    let python = env::var("PYO3_PYTHON").unwrap_or_else(|_| "python3".into());
+    let libdir = query(
+        &python,
+        &[
+            "-c",
+            "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')",
+        ],
+    );
+    if let Some(libdir) = libdir.filter(|d| !d.is_empty()) {
+        println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{libdir}");
     }
 }
 
@@ -102,14 +120,14 @@ fn build_apache() {
             "#include \"httpd.h\"\n#include \"http_config.h\"\n#include \"http_core.h\"\n\
              #include \"http_log.h\"\n#include \"http_protocol.h\"\n#include \"http_request.h\"\n\
              #include \"ap_mpm.h\"\n#include \"apr_strings.h\"\n#include \"apr_file_io.h\"\n\
-             #include \"apr_portable.h\"\n",
+             #include \"apr_portable.h\"\n#include \"unixd.h\"\n",
         )
-        .allowlist_type("request_rec|conn_rec|server_rec|cmd_parms|apr_table_entry_t|apr_array_header_t|module")
+        .allowlist_type("request_rec|conn_rec|server_rec|cmd_parms|ap_directive_t|apr_table_entry_t|apr_array_header_t|module|unixd_config_rec")
         .allowlist_function(
-            "ap_(find_linked_module|state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|get_module_config)|\
-             apr_(table_add|table_get|table_elts|pstrdup|pstrmemdup|pool_cleanup_register|pool_cleanup_null|os_file_put|palloc|strerror)",
+            "ap_(find_linked_module|state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|runtime_dir_relative|get_module_config)|\
+             apr_(table_add|table_get|table_elts|pstrdup|pstrmemdup|pool_cleanup_register|pool_cleanup_null|os_file_put|palloc|strerror|pool_userdata_get|pool_userdata_set)",
         )
-        .allowlist_var("AP_SQ_.*|AP_MPMQ_.*|APLOG_.*|REQUEST_CHUNKED_.*|HTTP_.*|OK|DECLINED|DONE|GLOBAL_ONLY|NOT_IN_.*|APR_SUCCESS|APR_FOPEN_.*|AP_CONN_.*")
+        .allowlist_var("ap_unixd_config|AP_SQ_.*|AP_MPMQ_.*|APLOG_.*|REQUEST_CHUNKED_.*|HTTP_.*|OK|DECLINED|DONE|GLOBAL_ONLY|NOT_IN_.*|APR_SUCCESS|APR_FOPEN_.*|AP_CONN_.*")
         .derive_default(true)
         .layout_tests(false)
         .generate_comments(false);

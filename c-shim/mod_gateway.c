@@ -32,6 +32,9 @@ const char *gateway_cmd_python_home(cmd_parms *cmd, void *dcfg, const char *dir)
 const char *gateway_cmd_python_path(cmd_parms *cmd, void *dcfg, const char *path);
 
 /* Implemented in Rust: src/apache/hooks.rs */
+int gateway_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp);
+int gateway_check_config(apr_pool_t *pconf, apr_pool_t *plog,
+                         apr_pool_t *ptemp, server_rec *s);
 int gateway_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                         apr_pool_t *ptemp, server_rec *s);
 void gateway_child_init(apr_pool_t *pchild, server_rec *s);
@@ -140,6 +143,8 @@ static void gateway_register_hooks(apr_pool_t *p)
     /* Before mod_alias, so a GatewayScriptAlias wins over an Alias of the same path. */
     static const char *const before_alias[] = {"mod_alias.c", NULL};
 
+    ap_hook_pre_config(gateway_pre_config, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_check_config(gateway_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(gateway_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(gateway_child_init, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_translate_name(gateway_translate_name, NULL, before_alias, APR_HOOK_MIDDLE);

@@ -22,11 +22,24 @@ BATTERY = [
 ]
 
 
-def battery_mounts(mode="embedded"):
-    mounts = [Mount(f"/{name}", "battery.py", name, mode=mode) for name in BATTERY]
-    mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode))
-    mounts.append(Mount("/django", "django_site/site_wsgi.py", mode=mode))
+def battery_mounts(mode="embedded", group=None):
+    mounts = [Mount(f"/{name}", "battery.py", name, mode=mode, group=group) for name in BATTERY]
+    mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode, group=group))
+    mounts.append(Mount("/django", "django_site/site_wsgi.py", mode=mode, group=group))
     return mounts
+
+
+# The daemon group that serves the battery in the "-daemon" server kinds.
+BATTERY_GROUP = "battery"
+
+
+def is_daemon_kind(kind):
+    return kind.endswith("-daemon")
+
+
+def daemon_options(srv, processes=2, threads=4, extra=""):
+    """Options of a daemon group with the battery's virtualenv and python path."""
+    return f"processes={processes} threads={threads} python-home={VENV} python-path={srv.apps / 'lib'} {extra}".strip()
 
 
 def battery_settings():
@@ -34,9 +47,10 @@ def battery_settings():
 
 
 def make_server(kind, mounts, settings=None):
-    """A server of the given kind: 'apache-event', 'apache-prefork' or 'nginx'."""
+    """A server of the given kind: 'apache-event', 'apache-prefork', 'apache-event-daemon'
+    (the event MPM forwarding every mount to a daemon group) or 'nginx'."""
     if kind.startswith("apache-"):
-        return Apache(mounts, settings, mpm=kind.split("-", 1)[1])
+        return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
     raise ValueError(kind)
 
 
@@ -44,6 +58,8 @@ def available_servers():
     kinds = []
     if (MODULES / "mod_gateway.so").exists():
         kinds += ["apache-event", "apache-prefork"]
+        if (MODULES / "gateway-daemon").exists():
+            kinds += ["apache-event-daemon"]
     return kinds
 
 
@@ -53,7 +69,12 @@ SERVERS = available_servers()
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request):
     """A server of each kind with every battery app mounted, shared by a test module."""
-    srv = make_server(request.param, battery_mounts(), battery_settings())
+    kind = request.param
+    if is_daemon_kind(kind):
+        srv = make_server(kind, battery_mounts("daemon", BATTERY_GROUP), battery_settings())
+        srv.settings.daemons = {BATTERY_GROUP: daemon_options(srv)}
+    else:
+        srv = make_server(kind, battery_mounts(), battery_settings())
     # The python path entry must be readable by the server's user: point it at the copy.
     srv.settings.python_path = [str(srv.apps / "lib")]
     with srv:

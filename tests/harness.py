@@ -31,8 +31,9 @@ class Mount:
     prefix: str
     script: str  # file name under tests/apps (copied into the server's directory)
     callable: str = "application"
-    mode: str = "embedded"
+    mode: str = "embedded"  # or "daemon": runs in the daemon process group `group`
     vhost: str | None = None  # name-based virtual host (Host header); None = default server
+    group: str | None = None  # the daemon process group, for mode="daemon"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Settings:
     python_home: str | None = None
     python_path: list[str] = field(default_factory=list)
     extra: str = ""  # raw configuration appended at server level
+    daemons: dict[str, str] = field(default_factory=dict)  # daemon group -> "key=value ..." options
 
 
 def free_port() -> int:
@@ -178,13 +180,14 @@ MaxRequestWorkers 6
 class Apache(Server):
     """Debian's apache2 with mod_gateway.so and the chosen MPM."""
 
-    def __init__(self, mounts, settings=None, mpm="event", **kw):
-        self.name = f"apache-{mpm}"
+    def __init__(self, mounts, settings=None, mpm="event", name=None, **kw):
+        self.name = name or f"apache-{mpm}"
         self.mpm = mpm
         super().__init__(mounts, settings, **kw)
 
     def write_config(self) -> Path:
         s = self.settings
+        (self.dir / "run").mkdir(exist_ok=True)
         lines = [
             f"ServerRoot {self.dir}",
             f"PidFile {self.dir}/httpd.pid",
@@ -197,6 +200,7 @@ class Apache(Server):
             f"LoadModule alias_module {APACHE_MODULES}/mod_alias.so",
             f"LoadModule gateway_module {MODULES}/mod_gateway.so",
             f"ErrorLog {self.error_log}",
+            f"DefaultRuntimeDir {self.dir}/run",
             "LogLevel info",
             "KeepAliveTimeout 5",
             "Timeout 30",
@@ -206,6 +210,8 @@ class Apache(Server):
             lines.append(f"GatewayPythonHome {s.python_home}")
         if s.python_path:
             lines.append(f"GatewayPythonPath {':'.join(s.python_path)}")
+        for group, options in s.daemons.items():
+            lines.append(f"GatewayDaemon {group} {options}".rstrip())
         lines.append(s.extra)
         vhosts: dict[str, list[Mount]] = {}
         for m in self.mounts:
@@ -229,7 +235,10 @@ class Apache(Server):
         target = self.script_path(m.script)
         if m.callable != "application":
             target += f":{m.callable}"
-        return f"GatewayScriptAlias {m.prefix} {target}"
+        directive = f"GatewayScriptAlias {m.prefix} {target}"
+        if m.mode == "daemon":
+            directive += f"\n<Location {m.prefix}>\n  GatewayMode daemon {m.group}\n</Location>"
+        return directive
 
     def configtest(self) -> subprocess.CompletedProcess:
         conf = self.write_config()

@@ -71,8 +71,12 @@ def test_environ_wsgi_and_gateway_keys(server):
     assert env["wsgi.input_terminated"] is True
     assert isinstance(env["wsgi.multithread"], bool) and isinstance(env["wsgi.multiprocess"], bool)
     assert env["wsgi.file_wrapper"].startswith("<")
-    assert env["gateway.mode"] == "embedded"
-    assert env["gateway.process_group"] == ""
+    if server.name.endswith("-daemon"):
+        assert env["gateway.mode"] == "daemon"
+        assert env["gateway.process_group"] == "battery"
+    else:
+        assert env["gateway.mode"] == "embedded"
+        assert env["gateway.process_group"] == ""
     assert env["gateway.server"] in ("apache", "nginx")
     assert env["gateway.version"]
     assert env["PATH_INFO"] == "" and env["SCRIPT_NAME"] == "/environ"
@@ -85,6 +89,10 @@ def test_multithread_follows_the_server(server):
         assert env["wsgi.multiprocess"] is True
     elif server.name == "apache-event":
         assert env["wsgi.multithread"] is True
+    elif server.name.endswith("-daemon"):
+        # The battery's group: processes=2 threads=4.
+        assert env["wsgi.multithread"] is True
+        assert env["wsgi.multiprocess"] is True
 
 
 def test_spoofable_headers_are_dropped(server):

@@ -3,6 +3,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
@@ -47,6 +48,49 @@ impl ServerConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DirConfig {
     pub mode: Option<Mode>,
+}
+
+/// The daemon groups and the daemon-mode references of the configuration being
+/// read, each with the `file:line` it was written at, so that the checks after
+/// reading (an undefined group name) can point at the line. Group names are
+/// global to the server: a group defined in one virtual host can serve another.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub groups: Vec<(DaemonOptions, String)>,
+    /// `GatewayMode daemon NAME`: the name and where it was written.
+    pub refs: Vec<(String, String)>,
+}
+
+static PARSED: Mutex<Parsed> = Mutex::new(Parsed {
+    groups: Vec::new(),
+    refs: Vec::new(),
+});
+
+/// What the configuration read so far defines and references.
+pub fn parsed() -> MutexGuard<'static, Parsed> {
+    PARSED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forgets the previous reading (httpd reads its configuration again on each
+/// start pass and restart).
+pub fn reset_parsed() {
+    *parsed() = Parsed::default();
+}
+
+/// Where the directive being handled was written: `file:line`.
+unsafe fn origin(cmd: *mut cmd_parms) -> String {
+    // SAFETY: cmd is live; its directive (when set) names a NUL-terminated file.
+    unsafe {
+        let d = (*cmd).directive;
+        if d.is_null() || (*d).filename.is_null() {
+            return "(unknown place)".into();
+        }
+        format!(
+            "{}:{}",
+            CStr::from_ptr((*d).filename).to_string_lossy(),
+            (*d).line_num
+        )
+    }
 }
 
 /// Moves `value` into memory owned by `pool`: it is dropped when the pool is.
@@ -216,9 +260,8 @@ pub unsafe extern "C" fn gateway_cmd_mode(
     let r = (|| {
         let mode = Mode::parse(&unsafe { argv(argc, argv_) }?)?;
         if let Mode::Daemon(name) = &mode {
-            return Err(ConfigError(format!(
-                "daemon mode (group '{name}') is not available in this build yet; use 'GatewayMode embedded'"
-            )));
+            // Checked once the whole configuration is read: the group may be defined later.
+            parsed().refs.push((name.clone(), unsafe { origin(cmd) }));
         }
         // Inside <Directory>/<Location> cmd->path is set and dcfg is that section's record.
         if unsafe { (*cmd).path }.is_null() {
@@ -240,14 +283,17 @@ pub unsafe extern "C" fn gateway_cmd_daemon(
 ) -> *const c_char {
     let r = (|| {
         let options = DaemonOptions::parse(&unsafe { argv(argc, argv_) }?)?;
-        let cfg = unsafe { server_config(cmd) };
-        if cfg.daemons.iter().any(|d| d.name == options.name) {
+        let mut parsed = parsed();
+        if let Some((_, at)) = parsed.groups.iter().find(|(d, _)| d.name == options.name) {
             return Err(ConfigError(format!(
-                "daemon process group '{}' is already defined",
+                "daemon process group '{}' is already defined at {at}",
                 options.name
             )));
         }
-        cfg.daemons.push(options);
+        parsed
+            .groups
+            .push((options.clone(), unsafe { origin(cmd) }));
+        unsafe { server_config(cmd) }.daemons.push(options);
         Ok(())
     })();
     result(cmd, "GatewayDaemon", r)

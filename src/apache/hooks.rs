@@ -2,15 +2,18 @@
 //! content handler.
 
 use std::ffi::{c_int, c_void, CStr, CString};
+use std::os::unix::fs::PermissionsExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use once_cell::sync::OnceCell;
 
-use super::config::{module_config, DirConfig, Mount, ServerConfig};
+use super::config::{module_config, parsed, reset_parsed, DirConfig, Mount, ServerConfig};
 use super::ffi::*;
 use super::request;
-use crate::common::config::Mode;
+use crate::common::config::{DaemonOptions, Mode};
+use crate::daemon::{self, client, supervisor};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
 
@@ -20,8 +23,14 @@ const HANDLER: &CStr = c"gateway-script";
 /// The main server, for log lines that belong to no request.
 static MAIN_SERVER: AtomicPtr<server_rec> = AtomicPtr::new(std::ptr::null_mut());
 
-/// This child's interpreter: started once in child_init, or why it could not be.
+/// This child's interpreter: started on the child's first embedded request (a
+/// child that only forwards to daemon groups never starts Python), or why it
+/// could not be.
 static PYTHON: OnceCell<Result<ServerInfo, String>> = OnceCell::new();
+
+/// The key, in the process pool (which outlives restarts and this module), of
+/// the lifeline of the current daemon supervisor.
+const LIFELINE_KEY: &CStr = c"gateway-daemon-lifeline";
 
 /// httpd's log level for a `log` level.
 pub fn aplog_level(level: log::Level) -> c_int {
@@ -56,8 +65,151 @@ unsafe fn server_config<'a>(s: *const server_rec) -> Option<&'a ServerConfig> {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_post_config(
+pub extern "C" fn gateway_pre_config(
     _pconf: *mut apr_pool_t,
+    _plog: *mut apr_pool_t,
+    _ptemp: *mut apr_pool_t,
+) -> c_int {
+    reset_parsed();
+    OK as c_int
+}
+
+/// The daemon executable: installed next to this module.
+fn daemon_executable() -> Result<PathBuf, String> {
+    // SAFETY: Dl_info is plain data that dladdr fills in.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr looks up the object that holds one of this module's functions.
+    let found = unsafe { libc::dladdr(gateway_pre_config as *const c_void, &mut info) } != 0;
+    if !found || info.dli_fname.is_null() {
+        return Err("cannot tell where mod_gateway.so was loaded from".into());
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the dynamic loader.
+    let module = unsafe { CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let module = PathBuf::from(module);
+    let exe = module.with_file_name(daemon::EXECUTABLE);
+    let runnable =
+        std::fs::metadata(&exe).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if runnable {
+        Ok(exe)
+    } else {
+        Err(format!(
+            "{} is missing or not executable (it is installed next to {})",
+            exe.display(),
+            module.display()
+        ))
+    }
+}
+
+/// The supervisor configuration of this server for `groups`.
+fn supervisor_config(run_dir: &str, groups: Vec<DaemonOptions>) -> supervisor::SupervisorConfig {
+    // SAFETY: mod_unixd fills ap_unixd_config while reading User/Group; only read here.
+    let (uid, gid) = unsafe { (ap_unixd_config.user_id, ap_unixd_config.group_id) };
+    supervisor::SupervisorConfig {
+        server: "apache".into(),
+        run_dir: PathBuf::from(run_dir),
+        server_pid: std::process::id(),
+        server_uid: uid,
+        server_gid: gid,
+        groups,
+    }
+}
+
+/// Checks what needs the whole configuration: every group that `GatewayMode
+/// daemon` names exists, and the groups can start. Runs for `apachectl
+/// configtest` too (post_config does not); a failure stops httpd with the message.
+#[no_mangle]
+pub unsafe extern "C" fn gateway_check_config(
+    _pconf: *mut apr_pool_t,
+    _plog: *mut apr_pool_t,
+    _ptemp: *mut apr_pool_t,
+    s: *mut server_rec,
+) -> c_int {
+    MAIN_SERVER.store(s, Ordering::Relaxed);
+    crate::common::log::install(log_to_main_server);
+    let parsed = parsed();
+    let mut ok = true;
+    for (name, at) in &parsed.refs {
+        if !parsed.groups.iter().any(|(g, _)| &g.name == name) {
+            log::error!(
+                "GatewayMode at {at}: daemon process group '{name}' is not defined \
+                 (define it with 'GatewayDaemon {name} ...')"
+            );
+            ok = false;
+        }
+    }
+    if let Some((_, first)) = parsed.groups.first() {
+        if let Err(e) = daemon_executable() {
+            log::error!("GatewayDaemon at {first}: daemon mode needs its executable: {e}");
+            ok = false;
+        }
+    }
+    for (group, at) in &parsed.groups {
+        if let Err(e) = supervisor_config("", vec![group.clone()]).check() {
+            log::error!("GatewayDaemon at {at}: {e}");
+            ok = false;
+        }
+    }
+    if ok {
+        OK as c_int
+    } else {
+        HTTP_INTERNAL_SERVER_ERROR as c_int
+    }
+}
+
+/// The lifeline slot in the process pool.
+///
+/// # Safety
+/// `s` must be a live server record.
+unsafe fn lifeline_slot(s: *mut server_rec) -> *mut c_int {
+    // SAFETY: s->process->pool lives as long as the httpd process; the slot is an int in it.
+    unsafe {
+        let pool = (*(*s).process).pool;
+        let mut data: *mut c_void = std::ptr::null_mut();
+        apr_pool_userdata_get(&mut data, LIFELINE_KEY.as_ptr(), pool);
+        if data.is_null() {
+            data = apr_palloc(pool, std::mem::size_of::<c_int>() as apr_size_t);
+            *data.cast::<c_int>() = -1;
+            apr_pool_userdata_set(data, LIFELINE_KEY.as_ptr(), None, pool);
+        }
+        data.cast()
+    }
+}
+
+/// Starts this generation's daemon supervisor, then lets the previous one (on a
+/// restart) drain: its daemons finish their requests while new connections
+/// already reach the new ones.
+///
+/// # Safety
+/// In the parent's post_config, with its live pool and server.
+unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<(), String> {
+    let groups: Vec<_> = parsed().groups.iter().map(|(g, _)| g.clone()).collect();
+    let slot = unsafe { lifeline_slot(s) };
+    let previous = unsafe { *slot };
+    unsafe { *slot = -1 };
+    if groups.is_empty() {
+        client::set_endpoints(Vec::new());
+    } else {
+        let name = CString::new(format!("gateway-{}", std::process::id())).expect("no NUL");
+        // SAFETY: returns a NUL-terminated path allocated in pconf.
+        let run_dir = unsafe { CStr::from_ptr(ap_runtime_dir_relative(pconf, name.as_ptr())) };
+        let config = supervisor_config(&run_dir.to_string_lossy(), groups);
+        let exe = daemon_executable()?;
+        let lifeline = supervisor::start(&exe, &config)
+            .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
+        unsafe { *slot = lifeline.into_raw_fd() };
+        client::set_endpoints(config.endpoints());
+    }
+    if previous >= 0 {
+        supervisor::close_inherited(previous);
+    }
+    Ok(())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_post_config(
+    pconf: *mut apr_pool_t,
     _plog: *mut apr_pool_t,
     _ptemp: *mut apr_pool_t,
     s: *mut server_rec,
@@ -82,6 +234,10 @@ pub unsafe extern "C" fn gateway_post_config(
     let mounts: usize = servers(s)
         .map(|s| unsafe { server_config(s) }.map_or(0, |c| c.mounts.len()))
         .sum();
+    if let Err(e) = unsafe { start_daemons(pconf, s) } {
+        log::error!("daemon mode cannot start: {e}");
+        return HTTP_INTERNAL_SERVER_ERROR as c_int;
+    }
     log::info!(
         "Gateway/{} ready, {} application(s) mounted",
         crate::common::VERSION,
@@ -99,19 +255,38 @@ fn mpm_query(code: u32) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut server_rec) {
-    let any_mounts =
-        servers(s).any(|s| unsafe { server_config(s) }.is_some_and(|c| !c.mounts.is_empty()));
-    if !any_mounts {
-        return;
+    // Only the parent keeps the supervisor's lifeline, so that its death (even by
+    // kill -9) ends the daemons at once.
+    let lifeline = unsafe { *lifeline_slot(s) };
+    if lifeline >= 0 {
+        supervisor::close_inherited(lifeline);
     }
-    let Some(cfg) = (unsafe { server_config(s) }) else {
-        return;
+    unsafe extern "C" fn at_exit(_: *mut c_void) -> apr_status_t {
+        interpreter::run_exit_handlers();
+        APR_SUCCESS as apr_status_t
+    }
+    // SAFETY: pchild lives until the child exits, when the cleanup runs atexit handlers.
+    unsafe {
+        apr_pool_cleanup_register(
+            pchild,
+            std::ptr::null_mut(),
+            Some(at_exit),
+            Some(apr_pool_cleanup_null),
+        )
     };
+}
+
+/// Starts Python in this child with the server's settings.
+///
+/// # Safety
+/// `s` must be a server record of this configuration.
+unsafe fn start_python(s: *const server_rec) -> Result<ServerInfo, String> {
+    let cfg = unsafe { server_config(s) };
     let settings = PythonSettings {
-        home: cfg.python_home.clone(),
-        path: cfg.python_path.clone(),
+        home: cfg.and_then(|c| c.python_home.clone()),
+        path: cfg.map(|c| c.python_path.clone()).unwrap_or_default(),
     };
-    let started = match interpreter::initialize(&settings) {
+    match interpreter::initialize(&settings) {
         Ok(()) => {
             let threads = mpm_query(AP_MPMQ_MAX_THREADS);
             let daemons = mpm_query(AP_MPMQ_MAX_DAEMONS);
@@ -128,21 +303,7 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
             log::error!("{e}");
             Err(e.to_string())
         }
-    };
-    let _ = PYTHON.set(started);
-    unsafe extern "C" fn at_exit(_: *mut c_void) -> apr_status_t {
-        interpreter::run_exit_handlers();
-        APR_SUCCESS as apr_status_t
     }
-    // SAFETY: pchild lives until the child exits, when the cleanup runs atexit handlers.
-    unsafe {
-        apr_pool_cleanup_register(
-            pchild,
-            std::ptr::null_mut(),
-            Some(at_exit),
-            Some(apr_pool_cleanup_null),
-        )
-    };
 }
 
 /// Maps URLs below a GatewayScriptAlias to its script, so that `<Directory>`
@@ -200,31 +361,23 @@ unsafe fn handle(r: *mut request_rec) -> c_int {
     let dir_mode =
         unsafe { module_config::<DirConfig>((*r).per_dir_config) }.and_then(|c| c.mode.clone());
     if let Some(Mode::Daemon(name)) = dir_mode.or(server_mode) {
-        request::log(
-            r,
-            log::Level::Error,
-            &format!("daemon process group '{name}' is not available in this build"),
-        );
-        return HTTP_SERVICE_UNAVAILABLE as c_int;
+        return match client::endpoint(&name) {
+            Some(endpoint) => unsafe { request::forward(r, mount, &endpoint) },
+            None => {
+                let msg = format!("daemon process group '{name}' is not running in this server");
+                request::log(r, log::Level::Error, &msg);
+                HTTP_SERVICE_UNAVAILABLE as c_int
+            }
+        };
     }
-    let info = match PYTHON.get() {
-        Some(Ok(info)) => info,
-        Some(Err(why)) => {
-            request::log(
-                r,
-                log::Level::Error,
-                &format!("Python is not available in this process: {why}"),
-            );
-            return HTTP_INTERNAL_SERVER_ERROR as c_int;
+    // SAFETY: r->server is the request's live server record.
+    let server = unsafe { (*r).server };
+    match PYTHON.get_or_init(|| unsafe { start_python(server) }) {
+        Ok(info) => unsafe { request::serve(r, mount, info) },
+        Err(why) => {
+            let msg = format!("Python is not available in this process: {why}");
+            request::log(r, log::Level::Error, &msg);
+            HTTP_INTERNAL_SERVER_ERROR as c_int
         }
-        None => {
-            request::log(
-                r,
-                log::Level::Error,
-                "Python was not started in this process (no child_init?)",
-            );
-            return HTTP_INTERNAL_SERVER_ERROR as c_int;
-        }
-    };
-    unsafe { request::serve(r, mount, info) }
+    }
 }

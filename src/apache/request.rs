@@ -9,6 +9,8 @@ use super::ffi::*;
 use super::hooks::aplog_level;
 use crate::common::cgi::RequestHead;
 use crate::common::log::request_line;
+use crate::daemon::client::{self, Reply};
+use crate::daemon::Endpoint;
 use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
 
 /// Bytes of a C string owned by the request, empty for NULL.
@@ -212,17 +214,13 @@ impl ResponseChannel for ApacheResponse {
     }
 }
 
-/// Serves request `r` with the application mounted at `mount`, in this process.
+/// The CGI view of request `r` for the application at `mount`.
 ///
 /// # Safety
-/// `r` must be the live request of the running handler.
-pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_int {
-    let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
-    if rc != OK as c_int {
-        return rc;
-    }
-    // SAFETY: every pointer read here belongs to r (or its connection) and outlives this call.
-    let head = unsafe {
+/// `r` must be the live request of the running handler; the head borrows from it.
+unsafe fn head<'a>(r: *mut request_rec, mount: &'a Mount) -> RequestHead<'a> {
+    // SAFETY: every pointer read here belongs to r (or its connection) and outlives the handler.
+    unsafe {
         let c = (*r).connection;
         let uri = bytes((*r).uri);
         let scheme = bytes(ap_run_http_scheme(r));
@@ -248,18 +246,37 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
             headers: table((*r).headers_in),
             server_vars: table((*r).subprocess_env),
         }
-    };
+    }
+}
+
+fn body(r: *mut request_rec) -> ApacheBody {
+    ApacheBody {
+        r: RequestPtr(r),
+        started: false,
+        expected: false,
+    }
+}
+
+fn response(r: *mut request_rec) -> ApacheResponse {
+    ApacheResponse {
+        r: RequestPtr(r),
+        brigade: std::ptr::null_mut(),
+    }
+}
+
+/// Serves request `r` with the application mounted at `mount`, in this process.
+///
+/// # Safety
+/// `r` must be the live request of the running handler.
+pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_int {
+    let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
+    if rc != OK as c_int {
+        return rc;
+    }
     let request = Request {
-        head,
-        body: Box::new(ApacheBody {
-            r: RequestPtr(r),
-            started: false,
-            expected: false,
-        }),
-        response: Box::new(ApacheResponse {
-            r: RequestPtr(r),
-            brigade: std::ptr::null_mut(),
-        }),
+        head: unsafe { head(r, mount) },
+        body: Box::new(body(r)),
+        response: Box::new(response(r)),
     };
     let outcome = wsgi::run(&mount.app, info, request);
     match outcome {
@@ -270,5 +287,36 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
             OK as c_int
         }
         Outcome::Aborted | Outcome::ClientGone => OK as c_int,
+    }
+}
+
+/// Serves request `r` by forwarding it to a daemon process group.
+///
+/// # Safety
+/// `r` must be the live request of the running handler.
+pub unsafe fn forward(r: *mut request_rec, mount: &Mount, endpoint: &Endpoint) -> c_int {
+    let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
+    if rc != OK as c_int {
+        return rc;
+    }
+    // SAFETY: r is live; ap_setup_client_block has set how the body is framed.
+    let has_body = unsafe { (*r).read_chunked != 0 || (*r).remaining > 0 };
+    let head = unsafe { head(r, mount) };
+    let reply = client::forward(
+        endpoint,
+        &mount.app,
+        &head,
+        has_body,
+        &mut body(r),
+        &mut response(r),
+    );
+    match reply {
+        Reply::Complete => {
+            // Keep the connection usable when the application left part of the body unread.
+            unsafe { ap_discard_request_body(r) };
+            OK as c_int
+        }
+        Reply::Status(status) => c_int::from(status),
+        Reply::Aborted | Reply::ClientGone => OK as c_int,
     }
 }

@@ -1,0 +1,486 @@
+//! The server side of daemon mode: forwards a request to a daemon group and
+//! relays the response. Server-neutral and callable from any thread: the server
+//! passes its request head, a [`RequestBody`] and a [`ResponseChannel`], exactly
+//! as for embedded mode.
+//!
+//! Connections are kept in a per-process pool and reused. A pooled connection the
+//! daemon closed in the meantime (it drained, or was recycled) is detected before
+//! any of the request was processed and the request is retried on a new one.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use once_cell::sync::Lazy;
+
+use super::protocol::{self, Kind, HEADER_LEN, MAX_FRAME};
+use super::{exit_record_path, Endpoint};
+use crate::common::cgi::RequestHead;
+use crate::common::config::AppSpec;
+use crate::common::log::request_line;
+use crate::python::{Outcome, RequestBody, ResponseChannel};
+
+/// How a forwarded request ended, for the server to finish it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// The whole response was relayed.
+    Complete,
+    /// Nothing was sent yet: the server answers with this status (the reason is
+    /// logged already): 500 application error, 502 daemon died, 503 no daemon
+    /// available, 504 timed out.
+    Status(u16),
+    /// The response was cut short after its headers went out (already logged).
+    Aborted,
+    /// The client went away.
+    ClientGone,
+}
+
+static ENDPOINTS: Lazy<RwLock<HashMap<String, Arc<Endpoint>>>> = Lazy::new(Default::default);
+
+/// Sets the daemon groups this process can reach (the server's master calls it
+/// for each configuration generation; its worker processes inherit the result).
+pub fn set_endpoints(endpoints: Vec<Endpoint>) {
+    let map = endpoints
+        .into_iter()
+        .map(|e| (e.group.clone(), Arc::new(e)))
+        .collect();
+    *ENDPOINTS.write().unwrap_or_else(|e| e.into_inner()) = map;
+}
+
+/// The endpoint of a daemon group, if configured.
+pub fn endpoint(group: &str) -> Option<Arc<Endpoint>> {
+    ENDPOINTS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(group)
+        .cloned()
+}
+
+/// One connection to a daemon process.
+struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The daemon process on the other end (from its Hello).
+    pid: u32,
+}
+
+/// Idle connections per socket.
+static POOL: Lazy<Mutex<HashMap<PathBuf, Vec<Conn>>>> = Lazy::new(Default::default);
+const MAX_IDLE: usize = 128;
+
+fn pool_take(socket: &Path) -> Option<Conn> {
+    POOL.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(socket)?
+        .pop()
+}
+
+fn pool_put(socket: &Path, conn: Conn) {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let idle = pool.entry(socket.to_path_buf()).or_default();
+    if idle.len() < MAX_IDLE {
+        idle.push(conn);
+    }
+}
+
+/// Why no connection could be made: each is a 503 with this text in the log.
+struct Refused(String);
+
+fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
+    let group = &ep.group;
+    // SAFETY: creates a socket owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(Refused(format!(
+            "cannot create a socket: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = ep.socket.as_os_str().as_encoded_bytes();
+    if path.len() >= addr.sun_path.len() {
+        return Err(Refused(format!(
+            "socket path {} is too long",
+            ep.socket.display()
+        )));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(path) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: connects our socket to a complete sockaddr_un.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(Refused(match e.raw_os_error() {
+            Some(libc::EAGAIN) => format!(
+                "daemon process group '{group}' is overloaded: all its threads are busy and its queue of waiting connections is full"
+            ),
+            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => {
+                format!("daemon process group '{group}' is not running (no one listens on {})", ep.socket.display())
+            }
+            _ => format!("cannot connect to daemon process group '{group}' at {}: {e}", ep.socket.display()),
+        }));
+    }
+    let stream = UnixStream::from(fd);
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|_| stream.set_read_timeout(Some(ep.socket_timeout)))
+        .and_then(|_| stream.set_write_timeout(Some(ep.socket_timeout)))
+        .and_then(|_| stream.try_clone());
+    let writer = setup.map_err(|e| {
+        Refused(format!(
+            "cannot set up the connection to daemon process group '{group}': {e}"
+        ))
+    })?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let mut payload = Vec::new();
+    match protocol::read_frame(&mut reader, &mut payload) {
+        Ok(Some((Kind::Hello, _))) if payload.len() >= 4 => {
+            let pid = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            Ok(Conn {
+                reader,
+                writer,
+                pid,
+            })
+        }
+        Ok(Some((Kind::Unavailable, _))) => {
+            let reason = protocol::Decoder::new(&payload)
+                .str("reason")
+                .unwrap_or("unknown")
+                .to_string();
+            Err(Refused(format!(
+                "daemon process group '{group}' is down: {reason}"
+            )))
+        }
+        Ok(_) => Err(Refused(format!(
+            "daemon process group '{group}' closed the connection at once"
+        ))),
+        Err(e) if is_timeout(&e) => Err(Refused(format!(
+            "no daemon process of group '{group}' took the connection within socket-timeout={}s",
+            ep.socket_timeout.as_secs()
+        ))),
+        Err(e) => Err(Refused(format!(
+            "daemon process group '{group}' did not greet: {e}"
+        ))),
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Whether a process still exists (a daemon runs as another user: EPERM means yes).
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe {
+        libc::kill(pid as i32, 0) == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+}
+
+/// How daemon process `pid` ended, from the supervisor's record (which follows
+/// its death within milliseconds).
+fn death_of(run_dir: &Path, pid: u32) -> Option<String> {
+    let record = exit_record_path(run_dir, pid);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Ok(how) = std::fs::read_to_string(&record) {
+            return Some(how);
+        }
+        if Instant::now() > deadline || alive(pid) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Forwards one request to daemon group `ep` and relays the response into `resp`.
+/// `has_body` false promises an empty body (the daemon then never asks for it).
+pub fn forward(
+    ep: &Endpoint,
+    app: &AppSpec,
+    head: &RequestHead<'_>,
+    has_body: bool,
+    body: &mut dyn RequestBody,
+    resp: &mut dyn ResponseChannel,
+) -> Reply {
+    let log = |resp: &dyn ResponseChannel, level: log::Level, msg: &str| {
+        resp.log(level, &request_line(head.method, head.request_uri, msg));
+    };
+    SCRATCH.with(|scratch| {
+        let (out, payload) = &mut *scratch.borrow_mut();
+        out.clear();
+        if let Err(e) = protocol::put_request(out, app, head, has_body) {
+            log(resp, log::Level::Error, &format!("the request head cannot be sent to the daemon: {e}"));
+            return Reply::Status(431);
+        }
+        loop {
+            let (conn, reused) = match pool_take(&ep.socket) {
+                Some(conn) => (conn, true),
+                None => match connect(ep) {
+                    Ok(conn) => (conn, false),
+                    Err(Refused(why)) => {
+                        log(resp, log::Level::Error, &format!("{why}; answering 503"));
+                        return Reply::Status(503);
+                    }
+                },
+            };
+            let mut exchange = Exchange { ep, conn, payload, started: false, pulled: false, heard: false };
+            match exchange.run(out, body, resp, &log) {
+                Step::Done(reply, reusable) => {
+                    if reusable {
+                        pool_put(&ep.socket, exchange.conn);
+                    }
+                    return reply;
+                }
+                Step::Retry if reused => continue,
+                Step::Retry => {
+                    log(resp, log::Level::Error, &format!("daemon process group '{}' closed a new connection at once; answering 503", ep.group));
+                    return Reply::Status(503);
+                }
+            }
+        }
+    })
+}
+
+enum Step {
+    /// The request is over; the bool says whether the connection can be reused.
+    Done(Reply, bool),
+    /// Nothing of the request reached the daemon: try another connection.
+    Retry,
+}
+
+struct Exchange<'a> {
+    ep: &'a Endpoint,
+    conn: Conn,
+    payload: &'a mut Vec<u8>,
+    started: bool,
+    pulled: bool,
+    heard: bool,
+}
+
+type Logger<'l> = dyn Fn(&dyn ResponseChannel, log::Level, &str) + 'l;
+
+impl Exchange<'_> {
+    fn run(
+        &mut self,
+        request: &[u8],
+        body: &mut dyn RequestBody,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> Step {
+        if self.conn.writer.write_all(request).is_err() {
+            // The daemon closed this connection before reading anything of it.
+            return Step::Retry;
+        }
+        let mut body_buf = Vec::new();
+        loop {
+            let frame = protocol::read_frame(&mut self.conn.reader, self.payload);
+            let (kind, flags) = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => return self.lost(resp, log, "closed the connection".into()),
+                Err(e) if is_timeout(&e) => {
+                    let msg = format!(
+                        "daemon process {} of group '{}' sent nothing for socket-timeout={}s",
+                        self.conn.pid,
+                        self.ep.group,
+                        self.ep.socket_timeout.as_secs()
+                    );
+                    return self.fail(resp, log, 504, &msg);
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return self.fail(
+                        resp,
+                        log,
+                        502,
+                        &format!(
+                            "daemon process {} sent a malformed frame: {e}",
+                            self.conn.pid
+                        ),
+                    );
+                }
+                Err(e) => return self.lost(resp, log, e.to_string()),
+            };
+            self.heard = true;
+            match kind {
+                Kind::Pull => {
+                    self.pulled = true;
+                    let want = match self.payload.as_slice() {
+                        [a, b, c, d] => {
+                            (u32::from_be_bytes([*a, *b, *c, *d]) as usize).min(MAX_FRAME)
+                        }
+                        _ => {
+                            return self.fail(resp, log, 502, "malformed body pull from the daemon")
+                        }
+                    };
+                    body_buf.resize(HEADER_LEN + want, 0);
+                    let n = match body.read(&mut body_buf[HEADER_LEN..]) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            log(
+                                resp,
+                                log::Level::Info,
+                                &format!("reading the request body failed: {e}"),
+                            );
+                            return Step::Done(Reply::ClientGone, false);
+                        }
+                    };
+                    body_buf[..HEADER_LEN].copy_from_slice(&protocol::header(Kind::Body, 0, n));
+                    if let Err(e) = self.conn.writer.write_all(&body_buf[..HEADER_LEN + n]) {
+                        return self.lost(resp, log, e.to_string());
+                    }
+                }
+                Kind::Start => {
+                    let (status, line, headers) = match protocol::decode_start(self.payload) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            return self.fail(
+                                resp,
+                                log,
+                                502,
+                                &format!("malformed response head from the daemon: {e}"),
+                            )
+                        }
+                    };
+                    self.started = true;
+                    if let Err(e) = resp.start(status, &line, &headers) {
+                        log(
+                            resp,
+                            log::Level::Error,
+                            &format!("the daemon's response head was refused: {e}"),
+                        );
+                        return Step::Done(Reply::Status(502), false);
+                    }
+                }
+                Kind::Data => {
+                    if resp
+                        .write(self.payload, flags & protocol::FLAG_FLUSH != 0)
+                        .is_err()
+                    {
+                        // Closing the connection tells the daemon: its next write fails.
+                        return Step::Done(Reply::ClientGone, false);
+                    }
+                }
+                Kind::Abort => resp.abort(),
+                Kind::Log => {
+                    let mut d = protocol::Decoder::new(self.payload);
+                    if let (Ok(level), Ok(line)) = (d.u8("level"), d.str("line")) {
+                        resp.log(protocol::decode_level(level), line);
+                    }
+                }
+                Kind::End => {
+                    let reply = match protocol::decode_outcome(self.payload) {
+                        Ok(Outcome::Complete) => Reply::Complete,
+                        Ok(Outcome::Failed) if !self.started => Reply::Status(500),
+                        Ok(Outcome::Failed | Outcome::Aborted) => Reply::Aborted,
+                        Ok(Outcome::ClientGone) => Reply::ClientGone,
+                        Err(e) => {
+                            return self.fail(
+                                resp,
+                                log,
+                                502,
+                                &format!("malformed end of response: {e}"),
+                            )
+                        }
+                    };
+                    return Step::Done(reply, true);
+                }
+                Kind::Timeout => {
+                    let msg = protocol::Decoder::new(self.payload)
+                        .str("message")
+                        .unwrap_or("request-timeout")
+                        .to_string();
+                    return self.fail(resp, log, 504, &msg);
+                }
+                Kind::Unavailable => {
+                    let msg = protocol::Decoder::new(self.payload)
+                        .str("reason")
+                        .unwrap_or("unavailable")
+                        .to_string();
+                    return self.fail(resp, log, 503, &msg);
+                }
+                Kind::Hello | Kind::Request | Kind::Body => {
+                    return self.fail(
+                        resp,
+                        log,
+                        502,
+                        &format!("unexpected {kind:?} frame from the daemon"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends the request with `status`, or cuts the response if it already started.
+    fn fail(
+        &mut self,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+        status: u16,
+        msg: &str,
+    ) -> Step {
+        if self.started {
+            log(
+                resp,
+                log::Level::Error,
+                &format!("{msg}; the response was cut short"),
+            );
+            resp.abort();
+            Step::Done(Reply::Aborted, false)
+        } else {
+            log(
+                resp,
+                log::Level::Error,
+                &format!("{msg}; answering {status}"),
+            );
+            Step::Done(Reply::Status(status), false)
+        }
+    }
+
+    /// The connection broke: a pooled connection the daemon had closed while idle
+    /// is retried; otherwise the daemon died under this request.
+    fn lost(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>, error: String) -> Step {
+        let pid = self.conn.pid;
+        let death = death_of(&self.ep.run_dir, pid);
+        let idle_close = !self.heard
+            && !self.pulled
+            && death
+                .as_deref()
+                .is_none_or(|how| how == "exited with status 0");
+        if idle_close {
+            return Step::Retry;
+        }
+        let how = death.unwrap_or_else(|| format!("closed the connection ({error})"));
+        let msg = format!(
+            "daemon process {pid} of group '{}' {how} while serving this request",
+            self.ep.group
+        );
+        self.fail(resp, log, 502, &msg)
+    }
+}

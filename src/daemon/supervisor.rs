@@ -1,0 +1,756 @@
+//! The supervisor: a process of the `gateway-daemon` executable that owns the
+//! daemon groups of one server configuration.
+//!
+//! The server's master starts it with [`start`]: a double fork (so the server,
+//! which may reap every child with `waitpid(-1)`, never sees it) and an exec, with
+//! a pipe on its stdin. The master keeps the write end, the [`Lifeline`]; it
+//! carries the configuration, and its end of file means "this configuration is
+//! over" (a stop, a reload, or the master died, even by `kill -9`).
+//!
+//! The supervisor creates each group's listening socket (owned by the server's
+//! worker user, mode 0600, in a directory only that user may enter), forks and
+//! execs the group's daemon processes with the socket as fd 3, restarts any that
+//! die, starts a replacement as soon as one begins to drain (max-requests), and,
+//! at end of file, lets its daemons finish their requests (graceful-timeout)
+//! while the next generation's supervisor has already taken over the socket path.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::process::{self, describe_status};
+use super::protocol::{self, Decoder, Encoder, Kind};
+use super::{exit_record_path, socket_path, Endpoint, MAX_SOCKET_PATH};
+use crate::common::config::DaemonOptions;
+
+/// Everything the supervisor needs, sent over the lifeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorConfig {
+    /// `apache` or `nginx` (`gateway.server` in the daemons).
+    pub server: String,
+    /// The directory for the sockets, e.g. `RUNTIME/gateway-<master pid>`.
+    pub run_dir: PathBuf,
+    /// The master process: when it is gone, so is the supervisor.
+    pub server_pid: u32,
+    /// The server's worker user: owns the sockets, default user of the daemons.
+    pub server_uid: u32,
+    pub server_gid: u32,
+    pub groups: Vec<DaemonOptions>,
+}
+
+impl SupervisorConfig {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Encoder(&mut out);
+        e.str(&self.server);
+        e.bytes(self.run_dir.as_os_str().as_encoded_bytes());
+        e.u32(self.server_pid);
+        e.u32(self.server_uid);
+        e.u32(self.server_gid);
+        e.u32(self.groups.len() as u32);
+        for g in &self.groups {
+            protocol::put_options(&mut e, g);
+        }
+        out
+    }
+
+    fn decode(data: &[u8]) -> Result<SupervisorConfig, protocol::ProtocolError> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut d = Decoder::new(data);
+        let server = d.str("server")?.to_string();
+        let run_dir = PathBuf::from(std::ffi::OsStr::from_bytes(d.bytes("run dir")?));
+        let server_pid = d.u32("server pid")?;
+        let server_uid = d.u32("server uid")?;
+        let server_gid = d.u32("server gid")?;
+        let n = d.count(8, "groups")?;
+        let groups = (0..n)
+            .map(|_| protocol::decode_options(&mut d))
+            .collect::<Result<_, _>>()?;
+        d.finish("the supervisor configuration")?;
+        Ok(SupervisorConfig {
+            server,
+            run_dir,
+            server_pid,
+            server_uid,
+            server_gid,
+            groups,
+        })
+    }
+
+    /// What the server's workers connect to, one entry per group.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.groups
+            .iter()
+            .map(|g| Endpoint {
+                group: g.name.clone(),
+                socket: socket_path(&self.run_dir, &g.name),
+                run_dir: self.run_dir.clone(),
+                socket_timeout: Duration::from_secs(g.socket_timeout),
+            })
+            .collect()
+    }
+
+    /// Checks what can be checked before anything starts, in words for the
+    /// configuration's author.
+    pub fn check(&self) -> Result<(), String> {
+        for g in &self.groups {
+            let path = socket_path(&self.run_dir, &g.name);
+            if path.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(format!(
+                    "the socket path of daemon group '{}' ({}) is longer than {MAX_SOCKET_PATH} bytes: use a shorter runtime directory or group name",
+                    g.name,
+                    path.display()
+                ));
+            }
+            if g.name.contains('/') || g.name.starts_with('.') {
+                return Err(format!(
+                    "daemon group name '{}' may not contain '/' or start with '.'",
+                    g.name
+                ));
+            }
+            process::daemon_identity(
+                g.user.as_deref(),
+                g.group.as_deref(),
+                self.server_uid,
+                self.server_gid,
+            )
+            .map_err(|e| format!("daemon group '{}': {e}", g.name))?;
+            if let Some(home) = &g.python_home {
+                if !home.is_dir() {
+                    return Err(format!(
+                        "daemon group '{}': python-home '{}' is not a directory",
+                        g.name,
+                        home.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The master's end of the pipe to a supervisor. Closing it (or the master's
+/// death) ends that supervisor's generation.
+#[derive(Debug)]
+pub struct Lifeline(OwnedFd);
+
+impl Lifeline {
+    /// The descriptor, for a server that must keep it across its own reloads.
+    pub fn into_raw_fd(self) -> RawFd {
+        self.0.into_raw_fd()
+    }
+}
+
+/// Closes a lifeline descriptor inherited by a server worker process, so that
+/// only the master holds it and its death is seen at once.
+pub fn close_inherited(fd: RawFd) {
+    // SAFETY: closing a descriptor the caller says is an inherited lifeline.
+    unsafe { libc::close(fd) };
+}
+
+/// Makes a pipe whose two ends close on exec.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((own_fd(fds[0])?, own_fd(fds[1])?))
+}
+
+/// The supervisor reports on this descriptor that its sockets exist ("ok"), or why not.
+const STARTED_FD: RawFd = 3;
+
+/// Starts a supervisor for `config` from the server's master process: the
+/// `gateway-daemon` executable at `exe`. Returns once the group sockets exist
+/// (not once the daemons are ready: requests that arrive before wait in the
+/// sockets' queues).
+pub fn start(exe: &Path, config: &SupervisorConfig) -> io::Result<Lifeline> {
+    config.check().map_err(io::Error::other)?;
+    let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let role = c"supervisor";
+    let argv = [exe_c.as_ptr(), role.as_ptr(), std::ptr::null()];
+    let (read_end, write_end) = pipe()?;
+    let (started_read, started_write) = pipe()?;
+    // SAFETY: fork in the (single-threaded) master; the children only call
+    // async-signal-safe functions before exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: in the child: new session, second fork, then exec or _exit.
+        unsafe {
+            libc::setsid();
+            if libc::fork() != 0 {
+                libc::_exit(0);
+            }
+            process::reset_signals();
+            process::move_fd(read_end.as_raw_fd(), 0);
+            process::move_fd(started_write.as_raw_fd(), STARTED_FD);
+            process::close_from(STARTED_FD + 1);
+            libc::execv(exe_c.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    drop(read_end);
+    drop(started_write);
+    let mut status = 0;
+    // The intermediate child exits at once; nginx's master may reap it first (ECHILD).
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let payload = config.encode();
+    let mut pipe = fs::File::from(write_end);
+    pipe.write_all(&(payload.len() as u32).to_be_bytes())?;
+    pipe.write_all(&payload)?;
+    let lifeline = Lifeline(OwnedFd::from(pipe));
+    let mut report = String::new();
+    fs::File::from(started_read).read_to_string(&mut report)?;
+    match report.as_str() {
+        "ok" => Ok(lifeline),
+        "" => Err(io::Error::other(format!(
+            "the daemon supervisor ({}) exited at start-up",
+            exe.display()
+        ))),
+        why => Err(io::Error::other(why.to_string())),
+    }
+}
+
+/// Tells [`start`] how the start went, once.
+fn report_started(result: &Result<(), String>) {
+    let text = match result {
+        Ok(()) => "ok",
+        Err(e) => e.as_str(),
+    };
+    // SAFETY: writes to and closes the descriptor start() gave us for this.
+    unsafe {
+        libc::write(STARTED_FD, text.as_ptr().cast(), text.len());
+        libc::close(STARTED_FD);
+    }
+}
+
+/// Status messages from daemon processes to the supervisor, on one shared pipe:
+/// a kind byte and the pid (big-endian), 5 bytes, written atomically.
+pub const STATUS_READY: u8 = b'R';
+pub const STATUS_DRAINING: u8 = b'D';
+
+/// The descriptor numbers a daemon process finds at exec.
+pub const LISTEN_FD: RawFd = 3;
+pub const STATUS_FD: RawFd = 4;
+
+/// One daemon process as the supervisor sees it.
+struct Child {
+    group: usize,
+    ready: bool,
+    draining: bool,
+}
+
+/// One group's state in the supervisor.
+struct Group {
+    options: DaemonOptions,
+    listener: UnixListener,
+    socket: PathBuf,
+    inode: (u64, u64),
+    /// Why the group cannot serve, when its daemons fail to start.
+    down: Option<String>,
+    next_start: Instant,
+    failures: u32,
+}
+
+struct Supervisor {
+    config: SupervisorConfig,
+    exe: CString,
+    groups: Vec<Group>,
+    children: HashMap<i32, Child>,
+    status_read: OwnedFd,
+    status_write: OwnedFd,
+    stopping: Option<Instant>,
+}
+
+/// The supervisor process: `gateway-daemon supervisor`, started by [`start`].
+pub fn run() -> ! {
+    process::log_to_stderr();
+    let config = match read_config() {
+        Ok(c) => c,
+        Err(e) => {
+            report_started(&Err(format!(
+                "the daemon supervisor cannot read its configuration: {e}"
+            )));
+            std::process::exit(2);
+        }
+    };
+    process::set_title(None, "gateway-super");
+    let mut supervisor = match Supervisor::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            report_started(&Err(e.to_string()));
+            std::process::exit(1);
+        }
+    };
+    report_started(&Ok(()));
+    match supervisor.run() {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            log::error!("daemon supervisor: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn read_config() -> io::Result<SupervisorConfig> {
+    // SAFETY: fd 0 is the lifeline pipe, owned by this process for its whole life.
+    let mut stdin = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(0) });
+    let mut len = [0u8; 4];
+    stdin.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > protocol::MAX_FRAME {
+        return Err(io::Error::other("configuration too large"));
+    }
+    let mut data = vec![0; len];
+    stdin.read_exact(&mut data)?;
+    SupervisorConfig::decode(&data).map_err(io::Error::from)
+}
+
+fn own_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: fd was just returned by a successful system call.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Creates the run directory: owned by the server's user, mode 0700.
+fn prepare_run_dir(config: &SupervisorConfig) -> io::Result<()> {
+    let dir = &config.run_dir;
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(io::Error::other(format!(
+                "cannot create {}: {e}",
+                dir.display()
+            )))
+        }
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    std::os::unix::fs::chown(dir, Some(config.server_uid), Some(config.server_gid))
+}
+
+/// Binds a group's socket under a temporary name, sets its owner and mode, then
+/// renames it into place: a previous generation's daemons keep their own socket
+/// until they drain, and new connections reach this generation at once.
+fn bind_group_socket(
+    config: &SupervisorConfig,
+    name: &str,
+) -> io::Result<(UnixListener, PathBuf, (u64, u64))> {
+    let path = socket_path(&config.run_dir, name);
+    let tmp = config
+        .run_dir
+        .join(format!(".{name}.{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", tmp.display())))?;
+    // A deep queue: requests wait there while daemons start or restart.
+    // SAFETY: listen on our own socket.
+    unsafe { libc::listen(listener.as_raw_fd(), 256) };
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    std::os::unix::fs::chown(&tmp, Some(config.server_uid), Some(config.server_gid))?;
+    fs::rename(&tmp, &path)?;
+    let meta = fs::metadata(&path)?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, path, (meta.dev(), meta.ino())))
+}
+
+impl Supervisor {
+    fn new(config: SupervisorConfig) -> io::Result<Supervisor> {
+        prepare_run_dir(&config)?;
+        let exe = std::env::current_exe()?;
+        let exe = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let mut groups = Vec::new();
+        for options in &config.groups {
+            let (listener, socket, inode) = bind_group_socket(&config, &options.name)?;
+            groups.push(Group {
+                options: options.clone(),
+                listener,
+                socket,
+                inode,
+                down: None,
+                next_start: Instant::now(),
+                failures: 0,
+            });
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into fds.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (status_read, status_write) = (own_fd(fds[0])?, own_fd(fds[1])?);
+        Ok(Supervisor {
+            config,
+            exe,
+            groups,
+            children: HashMap::new(),
+            status_read,
+            status_write,
+            stopping: None,
+        })
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let signals = own_fd(process::signal_fd(&[
+            libc::SIGCHLD,
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+        ])?)?;
+        log::info!(
+            "daemon supervisor for {} started: {} group(s) in {}",
+            self.config.server,
+            self.groups.len(),
+            self.config.run_dir.display()
+        );
+        let mut last_master_check = Instant::now();
+        loop {
+            if self.stopping.is_none() {
+                self.start_missing();
+            }
+            if let Some(since) = self.stopping {
+                if self.children.is_empty() {
+                    break;
+                }
+                if since.elapsed() > self.grace() {
+                    for &pid in self.children.keys() {
+                        log::warn!(
+                            "daemon process {pid} still busy after graceful-timeout; killing it"
+                        );
+                        // SAFETY: signals our own child.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            let mut polled = vec![
+                libc::pollfd {
+                    fd: 0,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: signals.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.status_read.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if self.stopping.is_some() {
+                polled[0].fd = -1;
+            }
+            let down: Vec<usize> = (0..self.groups.len())
+                .filter(|&i| self.is_down(i))
+                .collect();
+            polled.extend(down.iter().map(|&i| libc::pollfd {
+                fd: self.groups[i].listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }));
+            // SAFETY: polls descriptors we own, in a vector we own.
+            let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 200) };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(io::Error::last_os_error());
+            }
+            if polled[0].revents != 0 && self.lifeline_closed() {
+                self.stop("the server closed its lifeline (stop, reload, or its master died)");
+            }
+            if polled[1].revents != 0 {
+                for sig in process::read_signals(signals.as_raw_fd()) {
+                    if sig != libc::SIGCHLD {
+                        self.stop(&format!("received {}", process::signal_name(sig)));
+                    }
+                }
+            }
+            self.reap();
+            if polled[2].revents != 0 {
+                self.read_status();
+            }
+            for (k, &i) in down.iter().enumerate() {
+                if polled[3 + k].revents != 0 {
+                    self.refuse_while_down(i);
+                }
+            }
+            if last_master_check.elapsed() > Duration::from_secs(1) {
+                last_master_check = Instant::now();
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                let gone = unsafe { libc::kill(self.config.server_pid as i32, 0) } != 0
+                    && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+                if gone && self.stopping.is_none() {
+                    self.stop(&format!(
+                        "the server's master process {} is gone",
+                        self.config.server_pid
+                    ));
+                }
+            }
+        }
+        self.cleanup();
+        log::info!("daemon supervisor for {} stopped", self.config.server);
+        Ok(())
+    }
+
+    fn grace(&self) -> Duration {
+        Duration::from_secs(
+            self.groups
+                .iter()
+                .map(|g| g.options.graceful_timeout)
+                .max()
+                .unwrap_or(0)
+                + 1,
+        )
+    }
+
+    /// Whether the lifeline reached end of file (anything else on it is ignored).
+    fn lifeline_closed(&self) -> bool {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a buffer we own.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted)
+    }
+
+    /// A group is down when none of its daemons is ready and the last start failed.
+    fn is_down(&self, i: usize) -> bool {
+        self.groups[i].down.is_some() && !self.children.values().any(|c| c.group == i && c.ready)
+    }
+
+    /// Answers connections to a group that cannot serve with the reason, so that
+    /// clients fail fast with a 503 instead of waiting.
+    fn refuse_while_down(&mut self, i: usize) {
+        let group = &self.groups[i];
+        let reason = group.down.clone().unwrap_or_default();
+        while let Ok((mut stream, _)) = group.listener.accept() {
+            let mut out = Vec::new();
+            let _ = protocol::put_with(&mut out, Kind::Unavailable, |e| e.str(&reason));
+            let _ = stream.set_nonblocking(true);
+            let _ = stream.write_all(&out);
+        }
+    }
+
+    fn start_missing(&mut self) {
+        for i in 0..self.groups.len() {
+            let serving = self
+                .children
+                .values()
+                .filter(|c| c.group == i && !c.draining)
+                .count();
+            let wanted = self.groups[i].options.processes as usize;
+            if serving < wanted && Instant::now() >= self.groups[i].next_start {
+                for _ in serving..wanted {
+                    if let Err(e) = self.spawn(i) {
+                        log::error!(
+                            "cannot start a daemon process of group '{}': {e}",
+                            self.groups[i].options.name
+                        );
+                        self.groups[i].next_start = Instant::now() + Duration::from_secs(1);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, i: usize) -> io::Result<()> {
+        let group = &self.groups[i];
+        let config = super::worker::WorkerConfig {
+            server: self.config.server.clone(),
+            supervisor_pid: std::process::id(),
+            server_uid: self.config.server_uid,
+            server_gid: self.config.server_gid,
+            options: group.options.clone(),
+        }
+        .encode();
+        let (config_read, config_write) = pipe()?;
+        // The configuration is small: it fits in the pipe before the child reads it.
+        fs::File::from(config_write).write_all(&config)?;
+        let role = c"worker";
+        // Room for the display name when the title overwrites argv.
+        let padding = CString::new(" ".repeat(96)).expect("no NUL");
+        let argv = [
+            self.exe.as_ptr(),
+            role.as_ptr(),
+            padding.as_ptr(),
+            std::ptr::null(),
+        ];
+        // SAFETY: the supervisor is single-threaded; the child calls only
+        // async-signal-safe functions before exec.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: in the child, between fork and exec.
+            unsafe {
+                process::reset_signals();
+                process::move_fd(config_read.as_raw_fd(), 0);
+                process::move_fd(group.listener.as_raw_fd(), LISTEN_FD);
+                process::move_fd(self.status_write.as_raw_fd(), STATUS_FD);
+                process::close_from(STATUS_FD + 1);
+                libc::execv(self.exe.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        self.children.insert(
+            pid,
+            Child {
+                group: i,
+                ready: false,
+                draining: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn read_status(&mut self) {
+        let mut buf = [0u8; 5 * 64];
+        loop {
+            // SAFETY: reads into a buffer we own.
+            let n = unsafe {
+                libc::read(
+                    self.status_read.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            for msg in buf[..n as usize].chunks_exact(5) {
+                let pid = u32::from_be_bytes([msg[1], msg[2], msg[3], msg[4]]) as i32;
+                let Some(child) = self.children.get_mut(&pid) else {
+                    continue;
+                };
+                match msg[0] {
+                    STATUS_READY => {
+                        child.ready = true;
+                        let group = &mut self.groups[child.group];
+                        group.down = None;
+                        group.failures = 0;
+                    }
+                    STATUS_DRAINING => child.draining = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: reaps our own children without blocking.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                return;
+            }
+            let Some(child) = self.children.remove(&pid) else {
+                continue;
+            };
+            let how = describe_status(status);
+            let record = exit_record_path(&self.config.run_dir, pid as u32);
+            if fs::write(&record, &how).is_ok() {
+                let _ = fs::set_permissions(&record, fs::Permissions::from_mode(0o644));
+            }
+            let group = &mut self.groups[child.group];
+            let name = &group.options.name;
+            let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            if self.stopping.is_some() || (child.draining && clean) {
+                log::info!("daemon process {pid} of group '{name}' {how}");
+            } else if !child.ready {
+                group.failures += 1;
+                let delay = Duration::from_millis(250u64 << group.failures.min(5));
+                let reason = format!("daemon process {pid} of group '{name}' {how} before it was ready (see the lines above)");
+                log::error!("{reason}; next attempt in {} ms", delay.as_millis());
+                group.down = Some(reason);
+                group.next_start = Instant::now() + delay;
+            } else {
+                log::error!("daemon process {pid} of group '{name}' {how}; starting a replacement");
+            }
+        }
+    }
+
+    fn stop(&mut self, why: &str) {
+        if self.stopping.is_some() {
+            return;
+        }
+        log::info!("daemon supervisor stopping: {why}");
+        self.stopping = Some(Instant::now());
+        for &pid in self.children.keys() {
+            // SAFETY: signals our own child: it stops accepting and finishes its requests.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        self.remove_own_sockets();
+    }
+
+    /// Removes each socket path that is still this generation's (a newer
+    /// supervisor may have replaced it already).
+    fn remove_own_sockets(&self) {
+        for g in &self.groups {
+            if fs::metadata(&g.socket).is_ok_and(|m| (m.dev(), m.ino()) == g.inode) {
+                let _ = fs::remove_file(&g.socket);
+            }
+        }
+    }
+
+    fn cleanup(&self) {
+        // Exit records are kept briefly for clients still reporting a death.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(entries) = fs::read_dir(&self.config.run_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                if name.to_string_lossy().starts_with("exit-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.config.run_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_and_checks_socket_length() {
+        let config = SupervisorConfig {
+            server: "apache".into(),
+            run_dir: PathBuf::from("/run/gateway-1"),
+            server_pid: 1,
+            server_uid: 33,
+            server_gid: 33,
+            groups: vec![
+                DaemonOptions::parse(&["a", "threads=2"]).unwrap(),
+                DaemonOptions::parse(&["b"]).unwrap(),
+            ],
+        };
+        assert_eq!(SupervisorConfig::decode(&config.encode()).unwrap(), config);
+        assert!(config.check().is_ok());
+        assert_eq!(
+            config.endpoints()[1].socket,
+            PathBuf::from("/run/gateway-1/b.sock")
+        );
+        let long = SupervisorConfig {
+            run_dir: PathBuf::from("/x".repeat(60)),
+            ..config
+        };
+        assert!(long.check().unwrap_err().contains("longer than"));
+    }
+}

@@ -1,0 +1,835 @@
+//! A daemon process: `gateway-daemon worker`, exec'd by the supervisor with the
+//! group's listening socket as fd 3.
+//!
+//! It drops privileges, starts Python from the group's `python-home` /
+//! `python-path`, then serves with `threads=N` Python threads. Connections from
+//! the server are persistent and idle most of the time, so they do not each hold
+//! a thread: idle connections wait in an epoll set (one-shot), and a connection
+//! with a request on it is handed to the next free Python thread, which serves
+//! that one request and parks the connection again. A watchdog enforces
+//! `request-timeout`. SIGTERM (or `max-requests`) makes the process drain: it
+//! stops accepting, finishes what it has, and exits.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::process::{self, ArgvArea};
+use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
+use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
+use crate::common::config::DaemonOptions;
+use crate::common::log::request_line;
+use crate::python::interpreter::{self, PythonSettings};
+use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
+
+/// What the supervisor tells a daemon process on its stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub server: String,
+    pub supervisor_pid: u32,
+    pub server_uid: u32,
+    pub server_gid: u32,
+    pub options: DaemonOptions,
+}
+
+impl WorkerConfig {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut e = Encoder(&mut out);
+        e.str(&self.server);
+        e.u32(self.supervisor_pid);
+        e.u32(self.server_uid);
+        e.u32(self.server_gid);
+        protocol::put_options(&mut e, &self.options);
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Result<WorkerConfig, protocol::ProtocolError> {
+        let mut d = Decoder::new(data);
+        let config = WorkerConfig {
+            server: d.str("server")?.to_string(),
+            supervisor_pid: d.u32("supervisor pid")?,
+            server_uid: d.u32("server uid")?,
+            server_gid: d.u32("server gid")?,
+            options: protocol::decode_options(&mut d)?,
+        };
+        d.finish("the daemon configuration")?;
+        Ok(config)
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    log::error!("{msg}");
+    std::process::exit(3);
+}
+
+/// The daemon process: never returns.
+pub fn run(argv: Option<ArgvArea>) -> ! {
+    process::log_to_stderr();
+    let mut data = Vec::new();
+    // SAFETY: fd 0 is the configuration pipe from the supervisor; reading it to the end.
+    let read = unsafe { std::fs::File::from_raw_fd(0) }.read_to_end(&mut data);
+    let config = match read
+        .map_err(|e| e.to_string())
+        .and_then(|_| WorkerConfig::decode(&data).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => fail(&format!(
+            "daemon process: cannot read its configuration: {e}"
+        )),
+    };
+    // SAFETY: replaces stdin with /dev/null and sends stdout (Python's print) to the error log.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        libc::dup2(null, 0);
+        libc::close(null);
+        libc::dup2(2, 1);
+    }
+    let opts = &config.options;
+    let title = opts
+        .display_name
+        .clone()
+        .unwrap_or_else(|| format!("(gateway:{})", opts.name));
+    process::set_title(argv, &title);
+    let id = process::daemon_identity(
+        opts.user.as_deref(),
+        opts.group.as_deref(),
+        config.server_uid,
+        config.server_gid,
+    )
+    .and_then(|id| process::drop_privileges(&id).map(|_| id))
+    .unwrap_or_else(|e| fail(&format!("daemon process of group '{}': {e}", opts.name)));
+    // The credential change cleared any parent-death signal: ask again now.
+    process::die_with_parent(libc::SIGKILL, config.supervisor_pid);
+    // The supervisor stops daemons with SIGTERM. A SIGINT left at its default would
+    // make Python install its KeyboardInterrupt handler: the daemon owns its signals.
+    // SAFETY: sets a disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let signals = process::signal_fd(&[libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1])
+        .unwrap_or_else(|e| fail(&format!("daemon process: signalfd failed: {e}")));
+    let settings = PythonSettings {
+        home: opts.python_home.clone(),
+        path: opts.python_path.clone(),
+    };
+    if let Err(e) = interpreter::initialize(&settings) {
+        fail(&format!("daemon process of group '{}': {e}", opts.name));
+    }
+    log::info!(
+        "daemon process {} of group '{}' ready: uid {}, {} thread(s)",
+        std::process::id(),
+        opts.name,
+        id.uid,
+        opts.threads
+    );
+    let info = ServerInfo {
+        server: Box::leak(config.server.clone().into_boxed_str()),
+        mode: "daemon",
+        process_group: opts.name.clone(),
+        multithread: opts.threads > 1,
+        multiprocess: opts.processes > 1,
+    };
+    let daemon = Daemon::new(config.options.clone(), info, signals)
+        .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
+    report(STATUS_READY);
+    daemon.serve()
+}
+
+/// Tells the supervisor about this process (see the supervisor's status pipe).
+fn report(kind: u8) {
+    let mut msg = [kind, 0, 0, 0, 0];
+    msg[1..].copy_from_slice(&std::process::id().to_be_bytes());
+    // SAFETY: one atomic write (less than PIPE_BUF) of a buffer we own.
+    unsafe { libc::write(STATUS_FD, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// The reading and writing halves of one connection to the server.
+struct ConnIo {
+    reader: Mutex<BufReader<UnixStream>>,
+    writer: Mutex<Writer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frames waiting to go out, written in as few system calls as possible.
+struct Writer {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Set by the watchdog once it answered for a timed-out request: nothing of
+    /// that request may follow on the connection.
+    poisoned: bool,
+}
+
+impl Writer {
+    fn check(&self) -> io::Result<()> {
+        if self.poisoned {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request exceeded request-timeout",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let r = self.stream.write_all(&self.buf);
+            self.buf.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Small payloads join the buffer; large ones go straight to the socket.
+    fn data(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
+        self.check()?;
+        for chunk in data.chunks(MAX_FRAME) {
+            let flags = if flush { FLAG_FLUSH } else { 0 };
+            if self.buf.len() + chunk.len() <= 64 * 1024 {
+                protocol::put_frame(&mut self.buf, Kind::Data, flags, chunk);
+            } else {
+                self.buf
+                    .extend_from_slice(&protocol::header(Kind::Data, flags, chunk.len()));
+                self.flush()?;
+                self.stream.write_all(chunk)?;
+            }
+        }
+        if flush {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// A connection, identified in the epoll set by its id.
+struct Conn {
+    id: u64,
+    io: Arc<ConnIo>,
+}
+
+/// Connections waiting for their next request, and whether the process drains.
+struct Parked {
+    conns: HashMap<u64, Conn>,
+    draining: bool,
+}
+
+/// A request in progress, as the watchdog sees it.
+struct Running {
+    started: Instant,
+    thread: libc::pthread_t,
+    io: Arc<ConnIo>,
+    line: (Vec<u8>, Vec<u8>),
+    timed_out: bool,
+}
+
+const TOKEN_LISTENER: u64 = 1;
+const TOKEN_SIGNALS: u64 = 2;
+const TOKEN_WAKE: u64 = 3;
+const FIRST_CONN: u64 = 16;
+
+struct Shared {
+    options: DaemonOptions,
+    info: ServerInfo,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    parked: Mutex<Parked>,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+    drain_requested: AtomicBool,
+    slots: Vec<Mutex<Option<Running>>>,
+}
+
+struct Daemon {
+    shared: Arc<Shared>,
+    signals: OwnedFd,
+    jobs: Sender<Conn>,
+    next_id: u64,
+}
+
+fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: registers a descriptor we own with our epoll instance.
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT | libc::EPOLLRDHUP) as u32;
+
+impl Daemon {
+    fn new(options: DaemonOptions, info: ServerInfo, signals: RawFd) -> io::Result<Daemon> {
+        // SAFETY: creating kernel objects owned by the returned values.
+        let (epoll, wake) = unsafe {
+            (
+                libc::epoll_create1(libc::EPOLL_CLOEXEC),
+                libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
+            )
+        };
+        if epoll < 0 || wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptors were just created and are owned from here on.
+        let (epoll, wake, signals) = unsafe {
+            (
+                OwnedFd::from_raw_fd(epoll),
+                OwnedFd::from_raw_fd(wake),
+                OwnedFd::from_raw_fd(signals),
+            )
+        };
+        let e = epoll.as_raw_fd();
+        epoll_ctl(
+            e,
+            libc::EPOLL_CTL_ADD,
+            LISTEN_FD,
+            (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            TOKEN_LISTENER,
+        )?;
+        epoll_ctl(
+            e,
+            libc::EPOLL_CTL_ADD,
+            signals.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_SIGNALS,
+        )?;
+        epoll_ctl(
+            e,
+            libc::EPOLL_CTL_ADD,
+            wake.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            TOKEN_WAKE,
+        )?;
+        let threads = options.threads as usize;
+        let shared = Arc::new(Shared {
+            options,
+            info,
+            epoll,
+            wake,
+            parked: Mutex::new(Parked {
+                conns: HashMap::new(),
+                draining: false,
+            }),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            drain_requested: AtomicBool::new(false),
+            slots: (0..threads).map(|_| Mutex::new(None)).collect(),
+        });
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        for slot in 0..threads {
+            let (shared, queue) = (shared.clone(), queue.clone());
+            std::thread::Builder::new()
+                .name(format!("gateway-{slot}"))
+                .spawn(move || request_thread(&shared, &queue, slot))?;
+        }
+        if shared.options.request_timeout > 0 {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("gateway-watchdog".into())
+                .spawn(move || watchdog(&shared))?;
+        }
+        Ok(Daemon {
+            shared,
+            signals,
+            jobs,
+            next_id: FIRST_CONN,
+        })
+    }
+
+    /// The event loop: accepts, hands connections with a request to the threads,
+    /// and drains on request.
+    fn serve(mut self) -> ! {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            let timeout = if draining_since.is_some() { 50 } else { 1000 };
+            // SAFETY: epoll_wait fills the events vector we own.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.shared.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    timeout,
+                )
+            };
+            let mut drain_why = None;
+            for ev in &events[..n.max(0) as usize] {
+                match ev.u64 {
+                    TOKEN_LISTENER => self.accept(),
+                    TOKEN_SIGNALS => {
+                        if let Some(sig) = process::read_signals(self.signals.as_raw_fd()).first() {
+                            drain_why = Some(format!("received {}", process::signal_name(*sig)));
+                        }
+                    }
+                    TOKEN_WAKE => {
+                        let mut v = 0u64;
+                        // SAFETY: reads the eventfd counter into v.
+                        unsafe {
+                            libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8)
+                        };
+                        if self.shared.drain_requested.load(Ordering::Acquire) {
+                            drain_why = Some(format!(
+                                "max-requests={} reached",
+                                self.shared.options.max_requests
+                            ));
+                        }
+                    }
+                    id => {
+                        let conn = lock(&self.shared.parked).conns.remove(&id);
+                        if let Some(conn) = conn {
+                            self.dispatch(conn);
+                        }
+                    }
+                }
+            }
+            if let (Some(why), None) = (drain_why, draining_since) {
+                self.begin_drain(&why);
+                draining_since = Some(Instant::now());
+            }
+            if let Some(since) = draining_since {
+                if self.shared.in_flight.load(Ordering::Acquire) == 0 {
+                    self.exit(0);
+                }
+                if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
+                    log::warn!(
+                        "daemon process {}: {} request(s) still running after graceful-timeout={}s; exiting",
+                        std::process::id(),
+                        self.shared.in_flight.load(Ordering::Acquire),
+                        self.shared.options.graceful_timeout
+                    );
+                    self.exit(0);
+                }
+            }
+        }
+    }
+
+    fn exit(&self, code: i32) -> ! {
+        interpreter::run_exit_handlers();
+        // SAFETY: ends the process without running Rust destructors under threads still running.
+        unsafe { libc::_exit(code) }
+    }
+
+    fn dispatch(&self, conn: Conn) {
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let _ = self.jobs.send(conn);
+    }
+
+    fn accept(&mut self) {
+        loop {
+            // SAFETY: accepts on the inherited listener; the new descriptor is owned below.
+            let fd = unsafe {
+                libc::accept4(
+                    LISTEN_FD,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return;
+            }
+            // SAFETY: fd is a fresh connected socket.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            if let Err(e) = self.open(stream) {
+                log::warn!(
+                    "daemon process {}: a new connection failed: {e}",
+                    std::process::id()
+                );
+            }
+        }
+    }
+
+    fn open(&mut self, stream: UnixStream) -> io::Result<()> {
+        let timeout = Duration::from_secs(self.shared.options.socket_timeout);
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut hello = Vec::new();
+        let name = &self.shared.options.name;
+        protocol::put_with(&mut hello, Kind::Hello, |e| {
+            e.u32(std::process::id());
+            e.str(name);
+        })?;
+        (&stream).write_all(&hello)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let fd = stream.as_raw_fd();
+        let io = Arc::new(ConnIo {
+            reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream.try_clone()?)),
+            writer: Mutex::new(Writer {
+                stream,
+                buf: Vec::with_capacity(64 * 1024),
+                poisoned: false,
+            }),
+        });
+        let mut parked = lock(&self.shared.parked);
+        parked.conns.insert(id, Conn { id, io });
+        epoll_ctl(
+            self.shared.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            CONN_EVENTS,
+            id,
+        )
+        .inspect_err(|_| {
+            parked.conns.remove(&id);
+        })
+    }
+
+    fn begin_drain(&mut self, why: &str) {
+        log::info!(
+            "daemon process {} of group '{}' draining: {why}",
+            std::process::id(),
+            self.shared.options.name
+        );
+        report(STATUS_DRAINING);
+        let _ = epoll_ctl(
+            self.shared.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            LISTEN_FD,
+            0,
+            0,
+        );
+        // SAFETY: the listener is ours; the supervisor keeps its own copy open.
+        unsafe { libc::close(LISTEN_FD) };
+        let idle: Vec<Conn> = {
+            let mut parked = lock(&self.shared.parked);
+            parked.draining = true;
+            parked.conns.drain().map(|(_, c)| c).collect()
+        };
+        for conn in idle {
+            // A request that arrived just now is served; idle connections are closed
+            // (the server reconnects, reaching the replacement process).
+            if has_pending_data(&conn) {
+                self.dispatch(conn);
+            }
+        }
+    }
+}
+
+fn has_pending_data(conn: &Conn) -> bool {
+    let fd = lock(&conn.io.writer).stream.as_raw_fd();
+    let mut b = 0u8;
+    // SAFETY: peeks one byte into a local without consuming it.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// One of the `threads=N` Python threads: serves requests from the queue.
+fn request_thread(shared: &Shared, queue: &Receiver<Conn>, slot: usize) {
+    let mut payload = Vec::with_capacity(64 * 1024);
+    for conn in queue.iter() {
+        let mut keep = serve_one(shared, &conn, slot, &mut payload);
+        let max = shared.options.max_requests;
+        if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
+            shared.drain_requested.store(true, Ordering::Release);
+            let one = 1u64;
+            // SAFETY: writes the eventfd counter from a local.
+            unsafe { libc::write(shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+        // While draining, a request already waiting on the connection is still served.
+        while keep && lock(&shared.parked).draining && has_pending_data(&conn) {
+            keep = serve_one(shared, &conn, slot, &mut payload);
+        }
+        if keep {
+            let mut parked = lock(&shared.parked);
+            if !parked.draining {
+                let fd = lock(&conn.io.writer).stream.as_raw_fd();
+                let id = conn.id;
+                parked.conns.insert(id, conn);
+                if epoll_ctl(
+                    shared.epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_MOD,
+                    fd,
+                    CONN_EVENTS,
+                    id,
+                )
+                .is_err()
+                {
+                    parked.conns.remove(&id);
+                }
+            }
+        }
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves the request waiting on `conn`; false when the connection is done.
+fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -> bool {
+    let frame = protocol::read_frame(&mut *lock(&conn.io.reader), payload);
+    match frame {
+        Ok(Some((Kind::Request, _))) => {}
+        Ok(None) => return false,
+        Ok(Some((kind, _))) => {
+            log::error!("daemon process {}: expected a request, got a {kind:?} frame; closing the connection", std::process::id());
+            return false;
+        }
+        Err(e) => {
+            if e.kind() != io::ErrorKind::ConnectionReset {
+                log::warn!(
+                    "daemon process {}: reading a request failed: {e}",
+                    std::process::id()
+                );
+            }
+            return false;
+        }
+    }
+    let request = match protocol::decode_request(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!(
+                "daemon process {}: malformed request from the server: {e}",
+                std::process::id()
+            );
+            return false;
+        }
+    };
+    *lock(&shared.slots[slot]) = Some(Running {
+        started: Instant::now(),
+        // SAFETY: pthread_self has no preconditions.
+        thread: unsafe { libc::pthread_self() },
+        io: conn.io.clone(),
+        line: (
+            request.head.method.to_vec(),
+            request.head.request_uri.to_vec(),
+        ),
+        timed_out: false,
+    });
+    let body = DaemonBody {
+        io: conn.io.clone(),
+        done: !request.has_body,
+    };
+    let response = DaemonResponse {
+        io: conn.io.clone(),
+        file_buf: Vec::new(),
+    };
+    let outcome = wsgi::run(
+        &request.app,
+        &shared.info,
+        Request {
+            head: request.head,
+            body: Box::new(body),
+            response: Box::new(response),
+        },
+    );
+    lock(&shared.slots[slot]).take();
+    let mut w = lock(&conn.io.writer);
+    if w.poisoned {
+        return false;
+    }
+    protocol::put_frame(&mut w.buf, Kind::End, 0, &[protocol::outcome_code(outcome)]);
+    w.flush().is_ok() && outcome != Outcome::ClientGone
+}
+
+/// `wsgi.input` in a daemon: pulls the body from the server as the application reads.
+struct DaemonBody {
+    io: Arc<ConnIo>,
+    done: bool,
+}
+
+impl RequestBody for DaemonBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(MAX_FRAME);
+        {
+            let mut w = lock(&self.io.writer);
+            w.check()?;
+            protocol::put_frame(&mut w.buf, Kind::Pull, 0, &(want as u32).to_be_bytes());
+            w.flush()?;
+        }
+        let mut r = lock(&self.io.reader);
+        let mut h = [0u8; HEADER_LEN];
+        r.read_exact(&mut h)?;
+        let (kind, _, len) = protocol::parse_header(&h)?;
+        if kind != Kind::Body || len > want {
+            self.done = true;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the server answered a body pull with a {kind:?} frame of {len} bytes"),
+            ));
+        }
+        r.read_exact(&mut buf[..len])?;
+        self.done = len == 0;
+        Ok(len)
+    }
+}
+
+/// The response channel of a daemon: frames to the server.
+struct DaemonResponse {
+    io: Arc<ConnIo>,
+    file_buf: Vec<u8>,
+}
+
+impl ResponseChannel for DaemonResponse {
+    fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()> {
+        let mut w = lock(&self.io.writer);
+        w.check()?;
+        protocol::put_start(&mut w.buf, status, status_line, headers)?;
+        Ok(())
+    }
+
+    fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
+        lock(&self.io.writer).data(data, flush)
+    }
+
+    fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        self.file_buf.resize(256 * 1024, 0);
+        let (mut offset, mut left) = (offset, len);
+        while left > 0 {
+            let want = (left as usize).min(self.file_buf.len());
+            // SAFETY: pread into our buffer, at most its length.
+            let n = unsafe {
+                libc::pread(
+                    fd,
+                    self.file_buf.as_mut_ptr().cast(),
+                    want,
+                    offset as libc::off_t,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                break;
+            }
+            lock(&self.io.writer).data(&self.file_buf[..n as usize], false)?;
+            offset += n as u64;
+            left -= n as u64;
+        }
+        lock(&self.io.writer).flush()
+    }
+
+    fn abort(&mut self) {
+        let mut w = lock(&self.io.writer);
+        protocol::put_frame(&mut w.buf, Kind::Abort, 0, &[]);
+        let _ = w.flush();
+    }
+
+    fn log(&self, level: log::Level, line: &str) {
+        let mut w = lock(&self.io.writer);
+        let sent = !w.poisoned
+            && protocol::put_with(&mut w.buf, Kind::Log, |e| {
+                e.u8(protocol::level_code(level));
+                e.str(line);
+            })
+            .is_ok()
+            && w.flush().is_ok();
+        if !sent {
+            log::log!(level, "{}", line.trim_start_matches("gateway: "));
+        }
+    }
+}
+
+/// Enforces `request-timeout`: logs the Python stack of a stuck request's thread,
+/// answers the server (which sends a 504), and raises TimeoutError in that thread
+/// so it unwinds as soon as it runs Python code again; the other requests of the
+/// process go on.
+fn watchdog(shared: &Shared) {
+    let limit = Duration::from_secs(shared.options.request_timeout);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        for slot in &shared.slots {
+            let mut slot = lock(slot);
+            let Some(running) = slot
+                .as_mut()
+                .filter(|r| !r.timed_out && r.started.elapsed() > limit)
+            else {
+                continue;
+            };
+            // The request thread may hold the writer while blocked on a slow server: try later.
+            let Ok(mut w) = running.io.writer.try_lock() else {
+                continue;
+            };
+            running.timed_out = true;
+            let (method, uri) = &running.line;
+            let msg = format!(
+                "daemon process {} of group '{}': the request exceeded request-timeout={}s; its thread's Python stack is in the error log",
+                std::process::id(),
+                shared.options.name,
+                shared.options.request_timeout
+            );
+            log::error!(
+                "{}",
+                request_line(method, uri, &msg).trim_start_matches("gateway: ")
+            );
+            for line in python_stack(running.thread).lines() {
+                log::error!(
+                    "{}",
+                    request_line(method, uri, line).trim_start_matches("gateway: ")
+                );
+            }
+            let _ = protocol::put_with(&mut w.buf, Kind::Timeout, |e| e.str(&msg));
+            let _ = w.flush();
+            w.poisoned = true;
+            drop(w);
+            interrupt(running.thread);
+        }
+    }
+}
+
+/// The Python stack of a thread, formatted like a traceback.
+fn python_stack(thread: libc::pthread_t) -> String {
+    interpreter::with_gil(|py| {
+        let stack = (|| -> pyo3::PyResult<String> {
+            use pyo3::prelude::*;
+            let frames = py.import("sys")?.call_method0("_current_frames")?;
+            let Some(frame) = frames
+                .call_method1("get", (thread,))
+                .ok()
+                .filter(|f| !f.is_none())
+            else {
+                return Ok("(the thread is not running Python code)".into());
+            };
+            let lines: Vec<String> = py
+                .import("traceback")?
+                .call_method1("format_stack", (frame,))?
+                .extract()?;
+            Ok(format!(
+                "Stack of the stuck thread (most recent call last):\n{}",
+                lines.concat()
+            ))
+        })();
+        stack.unwrap_or_else(|e| format!("(cannot read the Python stack: {e})"))
+    })
+}
+
+/// Raises TimeoutError in a Python thread at its next bytecode.
+fn interrupt(thread: libc::pthread_t) {
+    interpreter::with_gil(|_py| {
+        // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
+        unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(thread as _, pyo3::ffi::PyExc_TimeoutError) };
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips() {
+        let c = WorkerConfig {
+            server: "nginx".into(),
+            supervisor_pid: 42,
+            server_uid: 33,
+            server_gid: 33,
+            options: DaemonOptions::parse(&["g", "threads=3", "request-timeout=5"]).unwrap(),
+        };
+        assert_eq!(WorkerConfig::decode(&c.encode()).unwrap(), c);
+        assert!(WorkerConfig::decode(&c.encode()[..10]).is_err());
+    }
+}
