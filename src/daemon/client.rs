@@ -191,12 +191,17 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Whether a process still exists (a daemon runs as another user: EPERM means yes).
+/// Whether a process still runs. A daemon runs as another user, so this reads
+/// its state from /proc: a killed process stays a zombie until reaped, and
+/// `kill(pid, 0)` would still find it.
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe {
-        libc::kill(pid as i32, 0) == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
     }
 }
 
@@ -240,6 +245,8 @@ pub fn forward(
             log(resp, log::Level::Error, &format!("the request head cannot be sent to the daemon: {e}"));
             return Reply::Status(431);
         }
+        // A daemon that drains may close a connection it just accepted: try another.
+        let mut fresh_retries = 2;
         loop {
             let (conn, reused) = match pool_take(&ep.socket) {
                 Some(conn) => (conn, true),
@@ -260,6 +267,7 @@ pub fn forward(
                     return reply;
                 }
                 Step::Retry if reused => continue,
+                Step::Retry if fresh_retries > 0 => fresh_retries -= 1,
                 Step::Retry => {
                     log(resp, log::Level::Error, &format!("daemon process group '{}' closed a new connection at once; answering 503", ep.group));
                     return Reply::Status(503);

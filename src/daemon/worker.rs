@@ -244,6 +244,10 @@ struct Shared {
     in_flight: AtomicUsize,
     served: AtomicU64,
     drain_requested: AtomicBool,
+    /// Whether this process takes new connections at all (not once it drains).
+    accepting: AtomicBool,
+    /// Whether the one-shot listener is armed in the epoll set.
+    listener_armed: AtomicBool,
     slots: Vec<Mutex<Option<Running>>>,
 }
 
@@ -261,6 +265,32 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::R
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The listener is one-shot: a process takes new connections only while it has
+/// an idle thread, so the connections of a busy server spread over the group's
+/// processes instead of piling up on the first one to wake.
+const LISTENER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+
+impl Shared {
+    fn has_idle_thread(&self, extra: usize) -> bool {
+        self.in_flight.load(Ordering::Acquire) + extra < self.options.threads as usize
+    }
+
+    /// Re-arms the listener unless it is armed already or the process drains.
+    fn arm_listener(&self) {
+        if self.accepting.load(Ordering::Acquire)
+            && !self.listener_armed.swap(true, Ordering::AcqRel)
+        {
+            let _ = epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_MOD,
+                LISTEN_FD,
+                LISTENER_EVENTS,
+                TOKEN_LISTENER,
+            );
+        }
+    }
 }
 
 const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT | libc::EPOLLRDHUP) as u32;
@@ -290,7 +320,7 @@ impl Daemon {
             e,
             libc::EPOLL_CTL_ADD,
             LISTEN_FD,
-            (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            LISTENER_EVENTS,
             TOKEN_LISTENER,
         )?;
         epoll_ctl(
@@ -320,6 +350,8 @@ impl Daemon {
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             drain_requested: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
+            listener_armed: AtomicBool::new(true),
             slots: (0..threads).map(|_| Mutex::new(None)).collect(),
         });
         let (jobs, queue) = crossbeam_channel::unbounded();
@@ -422,7 +454,14 @@ impl Daemon {
     }
 
     fn accept(&mut self) {
+        self.shared.listener_armed.store(false, Ordering::Release);
+        let mut accepted = 0;
         loop {
+            if !self.shared.has_idle_thread(accepted) {
+                // Busy: the next connection goes to another process; a thread that
+                // finishes a request re-arms the listener here.
+                return;
+            }
             // SAFETY: accepts on the inherited listener; the new descriptor is owned below.
             let fd = unsafe {
                 libc::accept4(
@@ -433,8 +472,10 @@ impl Daemon {
                 )
             };
             if fd < 0 {
+                self.shared.arm_listener();
                 return;
             }
+            accepted += 1;
             // SAFETY: fd is a fresh connected socket.
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             if let Err(e) = self.open(stream) {
@@ -489,6 +530,7 @@ impl Daemon {
             self.shared.options.name
         );
         report(STATUS_DRAINING);
+        self.shared.accepting.store(false, Ordering::Release);
         let _ = epoll_ctl(
             self.shared.epoll.as_raw_fd(),
             libc::EPOLL_CTL_DEL,
@@ -496,8 +538,6 @@ impl Daemon {
             0,
             0,
         );
-        // SAFETY: the listener is ours; the supervisor keeps its own copy open.
-        unsafe { libc::close(LISTEN_FD) };
         let idle: Vec<Conn> = {
             let mut parked = lock(&self.shared.parked);
             parked.draining = true;
@@ -564,6 +604,9 @@ fn request_thread(shared: &Shared, queue: &Receiver<Conn>, slot: usize) {
             }
         }
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if shared.has_idle_thread(0) {
+            shared.arm_listener();
+        }
     }
 }
 
