@@ -4,9 +4,9 @@
 //! It drops privileges, starts Python from the group's `python-home` /
 //! `python-path`, then serves with `threads=N` Python threads. Connections from
 //! the server are persistent and idle most of the time, so they do not each hold
-//! a thread: idle connections wait in an epoll set (one-shot), and a connection
-//! with a request on it is handed to the next free Python thread, which serves
-//! that one request and parks the connection again. A watchdog enforces
+//! a thread: idle connections wait in an epoll set (one-shot) on which the idle
+//! Python threads wait; the thread that gets a connection serves its request and
+//! parks it again. A watchdog enforces
 //! `request-timeout`. SIGTERM (or `max-requests`) makes the process drain: it
 //! stops accepting, finishes what it has, and exits.
 
@@ -17,8 +17,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::{Receiver, Sender};
 
 use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
@@ -231,16 +229,19 @@ struct Running {
 }
 
 const TOKEN_LISTENER: u64 = 1;
-const TOKEN_SIGNALS: u64 = 2;
-const TOKEN_WAKE: u64 = 3;
 const FIRST_CONN: u64 = 16;
 
+/// What the process's threads share.
 struct Shared {
     options: DaemonOptions,
     info: ServerInfo,
+    /// The listener and the parked connections: the Python threads wait on it.
     epoll: OwnedFd,
+    /// Wakes the main thread (max-requests reached).
     wake: OwnedFd,
     parked: Mutex<Parked>,
+    next_id: AtomicU64,
+    /// Requests being served.
     in_flight: AtomicUsize,
     served: AtomicU64,
     drain_requested: AtomicBool,
@@ -249,13 +250,6 @@ struct Shared {
     /// Whether the one-shot listener is armed in the epoll set.
     listener_armed: AtomicBool,
     slots: Vec<Mutex<Option<Running>>>,
-}
-
-struct Daemon {
-    shared: Arc<Shared>,
-    signals: OwnedFd,
-    jobs: Sender<Conn>,
-    next_id: u64,
 }
 
 fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -271,6 +265,7 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::R
 /// an idle thread, so the connections of a busy server spread over the group's
 /// processes instead of piling up on the first one to wake.
 const LISTENER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT | libc::EPOLLRDHUP) as u32;
 
 impl Shared {
     fn has_idle_thread(&self, extra: usize) -> bool {
@@ -291,9 +286,108 @@ impl Shared {
             );
         }
     }
+
+    /// Accepts new connections while this process has idle threads.
+    fn accept(&self) {
+        self.listener_armed.store(false, Ordering::Release);
+        let mut accepted = 0;
+        loop {
+            if !self.has_idle_thread(accepted) {
+                // Busy: the next connection goes to another process; a thread that
+                // finishes a request re-arms the listener here.
+                return;
+            }
+            // SAFETY: accepts on the inherited listener; the new descriptor is owned below.
+            let fd = unsafe {
+                libc::accept4(
+                    LISTEN_FD,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                self.arm_listener();
+                return;
+            }
+            accepted += 1;
+            // SAFETY: fd is a fresh connected socket.
+            let stream = unsafe { UnixStream::from_raw_fd(fd) };
+            if let Err(e) = self.open(stream) {
+                log::warn!(
+                    "daemon process {}: a new connection failed: {e}",
+                    std::process::id()
+                );
+            }
+        }
+    }
+
+    /// Greets a new connection and parks it until its first request.
+    fn open(&self, stream: UnixStream) -> io::Result<()> {
+        let timeout = Duration::from_secs(self.options.socket_timeout);
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut hello = Vec::new();
+        protocol::put_with(&mut hello, Kind::Hello, |e| {
+            e.u32(std::process::id());
+            e.str(&self.options.name);
+        })?;
+        (&stream).write_all(&hello)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let fd = stream.as_raw_fd();
+        let io = Arc::new(ConnIo {
+            reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream.try_clone()?)),
+            writer: Mutex::new(Writer {
+                stream,
+                buf: Vec::with_capacity(64 * 1024),
+                poisoned: false,
+            }),
+        });
+        let mut parked = lock(&self.parked);
+        parked.conns.insert(id, Conn { id, io });
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd,
+            CONN_EVENTS,
+            id,
+        )
+        .inspect_err(|_| {
+            parked.conns.remove(&id);
+        })
+    }
+
+    /// Parks a connection for its next request, or closes it when the process drains.
+    fn park(&self, conn: Conn) {
+        let mut parked = lock(&self.parked);
+        if parked.draining {
+            return;
+        }
+        let fd = lock(&conn.io.writer).stream.as_raw_fd();
+        let id = conn.id;
+        parked.conns.insert(id, conn);
+        if epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_MOD,
+            fd,
+            CONN_EVENTS,
+            id,
+        )
+        .is_err()
+        {
+            parked.conns.remove(&id);
+        }
+    }
 }
 
-const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT | libc::EPOLLRDHUP) as u32;
+/// A daemon process once Python runs: the `threads=N` Python threads wait on the
+/// epoll set themselves (one-shot events give each ready connection to exactly
+/// one of them, with no hand-over between threads), and the main thread handles
+/// signals, draining and exit.
+struct Daemon {
+    shared: Arc<Shared>,
+    signals: OwnedFd,
+}
 
 impl Daemon {
     fn new(options: DaemonOptions, info: ServerInfo, signals: RawFd) -> io::Result<Daemon> {
@@ -315,27 +409,12 @@ impl Daemon {
                 OwnedFd::from_raw_fd(signals),
             )
         };
-        let e = epoll.as_raw_fd();
         epoll_ctl(
-            e,
+            epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             LISTEN_FD,
             LISTENER_EVENTS,
             TOKEN_LISTENER,
-        )?;
-        epoll_ctl(
-            e,
-            libc::EPOLL_CTL_ADD,
-            signals.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            TOKEN_SIGNALS,
-        )?;
-        epoll_ctl(
-            e,
-            libc::EPOLL_CTL_ADD,
-            wake.as_raw_fd(),
-            libc::EPOLLIN as u32,
-            TOKEN_WAKE,
         )?;
         let threads = options.threads as usize;
         let shared = Arc::new(Shared {
@@ -347,6 +426,7 @@ impl Daemon {
                 conns: HashMap::new(),
                 draining: false,
             }),
+            next_id: AtomicU64::new(FIRST_CONN),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             drain_requested: AtomicBool::new(false),
@@ -354,12 +434,11 @@ impl Daemon {
             listener_armed: AtomicBool::new(true),
             slots: (0..threads).map(|_| Mutex::new(None)).collect(),
         });
-        let (jobs, queue) = crossbeam_channel::unbounded();
         for slot in 0..threads {
-            let (shared, queue) = (shared.clone(), queue.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name(format!("gateway-{slot}"))
-                .spawn(move || request_thread(&shared, &queue, slot))?;
+                .spawn(move || request_thread(&shared, slot))?;
         }
         if shared.options.request_timeout > 0 {
             let shared = shared.clone();
@@ -367,77 +446,65 @@ impl Daemon {
                 .name("gateway-watchdog".into())
                 .spawn(move || watchdog(&shared))?;
         }
-        Ok(Daemon {
-            shared,
-            signals,
-            jobs,
-            next_id: FIRST_CONN,
-        })
+        Ok(Daemon { shared, signals })
     }
 
-    /// The event loop: accepts, hands connections with a request to the threads,
-    /// and drains on request.
-    fn serve(mut self) -> ! {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
+    /// The main thread: waits for a reason to drain, drains, exits.
+    fn serve(self) -> ! {
+        let mut polled = [
+            libc::pollfd {
+                fd: self.signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let mut draining_since: Option<Instant> = None;
         loop {
-            let timeout = if draining_since.is_some() { 50 } else { 1000 };
-            // SAFETY: epoll_wait fills the events vector we own.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.shared.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    timeout,
-                )
-            };
+            let timeout = if draining_since.is_some() { 20 } else { 1000 };
+            // SAFETY: polls two descriptors we own.
+            unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
             let mut drain_why = None;
-            for ev in &events[..n.max(0) as usize] {
-                match ev.u64 {
-                    TOKEN_LISTENER => self.accept(),
-                    TOKEN_SIGNALS => {
-                        if let Some(sig) = process::read_signals(self.signals.as_raw_fd()).first() {
-                            drain_why = Some(format!("received {}", process::signal_name(*sig)));
-                        }
-                    }
-                    TOKEN_WAKE => {
-                        let mut v = 0u64;
-                        // SAFETY: reads the eventfd counter into v.
-                        unsafe {
-                            libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8)
-                        };
-                        if self.shared.drain_requested.load(Ordering::Acquire) {
-                            drain_why = Some(format!(
-                                "max-requests={} reached",
-                                self.shared.options.max_requests
-                            ));
-                        }
-                    }
-                    id => {
-                        let conn = lock(&self.shared.parked).conns.remove(&id);
-                        if let Some(conn) = conn {
-                            self.dispatch(conn);
-                        }
-                    }
+            if polled[0].revents != 0 {
+                if let Some(sig) = process::read_signals(self.signals.as_raw_fd()).first() {
+                    drain_why = Some(format!("received {}", process::signal_name(*sig)));
+                }
+            }
+            if polled[1].revents != 0 {
+                let mut v = 0u64;
+                // SAFETY: reads the eventfd counter into v.
+                unsafe { libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+                if self.shared.drain_requested.load(Ordering::Acquire) {
+                    drain_why = Some(format!(
+                        "max-requests={} reached",
+                        self.shared.options.max_requests
+                    ));
                 }
             }
             if let (Some(why), None) = (drain_why, draining_since) {
                 self.begin_drain(&why);
                 draining_since = Some(Instant::now());
             }
-            if let Some(since) = draining_since {
-                if self.shared.in_flight.load(Ordering::Acquire) == 0 {
-                    self.exit(0);
-                }
-                if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
-                    log::warn!(
-                        "daemon process {}: {} request(s) still running after graceful-timeout={}s; exiting",
-                        std::process::id(),
-                        self.shared.in_flight.load(Ordering::Acquire),
-                        self.shared.options.graceful_timeout
-                    );
-                    self.exit(0);
-                }
+            let Some(since) = draining_since else {
+                continue;
+            };
+            let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
+                && lock(&self.shared.parked).conns.is_empty();
+            if idle {
+                self.exit(0);
+            }
+            if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
+                log::warn!(
+                    "daemon process {}: {} request(s) still running after graceful-timeout={}s; exiting",
+                    std::process::id(),
+                    self.shared.in_flight.load(Ordering::Acquire),
+                    self.shared.options.graceful_timeout
+                );
+                self.exit(0);
             }
         }
     }
@@ -448,82 +515,9 @@ impl Daemon {
         unsafe { libc::_exit(code) }
     }
 
-    fn dispatch(&self, conn: Conn) {
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        let _ = self.jobs.send(conn);
-    }
-
-    fn accept(&mut self) {
-        self.shared.listener_armed.store(false, Ordering::Release);
-        let mut accepted = 0;
-        loop {
-            if !self.shared.has_idle_thread(accepted) {
-                // Busy: the next connection goes to another process; a thread that
-                // finishes a request re-arms the listener here.
-                return;
-            }
-            // SAFETY: accepts on the inherited listener; the new descriptor is owned below.
-            let fd = unsafe {
-                libc::accept4(
-                    LISTEN_FD,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                self.shared.arm_listener();
-                return;
-            }
-            accepted += 1;
-            // SAFETY: fd is a fresh connected socket.
-            let stream = unsafe { UnixStream::from_raw_fd(fd) };
-            if let Err(e) = self.open(stream) {
-                log::warn!(
-                    "daemon process {}: a new connection failed: {e}",
-                    std::process::id()
-                );
-            }
-        }
-    }
-
-    fn open(&mut self, stream: UnixStream) -> io::Result<()> {
-        let timeout = Duration::from_secs(self.shared.options.socket_timeout);
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let mut hello = Vec::new();
-        let name = &self.shared.options.name;
-        protocol::put_with(&mut hello, Kind::Hello, |e| {
-            e.u32(std::process::id());
-            e.str(name);
-        })?;
-        (&stream).write_all(&hello)?;
-        let id = self.next_id;
-        self.next_id += 1;
-        let fd = stream.as_raw_fd();
-        let io = Arc::new(ConnIo {
-            reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream.try_clone()?)),
-            writer: Mutex::new(Writer {
-                stream,
-                buf: Vec::with_capacity(64 * 1024),
-                poisoned: false,
-            }),
-        });
-        let mut parked = lock(&self.shared.parked);
-        parked.conns.insert(id, Conn { id, io });
-        epoll_ctl(
-            self.shared.epoll.as_raw_fd(),
-            libc::EPOLL_CTL_ADD,
-            fd,
-            CONN_EVENTS,
-            id,
-        )
-        .inspect_err(|_| {
-            parked.conns.remove(&id);
-        })
-    }
-
-    fn begin_drain(&mut self, why: &str) {
+    /// Stops taking connections, closes the idle ones (the server reconnects and
+    /// reaches another process), and lets requests already sent finish.
+    fn begin_drain(&self, why: &str) {
         log::info!(
             "daemon process {} of group '{}' draining: {why}",
             std::process::id(),
@@ -538,18 +532,10 @@ impl Daemon {
             0,
             0,
         );
-        let idle: Vec<Conn> = {
-            let mut parked = lock(&self.shared.parked);
-            parked.draining = true;
-            parked.conns.drain().map(|(_, c)| c).collect()
-        };
-        for conn in idle {
-            // A request that arrived just now is served; idle connections are closed
-            // (the server reconnects, reaching the replacement process).
-            if has_pending_data(&conn) {
-                self.dispatch(conn);
-            }
-        }
+        let mut parked = lock(&self.shared.parked);
+        parked.draining = true;
+        // A connection with a request already on it stays armed and is served.
+        parked.conns.retain(|_, conn| has_pending_data(conn));
     }
 }
 
@@ -568,10 +554,26 @@ fn has_pending_data(conn: &Conn) -> bool {
     n > 0
 }
 
-/// One of the `threads=N` Python threads: serves requests from the queue.
-fn request_thread(shared: &Shared, queue: &Receiver<Conn>, slot: usize) {
+/// One of the `threads=N` Python threads: waits on the epoll set, and serves the
+/// connection that has a request.
+fn request_thread(shared: &Shared, slot: usize) {
     let mut payload = Vec::with_capacity(64 * 1024);
-    for conn in queue.iter() {
+    let mut event = [libc::epoll_event { events: 0, u64: 0 }];
+    loop {
+        // SAFETY: waits for one event into a local array.
+        let n = unsafe { libc::epoll_wait(shared.epoll.as_raw_fd(), event.as_mut_ptr(), 1, -1) };
+        if n != 1 {
+            continue;
+        }
+        let token = event[0].u64;
+        if token == TOKEN_LISTENER {
+            shared.accept();
+            continue;
+        }
+        let Some(conn) = lock(&shared.parked).conns.remove(&token) else {
+            continue;
+        };
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let mut keep = serve_one(shared, &conn, slot, &mut payload);
         let max = shared.options.max_requests;
         if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
@@ -585,23 +587,7 @@ fn request_thread(shared: &Shared, queue: &Receiver<Conn>, slot: usize) {
             keep = serve_one(shared, &conn, slot, &mut payload);
         }
         if keep {
-            let mut parked = lock(&shared.parked);
-            if !parked.draining {
-                let fd = lock(&conn.io.writer).stream.as_raw_fd();
-                let id = conn.id;
-                parked.conns.insert(id, conn);
-                if epoll_ctl(
-                    shared.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_MOD,
-                    fd,
-                    CONN_EVENTS,
-                    id,
-                )
-                .is_err()
-                {
-                    parked.conns.remove(&id);
-                }
-            }
+            shared.park(conn);
         }
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         if shared.has_idle_thread(0) {
@@ -761,6 +747,11 @@ impl ResponseChannel for DaemonResponse {
         let mut w = lock(&self.io.writer);
         protocol::put_frame(&mut w.buf, Kind::Abort, 0, &[]);
         let _ = w.flush();
+    }
+
+    fn only_buffers(&self, len: usize, flush: bool) -> bool {
+        // Writer::data keeps frames in its buffer up to this size.
+        !flush && lock(&self.io.writer).buf.len() + 2 * HEADER_LEN + len <= 32 * 1024
     }
 
     fn log(&self, level: log::Level, line: &str) {

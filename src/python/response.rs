@@ -27,6 +27,12 @@ pub trait ResponseChannel: Send + Sync {
     fn abort(&mut self);
     /// Writes a finished line to the server's error log for this request.
     fn log(&self, level: log::Level, line: &str);
+    /// Whether `start` and a `write` of `len` bytes with `flush` would only queue
+    /// them in memory: the GIL is then kept, since releasing and retaking it costs
+    /// more than the copy (and a thread switch when other threads want it).
+    fn only_buffers(&self, _len: usize, _flush: bool) -> bool {
+        false
+    }
 }
 
 /// Hop-by-hop headers belong to the server's connection, never to the application.
@@ -137,7 +143,8 @@ impl StartResponse {
         let (code, line) = status.as_ref().expect("checked above");
         let start = !*headers_sent;
         *headers_sent = true;
-        let result = py.detach(|| {
+        let only_buffers = channel.only_buffers(data.len(), flush);
+        let mut send = || {
             if start {
                 channel.start(*code, line, headers)?;
             }
@@ -145,7 +152,12 @@ impl StartResponse {
                 return Ok(());
             }
             channel.write(data, flush)
-        });
+        };
+        let result = if only_buffers {
+            send()
+        } else {
+            py.detach(send)
+        };
         result.map_err(|e| {
             self.client_gone = true;
             PyOSError::new_err(format!("client closed the connection: {e}"))
