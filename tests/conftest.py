@@ -59,7 +59,7 @@ def available_servers():
     if (MODULES / "mod_gateway.so").exists():
         kinds += ["apache-event", "apache-prefork"]
         if (MODULES / "gateway-daemon").exists():
-            kinds += ["apache-event-daemon"]
+            kinds += ["apache-event-daemon", "apache-prefork-daemon"]
     return kinds
 
 

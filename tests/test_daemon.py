@@ -260,6 +260,21 @@ def test_no_orphans_after_kill_9_of_the_apache_parent():
                 pass
 
 
+def test_daemons_stop_with_the_server():
+    title = f"gw-stop-{token()}"
+    srv = daemon_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    with srv:
+        daemons = wait_for_pids(title, 2)
+        supervisor = parent_of(min(daemons))
+        run_dir = next((srv.dir / "run").glob("gateway-*"))
+    deadline = time.monotonic() + 5
+    while (pids_by_title(title) or Path(f"/proc/{supervisor}").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_by_title(title) == set()
+    assert not Path(f"/proc/{supervisor}").exists()
+    assert not run_dir.exists(), list(run_dir.iterdir())
+
+
 # --- Security ---
 
 def _connect_as(user, path):

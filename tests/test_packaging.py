@@ -59,13 +59,16 @@ def make(*args, **env):
 
 
 def test_apache_install_to_another_layout_serves_requests(tmp_path):
-    """APACHE_MODDIR/APACHE_CONFDIR relocate the install; the .load snippet it writes works."""
+    """APACHE_MODDIR/APACHE_CONFDIR relocate the install; the .load snippet it writes works, and
+    the module finds the daemon executable installed next to it."""
     moddir, confdir = tmp_path / "modules", tmp_path / "mods-available"
     r = make("install-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
     assert r.returncode == 0, r.stdout + r.stderr
     load = (confdir / "gateway.load").read_text()
     assert f"LoadModule gateway_module {moddir}/mod_gateway.so" in load
-    srv = Apache([Mount("/app", "hello.py")], Settings())
+    assert os.access(moddir / "gateway-daemon", os.X_OK)
+    srv = Apache([Mount("/app", "hello.py"), Mount("/d", "hello.py", mode="daemon", group="g")],
+                 Settings(daemons={"g": "processes=1 threads=1"}))
     conf = srv.write_config()
     # Load the module through the installed snippet instead of the build tree.
     text = conf.read_text().replace(f"LoadModule gateway_module {MODULES}/mod_gateway.so", f"Include {confdir}/gateway.load")
@@ -73,9 +76,13 @@ def test_apache_install_to_another_layout_serves_requests(tmp_path):
     srv.write_config = lambda: conf
     with srv:
         assert srv.get("/app")[1] == b"Hello, world!"
+        assert srv.get("/d")[1] == b"Hello, world!"
+        daemons = subprocess.run(["pgrep", "-fx", r"\(gateway:g\)"], capture_output=True, text=True).stdout.split()
+        assert [os.readlink(f"/proc/{pid}/exe") for pid in daemons] == [str(moddir / "gateway-daemon")]
     r = make("uninstall-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (moddir / "mod_gateway.so").exists() and not (confdir / "gateway.load").exists()
+    assert not (moddir / "gateway-daemon").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/a2enmod").exists(), reason="needs root and Debian's apache2")
