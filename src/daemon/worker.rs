@@ -213,6 +213,15 @@ struct Conn {
     io: Arc<ConnIo>,
 }
 
+/// Open connections of this process (one daemon per process).
+static OPEN_CONNS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        OPEN_CONNS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Connections waiting for their next request, and whether the process drains.
 struct Parked {
     conns: HashMap<u64, Conn>,
@@ -249,6 +258,8 @@ struct Shared {
     accepting: AtomicBool,
     /// Whether the one-shot listener is armed in the epoll set.
     listener_armed: AtomicBool,
+    /// Set by the main thread when it arms the listener for an overflow connection.
+    overflow: AtomicBool,
     slots: Vec<Mutex<Option<Running>>>,
 }
 
@@ -261,15 +272,24 @@ fn epoll_ctl(epoll: RawFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::R
     Ok(())
 }
 
-/// The listener is one-shot: a process takes new connections only while it has
-/// an idle thread, so the connections of a busy server spread over the group's
-/// processes instead of piling up on the first one to wake.
+/// The listener is one-shot: a process takes new connections while it holds
+/// fewer than it has threads, so the persistent connections of a busy server
+/// spread evenly over the group's processes instead of piling up on the first
+/// one to wake. Beyond that (more connections than the group has threads), a
+/// process with an idle thread takes one after [`OVERFLOW_DELAY`], so that no
+/// connection waits unserved.
 const LISTENER_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
 const CONN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLONESHOT | libc::EPOLLRDHUP) as u32;
 
+const OVERFLOW_DELAY: Duration = Duration::from_millis(50);
+
 impl Shared {
-    fn has_idle_thread(&self, extra: usize) -> bool {
-        self.in_flight.load(Ordering::Acquire) + extra < self.options.threads as usize
+    fn has_idle_thread(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) < self.options.threads as usize
+    }
+
+    fn has_room(&self) -> bool {
+        OPEN_CONNS.load(Ordering::Acquire) < self.options.threads as usize
     }
 
     /// Re-arms the listener unless it is armed already or the process drains.
@@ -287,14 +307,15 @@ impl Shared {
         }
     }
 
-    /// Accepts new connections while this process has idle threads.
-    fn accept(&self) {
+    /// Accepts new connections while this process has room for them, or one
+    /// when `overflow` (see [`LISTENER_EVENTS`]).
+    fn accept(&self, overflow: bool) {
         self.listener_armed.store(false, Ordering::Release);
         let mut accepted = 0;
         loop {
-            if !self.has_idle_thread(accepted) {
-                // Busy: the next connection goes to another process; a thread that
-                // finishes a request re-arms the listener here.
+            if !self.has_room() && !(overflow && accepted == 0) {
+                // Full: the next connection goes to another process, or here later
+                // (the main thread re-arms the listener).
                 return;
             }
             // SAFETY: accepts on the inherited listener; the new descriptor is owned below.
@@ -307,10 +328,13 @@ impl Shared {
                 )
             };
             if fd < 0 {
-                self.arm_listener();
+                if self.has_room() {
+                    self.arm_listener();
+                }
                 return;
             }
             accepted += 1;
+            OPEN_CONNS.fetch_add(1, Ordering::AcqRel);
             // SAFETY: fd is a fresh connected socket.
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             if let Err(e) = self.open(stream) {
@@ -432,6 +456,7 @@ impl Daemon {
             drain_requested: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             listener_armed: AtomicBool::new(true),
+            overflow: AtomicBool::new(false),
             slots: (0..threads).map(|_| Mutex::new(None)).collect(),
         });
         for slot in 0..threads {
@@ -464,8 +489,13 @@ impl Daemon {
             },
         ];
         let mut draining_since: Option<Instant> = None;
+        let mut full_since: Option<Instant> = None;
         loop {
-            let timeout = if draining_since.is_some() { 20 } else { 1000 };
+            let timeout = if draining_since.is_some() {
+                20
+            } else {
+                OVERFLOW_DELAY.as_millis() as i32 / 2
+            };
             // SAFETY: polls two descriptors we own.
             unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
             let mut drain_why = None;
@@ -490,6 +520,7 @@ impl Daemon {
                 draining_since = Some(Instant::now());
             }
             let Some(since) = draining_since else {
+                self.take_overflow(&mut full_since);
                 continue;
             };
             let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
@@ -506,6 +537,28 @@ impl Daemon {
                 );
                 self.exit(0);
             }
+        }
+    }
+
+    /// Re-arms the listener when it is idle because this process is full: at
+    /// once when a connection closed, after [`OVERFLOW_DELAY`] for an overflow
+    /// connection if a thread is idle.
+    fn take_overflow(&self, full_since: &mut Option<Instant>) {
+        let shared = &self.shared;
+        if shared.listener_armed.load(Ordering::Acquire) {
+            *full_since = None;
+            return;
+        }
+        if shared.has_room() {
+            shared.arm_listener();
+            *full_since = None;
+            return;
+        }
+        let since = *full_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= OVERFLOW_DELAY && shared.has_idle_thread() {
+            shared.overflow.store(true, Ordering::Release);
+            shared.arm_listener();
+            *full_since = None;
         }
     }
 
@@ -567,7 +620,8 @@ fn request_thread(shared: &Shared, slot: usize) {
         }
         let token = event[0].u64;
         if token == TOKEN_LISTENER {
-            shared.accept();
+            let overflow = shared.overflow.swap(false, Ordering::AcqRel);
+            shared.accept(overflow);
             continue;
         }
         let Some(conn) = lock(&shared.parked).conns.remove(&token) else {
@@ -590,7 +644,7 @@ fn request_thread(shared: &Shared, slot: usize) {
             shared.park(conn);
         }
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if shared.has_idle_thread(0) {
+        if shared.has_room() {
             shared.arm_listener();
         }
     }
