@@ -313,7 +313,7 @@ impl Shared {
         self.listener_armed.store(false, Ordering::Release);
         let mut accepted = 0;
         loop {
-            if !self.has_room() && !(overflow && accepted == 0) {
+            if !(self.has_room() || overflow && accepted == 0) {
                 // Full: the next connection goes to another process, or here later
                 // (the main thread re-arms the listener).
                 return;
