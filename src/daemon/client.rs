@@ -492,3 +492,207 @@ impl Exchange<'_> {
         self.fail(resp, log, 502, &msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::python::Header;
+    use std::os::unix::net::UnixListener;
+
+    /// A response channel that records what it is given.
+    #[derive(Default)]
+    struct Recorded {
+        status: Option<u16>,
+        body: Vec<u8>,
+    }
+
+    impl ResponseChannel for Recorded {
+        fn start(&mut self, status: u16, _line: &str, _headers: &[Header]) -> io::Result<()> {
+            self.status = Some(status);
+            Ok(())
+        }
+        fn write(&mut self, data: &[u8], _flush: bool) -> io::Result<()> {
+            self.body.extend_from_slice(data);
+            Ok(())
+        }
+        fn send_file(&mut self, _: std::os::fd::RawFd, _: u64, _: u64) -> io::Result<()> {
+            unreachable!("the client never sends files")
+        }
+        fn abort(&mut self) {}
+        fn log(&self, _level: log::Level, _line: &str) {}
+    }
+
+    struct Bytes(Vec<u8>, usize);
+
+    impl RequestBody for Bytes {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len() - self.1).min(3);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+
+    fn endpoint(dir: &Path) -> Endpoint {
+        Endpoint {
+            group: "t".into(),
+            socket: dir.join("t.sock"),
+            run_dir: dir.to_path_buf(),
+            socket_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("gateway-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn app() -> AppSpec {
+        AppSpec {
+            file: PathBuf::from("/x.py"),
+            callable: "application".into(),
+        }
+    }
+
+    fn head() -> RequestHead<'static> {
+        RequestHead {
+            method: b"POST",
+            request_uri: b"/x",
+            ..Default::default()
+        }
+    }
+
+    /// A fake daemon: greets, then runs `serve` for each request frame on one connection.
+    fn fake_daemon(
+        listener: UnixListener,
+        serve: impl Fn(&mut UnixStream, &[u8]) + Send + 'static,
+    ) {
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut out = Vec::new();
+            protocol::put_with(&mut out, Kind::Hello, |e| {
+                e.u32(std::process::id());
+                e.str("t");
+            })
+            .unwrap();
+            stream.write_all(&out).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut payload = Vec::new();
+            while let Ok(Some((Kind::Request, _))) = protocol::read_frame(&mut reader, &mut payload)
+            {
+                serve(&mut stream, &payload);
+            }
+        });
+    }
+
+    /// Pulls the whole body in small pieces, answers with it.
+    fn echo(stream: &mut UnixStream, _request: &[u8]) {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut body = Vec::new();
+        let mut payload = Vec::new();
+        loop {
+            let mut pull = Vec::new();
+            protocol::put_frame(&mut pull, Kind::Pull, 0, &4u32.to_be_bytes());
+            stream.write_all(&pull).unwrap();
+            let (kind, _) = protocol::read_frame(&mut reader, &mut payload)
+                .unwrap()
+                .unwrap();
+            assert_eq!(kind, Kind::Body);
+            assert!(payload.len() <= 4);
+            if payload.is_empty() {
+                break;
+            }
+            body.extend_from_slice(&payload);
+        }
+        let mut out = Vec::new();
+        protocol::put_start(&mut out, 200, "200 OK", &[]).unwrap();
+        protocol::put_frame(&mut out, Kind::Data, 0, &body);
+        protocol::put_frame(&mut out, Kind::End, 0, &[0]);
+        stream.write_all(&out).unwrap();
+    }
+
+    #[test]
+    fn bodies_are_pulled_and_connections_reused() {
+        let dir = temp_dir("echo");
+        let ep = endpoint(&dir);
+        fake_daemon(UnixListener::bind(&ep.socket).unwrap(), echo);
+        // The fake daemon accepts one connection only: the second request must reuse it.
+        for text in [&b"hello, daemon"[..], b"again"] {
+            let mut resp = Recorded::default();
+            let reply = forward(
+                &ep,
+                &app(),
+                &head(),
+                true,
+                &mut Bytes(text.to_vec(), 0),
+                &mut resp,
+            );
+            assert_eq!(reply, Reply::Complete);
+            assert_eq!((resp.status, resp.body.as_slice()), (Some(200), text));
+        }
+    }
+
+    #[test]
+    fn nothing_listening_is_a_503() {
+        let dir = temp_dir("none");
+        let mut resp = Recorded::default();
+        let reply = forward(
+            &endpoint(&dir),
+            &app(),
+            &head(),
+            false,
+            &mut Bytes(vec![], 0),
+            &mut resp,
+        );
+        assert_eq!(reply, Reply::Status(503));
+        assert_eq!(resp.status, None);
+    }
+
+    #[test]
+    fn malformed_frames_are_a_502() {
+        let dir = temp_dir("garbage");
+        let ep = endpoint(&dir);
+        fake_daemon(UnixListener::bind(&ep.socket).unwrap(), |stream, _| {
+            // A response head whose status is out of range.
+            stream
+                .write_all(&[1, 5, 0, 0, 0, 0, 0, 2, 0xff, 0xff])
+                .unwrap();
+        });
+        let mut resp = Recorded::default();
+        let reply = forward(
+            &ep,
+            &app(),
+            &head(),
+            false,
+            &mut Bytes(vec![], 0),
+            &mut resp,
+        );
+        assert_eq!(reply, Reply::Status(502));
+    }
+
+    #[test]
+    fn a_daemon_that_hangs_up_mid_request_is_a_502() {
+        let dir = temp_dir("hangup");
+        let ep = endpoint(&dir);
+        fake_daemon(UnixListener::bind(&ep.socket).unwrap(), |stream, _| {
+            let mut out = Vec::new();
+            protocol::put_start(&mut out, 200, "200 OK", &[]).unwrap();
+            stream.write_all(&out).unwrap();
+            stream.shutdown(std::net::Shutdown::Both).unwrap();
+        });
+        let mut resp = Recorded::default();
+        let reply = forward(
+            &ep,
+            &app(),
+            &head(),
+            false,
+            &mut Bytes(vec![], 0),
+            &mut resp,
+        );
+        // The head went out already: the response is cut short rather than replaced.
+        assert_eq!(reply, Reply::Aborted);
+    }
+}

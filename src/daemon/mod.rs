@@ -1,16 +1,34 @@
 //! Daemon mode: applications run in process groups that the module spawns,
 //! supervises and talks to over Unix sockets. Server-neutral; a server plugs in
-//! with two calls:
+//! with a few calls:
 //!
-//! - in its master/parent process, once per configuration generation:
-//!   [`supervisor::start`] (spawns the supervisor and returns its [`supervisor::Lifeline`])
-//!   and [`client::set_endpoints`] (what its worker processes connect to);
-//! - on any thread of a worker process, per request: [`client::forward`].
+//! - In its master/parent process, once per configuration generation (start-up
+//!   and each reload), never for a configuration test:
+//!   1. build a [`supervisor::SupervisorConfig`] (server name, a run directory
+//!      unique to the master, the master's pid, the worker user's uid/gid, the
+//!      groups); [`supervisor::SupervisorConfig::check`] gives configuration-test
+//!      errors;
+//!   2. [`supervisor::start`] with the `gateway-daemon` executable found next to
+//!      the module: it returns once the sockets exist, with a
+//!      [`supervisor::Lifeline`] the master keeps (store its raw fd somewhere that
+//!      survives the reload);
+//!   3. close the previous generation's lifeline fd: its daemons drain while the
+//!      new ones already take new connections;
+//!   4. [`client::set_endpoints`] with [`supervisor::SupervisorConfig::endpoints`],
+//!      before the worker processes fork (they inherit it).
+//! - In each worker process at start: [`supervisor::close_inherited`] on the
+//!   lifeline fd, so that the master's death is seen at once.
+//! - Per request, on any thread of a worker process: [`client::endpoint`] by
+//!   group name, then [`client::forward`] with the request head, a
+//!   [`crate::python::RequestBody`] and a [`crate::python::ResponseChannel`]
+//!   (the same traits as embedded mode); it blocks until the response has been
+//!   relayed and returns a [`client::Reply`] saying how to finish the request.
 //!
 //! Parts: [`protocol`] (the wire format), [`client`] (the server side: a
 //! connection pool and request forwarding), [`supervisor`] (spawns, restarts and
 //! stops daemon processes), [`worker`] (a daemon process: Python, threads, the
-//! request loop). The last two run in the `gateway-daemon` executable.
+//! request loop), [`process`] (privileges, titles, signals). The supervisor and
+//! worker run in the `gateway-daemon` executable.
 
 pub mod client;
 pub mod process;
