@@ -12,6 +12,7 @@
 #include "http_log.h"
 #include "http_protocol.h"
 #include "http_request.h"
+#include "mpm_common.h"
 #include "apr_buckets.h"
 
 module AP_MODULE_DECLARE_DATA gateway_module;
@@ -38,6 +39,7 @@ int gateway_check_config(apr_pool_t *pconf, apr_pool_t *plog,
 int gateway_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                         apr_pool_t *ptemp, server_rec *s);
 void gateway_child_init(apr_pool_t *pchild, server_rec *s);
+int gateway_monitor(apr_pool_t *p, server_rec *s);
 int gateway_translate_name(request_rec *r);
 int gateway_handler(request_rec *r);
 
@@ -147,6 +149,7 @@ static void gateway_register_hooks(apr_pool_t *p)
     ap_hook_check_config(gateway_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(gateway_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(gateway_child_init, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_monitor(gateway_monitor, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_translate_name(gateway_translate_name, NULL, before_alias, APR_HOOK_MIDDLE);
     ap_hook_handler(gateway_handler, NULL, NULL, APR_HOOK_MIDDLE);
 }

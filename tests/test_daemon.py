@@ -275,6 +275,19 @@ def test_daemons_stop_with_the_server():
     assert not run_dir.exists(), list(run_dir.iterdir())
 
 
+def test_a_dead_supervisor_is_replaced():
+    title = f"gw-super-{token()}"
+    srv = daemon_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    with srv:
+        before = wait_for_pids(title, 2)
+        os.kill(parent_of(min(before)), signal.SIGKILL)
+        # Its daemons die with it; Apache's parent starts a new supervisor within seconds.
+        srv.wait_for_log("the daemon supervisor is gone (its lifeline broke); starting a new one", timeout=15)
+        after = wait_for_pids(title, 2, timeout=10)
+        assert not after & before
+        assert get_json(srv, "/who")["pid"] in after
+
+
 # --- Security ---
 
 def _connect_as(user, path):

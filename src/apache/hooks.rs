@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Mutex;
 
 use once_cell::sync::OnceCell;
 
@@ -27,6 +28,9 @@ static MAIN_SERVER: AtomicPtr<server_rec> = AtomicPtr::new(std::ptr::null_mut())
 /// child that only forwards to daemon groups never starts Python), or why it
 /// could not be.
 static PYTHON: OnceCell<Result<ServerInfo, String>> = OnceCell::new();
+
+/// What the current supervisor was started with, to start it again if it dies.
+static SUPERVISOR: Mutex<Option<(PathBuf, supervisor::SupervisorConfig)>> = Mutex::new(None);
 
 /// The key, in the process pool (which outlives restarts and this module), of
 /// the lifeline of the current daemon supervisor.
@@ -190,6 +194,7 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
     unsafe { *slot = -1 };
     if groups.is_empty() {
         client::set_endpoints(Vec::new());
+        *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = None;
     } else {
         let name = CString::new(format!("gateway-{}", std::process::id())).expect("no NUL");
         // SAFETY: returns a NUL-terminated path allocated in pconf.
@@ -200,11 +205,50 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
             .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
         unsafe { *slot = lifeline.into_raw_fd() };
         client::set_endpoints(config.endpoints());
+        *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some((exe, config));
     }
     if previous >= 0 {
         supervisor::close_inherited(previous);
     }
     Ok(())
+}
+
+/// Runs in the parent about once a second: if the supervisor died (its end of
+/// the lifeline is closed, so ours reports an error), starts a new one. Its
+/// daemons died with it; requests meanwhile wait in the sockets' queues or get
+/// a 503 if there is no socket.
+#[no_mangle]
+pub unsafe extern "C" fn gateway_monitor(_p: *mut apr_pool_t, s: *mut server_rec) -> c_int {
+    let slot = unsafe { lifeline_slot(s) };
+    let fd = unsafe { *slot };
+    if fd < 0 {
+        return DECLINED;
+    }
+    let mut polled = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: polls our own descriptor without waiting.
+    let n = unsafe { libc::poll(&mut polled, 1, 0) };
+    if n <= 0 || polled.revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+        return DECLINED;
+    }
+    let current = SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some((exe, config)) = current else {
+        return DECLINED;
+    };
+    log::error!("the daemon supervisor is gone (its lifeline broke); starting a new one");
+    match supervisor::start(&exe, &config) {
+        Ok(lifeline) => {
+            supervisor::close_inherited(fd);
+            unsafe { *slot = lifeline.into_raw_fd() };
+        }
+        Err(e) => {
+            log::error!("restarting the daemon supervisor failed (next try in a second): {e}")
+        }
+    }
+    DECLINED
 }
 
 #[no_mangle]
