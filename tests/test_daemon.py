@@ -193,6 +193,38 @@ def test_request_timeout_answers_504_logs_the_stack_and_spares_other_requests():
         assert get_json(srv, "/slow?s=0")["pid"] == pid
 
 
+def test_a_request_stuck_outside_python_recycles_the_process_gently():
+    title = f"gw-stuckc-{token()}"
+    srv = daemon_server([app("/sleeper", "sleeper"), app("/slow", "slow")],
+                        {"g": f"processes=1 threads=4 request-timeout=1 graceful-timeout=2 display-name={title}"})
+    with srv:
+        (pid,) = wait_for_pids(title, 1)
+        outcome = {}
+
+        def stuck():
+            start = time.monotonic()
+            resp, _ = srv.get("/sleeper?s=60", timeout=30)
+            outcome["stuck"] = (resp.status, time.monotonic() - start)
+
+        helper = threading.Thread(target=stuck)
+        helper.start()
+        # In flight when the process starts draining (at twice request-timeout).
+        time.sleep(1.7)
+        outcome["other"] = get_json(srv, "/slow?s=0.8", timeout=30)["pid"]
+        helper.join(timeout=30)
+        status, elapsed = outcome["stuck"]
+        assert status == 504 and elapsed < 3
+        # The process's other request was not cut; the stuck one made it recycle.
+        assert outcome["other"] == pid
+        log = srv.wait_for_log("is still stuck (outside Python code)")
+        assert f"daemon process {pid} of group 'g' draining: a request is stuck outside Python code" in log
+        deadline = time.monotonic() + 10
+        while pid in pids_by_title(title) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid not in pids_by_title(title)
+        assert get_json(srv, "/slow?s=0")["pid"] != pid
+
+
 def test_graceful_restart_under_load_fails_nothing():
     title = f"gw-graceful-{token()}"
     srv = daemon_server([app("/slow", "slow")], {"g": f"processes=2 threads=4 display-name={title}"})

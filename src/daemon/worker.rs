@@ -237,6 +237,14 @@ struct Running {
     timed_out: bool,
 }
 
+impl Running {
+    /// Whether the TimeoutError raised at request-timeout has not ended the
+    /// request one more request-timeout later: its thread does not run Python code.
+    fn stuck_outside_python(&self, limit: Duration) -> bool {
+        self.timed_out && self.started.elapsed() > 2 * limit
+    }
+}
+
 const TOKEN_LISTENER: u64 = 1;
 const FIRST_CONN: u64 = 16;
 
@@ -253,7 +261,8 @@ struct Shared {
     /// Requests being served.
     in_flight: AtomicUsize,
     served: AtomicU64,
-    drain_requested: AtomicBool,
+    /// Why a thread asked the main thread to drain the process.
+    drain_reason: Mutex<Option<String>>,
     /// Whether this process takes new connections at all (not once it drains).
     accepting: AtomicBool,
     /// Whether the one-shot listener is armed in the epoll set.
@@ -286,6 +295,14 @@ const OVERFLOW_DELAY: Duration = Duration::from_millis(50);
 impl Shared {
     fn has_idle_thread(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) < self.options.threads as usize
+    }
+
+    /// Asks the main thread to drain the process (from any thread).
+    fn request_drain(&self, why: String) {
+        lock(&self.drain_reason).get_or_insert(why);
+        let one = 1u64;
+        // SAFETY: writes the eventfd counter from a local.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
     fn has_room(&self) -> bool {
@@ -453,7 +470,7 @@ impl Daemon {
             next_id: AtomicU64::new(FIRST_CONN),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
-            drain_requested: AtomicBool::new(false),
+            drain_reason: Mutex::new(None),
             accepting: AtomicBool::new(true),
             listener_armed: AtomicBool::new(true),
             overflow: AtomicBool::new(false),
@@ -508,11 +525,8 @@ impl Daemon {
                 let mut v = 0u64;
                 // SAFETY: reads the eventfd counter into v.
                 unsafe { libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-                if self.shared.drain_requested.load(Ordering::Acquire) {
-                    drain_why = Some(format!(
-                        "max-requests={} reached",
-                        self.shared.options.max_requests
-                    ));
+                if let Some(why) = lock(&self.shared.drain_reason).clone() {
+                    drain_why = Some(why);
                 }
             }
             if let (Some(why), None) = (drain_why, draining_since) {
@@ -563,7 +577,11 @@ impl Daemon {
     }
 
     fn exit(&self, code: i32) -> ! {
-        interpreter::run_exit_handlers();
+        // A thread still stuck in a request may hold the GIL: atexit handlers then
+        // cannot run, and the process must end anyway.
+        if self.shared.in_flight.load(Ordering::Acquire) == 0 {
+            interpreter::run_exit_handlers();
+        }
         // SAFETY: ends the process without running Rust destructors under threads still running.
         unsafe { libc::_exit(code) }
     }
@@ -631,10 +649,7 @@ fn request_thread(shared: &Shared, slot: usize) {
         let mut keep = serve_one(shared, &conn, slot, &mut payload);
         let max = shared.options.max_requests;
         if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
-            shared.drain_requested.store(true, Ordering::Release);
-            let one = 1u64;
-            // SAFETY: writes the eventfd counter from a local.
-            unsafe { libc::write(shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            shared.request_drain(format!("max-requests={max} reached"));
         }
         // While draining, a request already waiting on the connection is still served.
         while keep && lock(&shared.parked).draining && has_pending_data(&conn) {
@@ -833,6 +848,25 @@ fn watchdog(shared: &Shared) {
         std::thread::sleep(Duration::from_millis(100));
         for slot in &shared.slots {
             let mut slot = lock(slot);
+            if slot.as_ref().is_some_and(|r| r.stuck_outside_python(limit)) {
+                // TimeoutError only fires when the thread runs Python code again: it is
+                // stuck in C (a long sleep, a blocking call). Replace the process the
+                // gentle way: its other requests finish, the stuck one is abandoned
+                // after graceful-timeout.
+                let (method, uri) = &slot.as_ref().expect("checked").line;
+                let msg = format!(
+                    "the thread of this request is still stuck (outside Python code) {}s after request-timeout; recycling daemon process {}",
+                    limit.as_secs(),
+                    std::process::id()
+                );
+                log::error!(
+                    "{}",
+                    request_line(method, uri, &msg).trim_start_matches("gateway: ")
+                );
+                slot.take();
+                shared.request_drain("a request is stuck outside Python code".into());
+                continue;
+            }
             let Some(running) = slot
                 .as_mut()
                 .filter(|r| !r.timed_out && r.started.elapsed() > limit)

@@ -75,3 +75,10 @@ def upload(environ, start_response):
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     return reply(start_response, {"length": total, "peak_kib": hwm, "pid": os.getpid()})
+
+
+def sleeper(environ, start_response):
+    """Sleeps ?s= seconds in one call: C code that an exception raised from
+    another thread cannot interrupt."""
+    time.sleep(float(query(environ).get("s", "30")))
+    return reply(start_response, {"pid": os.getpid()})
