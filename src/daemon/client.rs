@@ -108,6 +108,7 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
     }
     // SAFETY: fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let path = ep.socket.as_os_str().as_encoded_bytes();

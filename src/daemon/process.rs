@@ -100,6 +100,7 @@ fn last_error(what: &str) -> String {
 /// Looks up a user by name or number.
 pub fn lookup_user(user: &str) -> Result<Identity, String> {
     let name = CString::new(user).map_err(|_| format!("user name '{user}' contains NUL"))?;
+    // SAFETY: passwd is plain data; all zeroes is a valid value that getpwnam_r overwrites.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16384];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -133,6 +134,7 @@ pub fn lookup_user(user: &str) -> Result<Identity, String> {
 /// Looks up a group by name or number.
 pub fn lookup_group(group: &str) -> Result<u32, String> {
     let name = CString::new(group).map_err(|_| format!("group name '{group}' contains NUL"))?;
+    // SAFETY: group is plain data; all zeroes is a valid value that getgrnam_r overwrites.
     let mut gr: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16384];
     let mut result: *mut libc::group = std::ptr::null_mut();
@@ -281,6 +283,7 @@ pub fn close_from(first: RawFd) {
 /// # Safety
 /// Only in a child between fork and exec, with `fd` open.
 pub unsafe fn move_fd(fd: RawFd, target: RawFd) {
+    // SAFETY: fcntl/dup2 on descriptors the caller owns, per the contract above.
     unsafe {
         if fd == target {
             let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -297,6 +300,7 @@ pub unsafe fn move_fd(fd: RawFd, target: RawFd) {
 /// # Safety
 /// Only in a child between fork and exec.
 pub unsafe fn reset_signals() {
+    // SAFETY: async-signal-safe calls on a signal set we own, per the contract above.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -341,6 +345,7 @@ pub fn signal_fd(signals: &[i32]) -> io::Result<RawFd> {
 pub fn read_signals(fd: RawFd) -> Vec<i32> {
     let mut out = Vec::new();
     loop {
+        // SAFETY: signalfd_siginfo is plain data; all zeroes is a valid value.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reads one siginfo into a buffer of its size.
