@@ -80,7 +80,7 @@ pub extern "C" fn gateway_pre_config(
 
 /// The daemon executable: installed next to this module.
 fn daemon_executable() -> Result<PathBuf, String> {
-    // SAFETY: Dl_info is plain data that dladdr fills in.
+    // SAFETY: Dl_info is plain data; all zeroes is a valid value that dladdr overwrites.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: dladdr looks up the object that holds one of this module's functions.
     let found = unsafe { libc::dladdr(gateway_pre_config as *const c_void, &mut info) } != 0;
@@ -189,6 +189,8 @@ unsafe fn lifeline_slot(s: *mut server_rec) -> *mut c_int {
 /// In the parent's post_config, with its live pool and server.
 unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<(), String> {
     let groups: Vec<_> = parsed().groups.iter().map(|(g, _)| g.clone()).collect();
+    // SAFETY: s is the live main server; the slot is an int in its process pool,
+    // touched only by the parent's single thread.
     let slot = unsafe { lifeline_slot(s) };
     let previous = unsafe { *slot };
     unsafe { *slot = -1 };
@@ -203,6 +205,7 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
         let exe = daemon_executable()?;
         let lifeline = supervisor::start(&exe, &config)
             .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
+        // SAFETY: as above.
         unsafe { *slot = lifeline.into_raw_fd() };
         client::set_endpoints(config.endpoints());
         *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some((exe, config));
@@ -219,6 +222,7 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
 /// a 503 if there is no socket.
 #[no_mangle]
 pub unsafe extern "C" fn gateway_monitor(_p: *mut apr_pool_t, s: *mut server_rec) -> c_int {
+    // SAFETY: httpd passes the live main server, in the parent's single thread.
     let slot = unsafe { lifeline_slot(s) };
     let fd = unsafe { *slot };
     if fd < 0 {
@@ -242,6 +246,7 @@ pub unsafe extern "C" fn gateway_monitor(_p: *mut apr_pool_t, s: *mut server_rec
     match supervisor::start(&exe, &config) {
         Ok(lifeline) => {
             supervisor::close_inherited(fd);
+            // SAFETY: as above.
             unsafe { *slot = lifeline.into_raw_fd() };
         }
         Err(e) => {
@@ -301,6 +306,7 @@ fn mpm_query(code: u32) -> c_int {
 pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut server_rec) {
     // Only the parent keeps the supervisor's lifeline, so that its death (even by
     // kill -9) ends the daemons at once.
+    // SAFETY: httpd passes the live main server; the slot was copied into this child by fork.
     let lifeline = unsafe { *lifeline_slot(s) };
     if lifeline >= 0 {
         supervisor::close_inherited(lifeline);
