@@ -27,7 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ RUN_USER = "www-data"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 UWSGI_PLUGINS = Path("/usr/lib/uwsgi/plugins")
 MIB = 1024 * 1024
+DEFAULT_MODULES = ROOT / "target" / "modules"
 
 
 # --------------------------------------------------------------------------- workloads
@@ -49,7 +51,7 @@ class Workload:
     name: str
     title: str
     path: str
-    check: object  # callable(bytes) -> bool: the response body is the expected one
+    check: Callable[[bytes], bool]  # is the response body the expected one?
     method: str = "GET"
     upload_size: int = 0
     static: bytes | None = None  # content of the equivalent static file, for the ceilings
@@ -202,7 +204,7 @@ class Service:
             stat = read_stat(pid)
             if stat and stat[3] == start:
                 live[pid] = start
-        return [pid for pid in live if pid != os.getpid()]
+        return list(live)
 
 
 def wait_until(predicate, timeout: float, what: str, services=()):
@@ -514,7 +516,8 @@ class NginxConfig(Config):
         locations = "\n".join("        " + line for line in self.locations())
         http_extra = "\n".join("    " + line for line in self.http_directives())
         conf = self.dir / "nginx.conf"
-        conf.write_text(f"""{chr(10).join(self.main_directives())}
+        main = "\n".join(self.main_directives())
+        conf.write_text(f"""{main}
 daemon off;
 master_process on;
 worker_processes {e.processes};
@@ -889,8 +892,11 @@ def summary(cell: dict) -> dict | None:
     rounds = cell["rounds"]
     if not rounds:
         return None
-    med = lambda key: statistics.median(x[key] for x in rounds if x[key] is not None) \
-        if any(x[key] is not None for x in rounds) else None  # noqa: E731
+
+    def med(key):
+        values = [x[key] for x in rounds if x[key] is not None]
+        return statistics.median(values) if values else None
+
     return {"rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
             "errors": sum(x["errors"] for x in rounds),
             "error_kinds": {k: sum(x["error_kinds"][k] for x in rounds) for k in rounds[0]["error_kinds"]},
@@ -1039,7 +1045,8 @@ def gather_facts(env: Env) -> dict:
         ("Flask", first([py, "-c", flask])),
         ("Python", first([py, "-c", "import platform; print(platform.python_version())"])),
         ("wrk", first(["wrk", "-v"], r"wrk (\S+)")),
-        ("Gateway", first(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])),
+        ("Gateway", first(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
+         + ("" if env.modules == DEFAULT_MODULES else " (modules from another directory, --modules)")),
     ]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1076,7 +1083,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 round, 1 s per measurement, no warm-up (about 2 minutes)")
+                   help="smoke run: 1 round, 1 s per measurement, no warm-up (1-2 minutes)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
     p.add_argument("--duration", type=int, help="seconds per measurement (default 4)")
     p.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 1)")
@@ -1086,7 +1093,7 @@ def parse_args(argv):
     p.add_argument("--only", help="comma-separated configuration names (default: all); see --list")
     p.add_argument("--workloads", help="comma-separated workload names (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list configurations and workloads, then exit")
-    p.add_argument("--modules", type=Path, default=ROOT / "target" / "modules",
+    p.add_argument("--modules", type=Path, default=DEFAULT_MODULES,
                    help="where the Gateway modules are (default: target/modules of this checkout)")
     p.add_argument("--venv", type=Path, default=Path(os.environ.get("GATEWAY_BENCH_VENV", "/var/tmp/gateway-bench-venv")),
                    help="virtualenv with Flask and gunicorn, readable by www-data (bench/run makes it)")
@@ -1150,7 +1157,7 @@ def main(argv=None) -> int:
             configs.append(c)
 
     runs = sum(len([w for w in workloads if w.name in c.workloads]) for c in configs)
-    estimate = args.rounds * (runs * (args.duration + args.warmup + 1) + len(configs) * 4)
+    estimate = int(args.rounds * (runs * (args.duration + args.warmup + 0.3) + len(configs) * 2))
     limit = args.time_limit or max(600, 2 * estimate)
     log(f"bench: {len(configs)} configurations, {len(workloads)} workloads, {args.rounds} round(s): "
         f"about {estimate // 60} min {estimate % 60} s (hard limit {limit} s)")
