@@ -271,7 +271,7 @@ class Config:
         self.services: list[Service] = []
 
     def missing(self) -> str | None:
-        """Why this configuration cannot run here ("not built: ...", "not installed: ..."), or None."""
+        """Why this configuration cannot run here ("not built (...)", "not installed (...)"), or None."""
         return None
 
     def start(self):
@@ -772,7 +772,8 @@ class Bench:
 
     def wrk(self, config: Config, w: Workload, seconds: int) -> str:
         url = self.url(config, w)
-        assert url.startswith(f"http://{LOOPBACK}:"), url  # loopback only, whatever happens
+        if not url.startswith(f"http://{LOOPBACK}:"):
+            raise RuntimeError(f"refusing to load a non-loopback address: {url}")
         argv = ["wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
         if w.name in self.scripts:
             argv += ["-s", str(self.scripts[w.name])]
@@ -1059,8 +1060,8 @@ def gather_facts(env: Env) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """A signal or the time limit: not an error of the configuration being measured."""
 
 
 def on_signal(signum, frame):
