@@ -188,7 +188,7 @@ class Service:
             leftovers = self.survivors()
         killed = []
         for pid in leftovers:
-            killed.append(f"{pid} ({cmdline(pid) or exe_name(pid)})")
+            killed.append(f"{pid} ({exe_name(pid) or 'unknown'})")
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -823,8 +823,18 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_rounds(bench: Bench, configs: list[Config], workloads: list[Workload], rounds: int, results: dict):
-    """Fills results[config][workload] = {"rounds": [...], "failure": str|None}."""
+def stop(config: Config, notes: list[str]):
+    leftovers = config.stop()
+    if leftovers:
+        note = f"{config.label}: processes still running after the server stopped were killed: {', '.join(leftovers)}"
+        log(f"  warning: {note}")
+        notes.append(note)
+
+
+def run_rounds(bench: Bench, configs: list[Config], workloads: list[Workload], rounds: int, results: dict,
+               notes: list[str]):
+    """Fills results[config][workload] = {"rounds": [...], "failure": str|None}, and notes
+    with anything the reader should know about (processes left behind)."""
     results.update({c.name: {w.name: {"rounds": [], "failure": None} for w in workloads} for c in configs})
     for r in range(rounds):
         # Rotate the order each round so no configuration always runs first or last.
@@ -842,7 +852,7 @@ def run_rounds(bench: Bench, configs: list[Config], workloads: list[Workload], r
                 log(f"  {reason}\n{config.logs()}")
                 for w in todo:
                     results[config.name][w.name]["failure"] = reason
-                config.stop()
+                stop(config, notes)
                 continue
             try:
                 for w in todo:
@@ -858,9 +868,7 @@ def run_rounds(bench: Bench, configs: list[Config], workloads: list[Workload], r
                         f"p99 {fmt_ms(m['p99_ms'])} ms  errors {m['errors']}  "
                         f"python RSS {m['rss_total'] / MIB:.1f} MiB in {m['python_processes']} processes")
             finally:
-                leftovers = config.stop()
-            if leftovers:
-                log(f"  warning: processes still running after stop were killed: {', '.join(leftovers)}")
+                stop(config, notes)
 
 
 def first_line(exc) -> str:
@@ -906,7 +914,7 @@ def summary(cell: dict) -> dict | None:
             "python_processes": max(x["python_processes"] for x in rounds), "rounds": len(rounds)}
 
 
-def report(args, env: Env, configs: list[Config], skipped: dict, workloads, results, facts,
+def report(args, env: Env, configs: list[Config], skipped: dict, workloads, results, facts, notes,
            interrupted: str | None = None) -> str:
     out = ["# Gateway benchmark", ""]
     if interrupted:
@@ -996,6 +1004,8 @@ def report(args, env: Env, configs: list[Config], skipped: dict, workloads, resu
         title = next(w.title for w in WORKLOADS if w.name == wname)
         out.append(f"- memory, peak RSS of one daemon process ({title}): " + "; ".join(parts))
     out.append("")
+    if notes:
+        out += ["## Notes", "", *[f"- {note}" for note in notes], ""]
     return "\n".join(out)
 
 
@@ -1166,12 +1176,12 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
         signal.signal(sig, on_signal)
     signal.alarm(limit)
-    results, interrupted = {}, None
+    results, notes, interrupted = {}, [], None
     try:
         prepare_workdir(env)
         facts = gather_facts(env)
         bench = Bench(args, env)
-        run_rounds(bench, configs, workloads, args.rounds, results)
+        run_rounds(bench, configs, workloads, args.rounds, results, notes)
     except Interrupted as exc:
         interrupted = str(exc)
         log(f"bench: {exc}; cleaning up")
@@ -1192,13 +1202,13 @@ def main(argv=None) -> int:
             for cell in results[c.name].values():
                 if not cell["rounds"] and not cell["failure"]:
                     cell["failure"] = "not run (interrupted)"
-    text = report(args, env, configs, skipped, workloads, results, facts, interrupted)
+    text = report(args, env, configs, skipped, workloads, results, facts, notes, interrupted)
     print(text)
     if args.output:
         args.output.write_text(text)
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results}, indent=1))
+                                         "results": results, "notes": notes}, indent=1))
     return 130 if interrupted else 0
 
 
