@@ -583,6 +583,8 @@ class NginxUwsgi(NginxConfig):
         self.socket = self.dir / "uwsgi.sock"
         ini = self.dir / "uwsgi.ini"
         mounts = "\n".join(f"mount = {prefix}={self.app(prefix)}" for prefix in MOUNTS)
+        # single-interpreter: all mounts share one interpreter, as with mod_wsgi's
+        # %{GLOBAL} application group and Gateway (uWSGI would give each its own).
         ini.write_text(f"""[uwsgi]
 plugins = python3
 master = true
@@ -597,6 +599,7 @@ virtualenv = {e.venv}
 chdir = {e.apps}
 {mounts}
 manage-script-name = true
+single-interpreter = true
 need-app = true
 die-on-term = true
 disable-logging = true
