@@ -131,6 +131,21 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def open_files(pid: int) -> set[str]:
+    """What the process's file descriptors point to (paths, "pipe:[N]", "socket:[N]")."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
+    targets = set()
+    for fd in fds:
+        try:
+            targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
 def rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -153,6 +168,7 @@ class Service:
         self.cwd = cwd
         self.proc = None
         self.seen: dict[int, int] = {}  # every pid (-> starttime) observed in its family
+        self.adopted: dict[int, int] = {}  # pid -> starttime of processes that left its session
 
     def start(self):
         with open(self.log, "ab") as out:
@@ -162,19 +178,40 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def roots(self) -> list[int]:
+        live = [pid for pid, start in self.adopted.items() if (read_stat(pid) or (0, 0, 0, -1))[3] == start]
+        return [self.proc.pid, *live]
+
     def members(self) -> dict:
+        """Every live process of the service, adopted ones and their children included."""
         if self.proc is None:
             return {}
-        found = family([self.proc.pid])
+        found = family(self.roots())
         self.seen.update(found)
         return found
+
+    def adopt(self):
+        """Finds processes that left the service's session (a supervisor that daemonised
+        with setsid and was re-parented to init) but still share a pipe or socket with it,
+        or hold a file open in its directory: they are measured and stopped with it."""
+        members = self.members()
+        shared = set()
+        for pid in members:
+            shared |= {t for t in open_files(pid) if t.startswith(("pipe:", "socket:"))}
+        inside = f"{self.log.parent}/"
+        for pid, stat in process_table().items():
+            if pid in members or pid == os.getpid():
+                continue
+            targets = open_files(pid)
+            if targets & shared or any(t.startswith(inside) for t in targets):
+                self.adopted[pid] = stat[3]
 
     def stop(self, timeout: float = 15.0) -> list[str]:
         """Stops the service; returns descriptions of processes that outlived it and
         had to be killed."""
         if self.proc is None:
             return []
-        self.members()
+        self.adopt()  # before the stop signal, while everything still runs
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(self.stop_signal)
@@ -199,7 +236,7 @@ class Service:
         return killed
 
     def survivors(self) -> list[int]:
-        live = family([self.proc.pid])
+        live = family(self.roots())
         for pid, start in self.seen.items():
             stat = read_stat(pid)
             if stat and stat[3] == start:
@@ -280,6 +317,11 @@ class Config:
         self.port = free_port()
         self.launch()
         wait_until(lambda: port_open(self.port), 30, f"{self.label} to listen on port {self.port}", self.services)
+        self.adopt()
+
+    def adopt(self):
+        for s in self.services:
+            s.adopt()
 
     def launch(self):
         raise NotImplementedError
@@ -809,6 +851,7 @@ class Bench:
 
     def measure(self, config: Config, w: Workload) -> dict:
         self.check(config, w)
+        config.adopt()  # daemons may start with the first request
         if self.args.warmup:
             self.wrk(config, w, self.args.warmup)
         sampler = RssSampler(config)
