@@ -190,20 +190,19 @@ class Service:
         self.seen.update(found)
         return found
 
-    def adopt(self):
+    def adopt(self, others=frozenset()):
         """Finds processes that left the service's session (a supervisor that daemonised
         with setsid and was re-parented to init) but still share a pipe or socket with it,
-        or hold a file open in its directory: they are measured and stopped with it."""
+        or hold its output file (inherited stdout): they are measured and stopped with it.
+        `others` are processes of other services, never adopted."""
         members = self.members()
-        shared = set()
+        shared = {str(self.log)}
         for pid in members:
             shared |= {t for t in open_files(pid) if t.startswith(("pipe:", "socket:"))}
-        inside = f"{self.log.parent}/"
         for pid, stat in process_table().items():
-            if pid in members or pid == os.getpid():
+            if pid in members or pid in others or pid == os.getpid():
                 continue
-            targets = open_files(pid)
-            if targets & shared or any(t.startswith(inside) for t in targets):
+            if open_files(pid) & shared:
                 self.adopted[pid] = stat[3]
 
     def stop(self, timeout: float = 15.0) -> list[str]:
@@ -211,7 +210,7 @@ class Service:
         had to be killed."""
         if self.proc is None:
             return []
-        self.adopt()  # before the stop signal, while everything still runs
+        self.members()  # before the stop signal, so everything running is known
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(self.stop_signal)
@@ -321,12 +320,17 @@ class Config:
 
     def adopt(self):
         for s in self.services:
-            s.adopt()
+            others = set()
+            for other in self.services:
+                if other is not s:
+                    others |= set(other.members())
+            s.adopt(others)
 
     def launch(self):
         raise NotImplementedError
 
     def stop(self) -> list[str]:
+        self.adopt()  # while everything still runs
         leftovers = []
         for s in reversed(self.services):
             leftovers += s.stop()
