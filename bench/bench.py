@@ -992,7 +992,7 @@ def report(args, env: Env, configs: list[Config], skipped: dict, workloads, resu
     all_configs = [(c, None) for c in configs] + [(c, reason) for c, reason in skipped.items()]
     order = {cls.name: i for i, cls in enumerate(CONFIGS)}
     all_configs.sort(key=lambda item: order[item[0].name])
-    summaries = {c.name: {w.name: summary(results[c.name][w.name]) for w in workloads if w.name in results.get(c.name, {})}
+    summaries = {c.name: {name: summary(cell) for name, cell in results.get(c.name, {}).items()}
                  for c in configs}
     for w in workloads:
         peers = [summaries[c.name][w.name]["rps"] for c in configs
@@ -1039,7 +1039,8 @@ def report(args, env: Env, configs: list[Config], skipped: dict, workloads, resu
         a, b = hello(ours), hello(peer)
         if a and b:
             ratio = a["rps"] / b["rps"]
-            line += f"measured {ratio:.2f}x ({a['rps']:.0f} vs {b['rps']:.0f} req/s) — {'met' if ratio >= goal else 'NOT met'}"
+            verdict = "met" if ratio >= goal else "NOT met"
+            line += f"measured {ratio:.2f}x ({a['rps']:.0f} vs {b['rps']:.0f} req/s) — {verdict}"
         else:
             line += "not measured (" + "; ".join(why_missing(n) for n, s in ((ours, a), (peer, b)) if not s) + ")"
         out.append(line)
@@ -1156,7 +1157,8 @@ def parse_args(argv):
     p.add_argument("--list", action="store_true", help="list configurations and workloads, then exit")
     p.add_argument("--modules", type=Path, default=DEFAULT_MODULES,
                    help="where the Gateway modules are (default: target/modules of this checkout)")
-    p.add_argument("--venv", type=Path, default=Path(os.environ.get("GATEWAY_BENCH_VENV", "/var/tmp/gateway-bench-venv")),
+    default_venv = os.environ.get("GATEWAY_BENCH_VENV", "/var/tmp/gateway-bench-venv")
+    p.add_argument("--venv", type=Path, default=Path(default_venv),
                    help="virtualenv with Flask and gunicorn, readable by www-data (bench/run makes it)")
     p.add_argument("--output", type=Path, help="also write the Markdown report to this file")
     p.add_argument("--json", type=Path, help="write every raw measurement to this file")
