@@ -2,6 +2,7 @@
 #
 #   make                 both modules (mod_gateway.so, ngx_http_gateway_module.so)
 #   make apache          only mod_gateway.so
+#   make nginx           only ngx_http_gateway_module.so (needs nginx-dev)
 #   make test            the test suite against the real servers
 #   make demo            a demo application served by Apache on localhost
 #
@@ -19,11 +20,13 @@ PY_LIBS := -L$(PY_LIBDIR) -Wl,-rpath,$(PY_LIBDIR) -lpython$(PY_LDVERSION)
 SYS_LIBS := -lpthread -ldl -lm -lutil -lgcc_s -lc
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all apache test demo check-python clean FORCE
+.PHONY: all apache nginx test demo check-python clean FORCE
 
-all: apache
+all: apache nginx
 
 apache: $(MODULES)/mod_gateway.so
+
+nginx: $(MODULES)/ngx_http_gateway_module.so
 
 check-python:
 	@test -x "$(PYTHON)" || { echo "error: $(PYTHON) not found: install python3-dev or set PYTHON=/path/to/python3" >&2; exit 1; }
@@ -37,6 +40,15 @@ $(MODULES)/mod_gateway.so: check-python FORCE
 	@mkdir -p $(MODULES)
 	$(CC) -shared -o $@ -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
 		target/apache/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+
+# nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
+# (the generated module list that build.rs compiles into the staticlib).
+$(MODULES)/ngx_http_gateway_module.so: check-python FORCE
+	$(CARGO) build --release --features nginx --target-dir target/nginx
+	@mkdir -p $(MODULES)
+	$(CC) -shared -o $@ -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
+		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
+		target/nginx/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
 
 test: all
 	tests/run

@@ -1,0 +1,712 @@
+//! One embedded request. On the event loop: read the body, take a snapshot of what
+//! the application needs, hand it to a Python thread, and send the response pieces
+//! the thread queues, waiting for the client when it reads slowly. On the Python
+//! thread: run the application with a body and a response that never touch nginx.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::config::{LocConfig, Mount};
+use super::exchange::{Exchange, Piece};
+use super::ffi::*;
+use super::runtime::{self, log_line};
+use crate::common::cgi::RequestHead;
+use crate::common::log::request_line;
+use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
+
+/// Response bytes handed to nginx but not yet sent before the loop stops taking
+/// more from the application and waits for the client.
+const SEND_HIGH_WATER: usize = 256 * 1024;
+
+/// Marks the buffers this module gives nginx, so they can be recycled.
+static BUF_TAG: u8 = 0;
+
+fn tag() -> ngx_buf_tag_t {
+    (&BUF_TAG as *const u8).cast_mut().cast()
+}
+
+fn ngx_int(v: i32) -> ngx_int_t {
+    v as ngx_int_t
+}
+
+/// Logs a line about request `r` (loop thread).
+unsafe fn log_request(r: *mut ngx_http_request_t, level: log::Level, msg: &str) {
+    // SAFETY: r is live; its method and URI are pool strings.
+    let line = unsafe { request_line(str_bytes(&(*r).method_name), str_bytes(&(*r).unparsed_uri), msg) };
+    log_line(level, &line);
+}
+
+/// The content handler: reads the body, then continues in [`gateway_body_read`].
+#[no_mangle]
+pub unsafe extern "C" fn gateway_handle_request(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
+    match catch_unwind(AssertUnwindSafe(|| unsafe { handle(r, lcf) })) {
+        Ok(rc) => rc,
+        Err(_) => {
+            unsafe { log_request(r, log::Level::Error, "internal error (panic) while serving this request") };
+            ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
+        }
+    }
+}
+
+unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
+    // SAFETY: the shim passes this location's record.
+    let Some(mount) = (unsafe { lcf.cast::<LocConfig>().as_ref() }).and_then(|c| c.mount.clone()) else {
+        return ngx_int(NGX_DECLINED);
+    };
+    if let Err(why) = runtime::runtime() {
+        unsafe { log_request(r, log::Level::Error, &format!("Python is not available in this worker: {why}")) };
+        return ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32);
+    }
+    let exchange = Arc::new(Exchange::default());
+    let state = Box::new(LoopState {
+        r,
+        mount,
+        exchange: exchange.clone(),
+        free: std::ptr::null_mut(),
+        busy: std::ptr::null_mut(),
+        in_flight: VecDeque::new(),
+        header_sent: false,
+        header_only: false,
+        detached: false,
+    });
+    // SAFETY: r is live; the cleanup owns the state until the request's pool goes.
+    unsafe {
+        let cln = ngx_pool_cleanup_add((*r).pool, 0);
+        if cln.is_null() {
+            return ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32);
+        }
+        let state = Box::into_raw(state);
+        (*cln).handler = Some(request_gone);
+        (*cln).data = state.cast();
+        exchange.loop_state.store(state.cast(), Ordering::Relaxed);
+        gateway_ngx_set_ctx(r, state.cast());
+        let rc = ngx_http_read_client_request_body(r, Some(gateway_body_read));
+        if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+            return rc;
+        }
+    }
+    ngx_int(NGX_DONE)
+}
+
+/// The loop's side of one request. Lives in the request's pool (see
+/// [`request_gone`]), so the response bytes nginx still points to outlive it.
+struct LoopState {
+    r: *mut ngx_http_request_t,
+    mount: Arc<Mount>,
+    exchange: Arc<Exchange>,
+    free: *mut ngx_chain_t,
+    busy: *mut ngx_chain_t,
+    /// Buffers given to nginx, in order, with the memory they point to.
+    in_flight: VecDeque<(*mut ngx_buf_t, Option<Vec<u8>>)>,
+    header_sent: bool,
+    header_only: bool,
+    /// The request was finalized: nothing more goes to nginx.
+    detached: bool,
+}
+
+/// Bytes of a buffer nginx has not sent yet.
+unsafe fn unsent(b: *const ngx_buf_t) -> usize {
+    // SAFETY: b is a live buffer of the request's pool.
+    unsafe {
+        if (*b).in_file() != 0 && (*b).memory() == 0 {
+            ((*b).file_last - (*b).file_pos) as usize
+        } else {
+            (*b).last.offset_from((*b).pos) as usize
+        }
+    }
+}
+
+/// Pool cleanup: the request is over on the nginx side.
+unsafe extern "C" fn request_gone(data: *mut c_void) {
+    // SAFETY: data is the state boxed in handle(); the pool runs this once.
+    let state = unsafe { Box::from_raw(data.cast::<LoopState>()) };
+    let _ = state.exchange.loop_state.compare_exchange(data, std::ptr::null_mut(), Ordering::Relaxed, Ordering::Relaxed);
+    state.exchange.set_gone();
+}
+
+/// The body is read: snapshot the request and hand it to a Python thread.
+unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
+    // SAFETY: r is live and its ctx is the state set in handle().
+    let state = unsafe { gateway_ngx_get_ctx(r).cast::<LoopState>() };
+    if state.is_null() {
+        unsafe { ngx_http_finalize_request(r, ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)) };
+        return;
+    }
+    let state = unsafe { &mut *state };
+    let started = catch_unwind(AssertUnwindSafe(|| unsafe { dispatch(r, state) }));
+    let rc = match started {
+        Ok(Ok(())) => return,
+        Ok(Err(rc)) => rc,
+        Err(_) => {
+            unsafe { log_request(r, log::Level::Error, "internal error (panic) while starting this request") };
+            ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
+        }
+    };
+    unsafe { finish(state, rc) };
+}
+
+unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<(), ngx_int_t> {
+    // SAFETY: r is live on the loop thread for the whole call.
+    unsafe {
+        (*r).write_event_handler = Some(gateway_write_ready);
+    }
+    let snapshot = unsafe { Snapshot::take(r) };
+    let body = unsafe { body_segments(r) }.map_err(|e| {
+        unsafe { log_request(r, log::Level::Error, &format!("cannot pass the request body on: {e}")) };
+        ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
+    })?;
+    let mount = state.mount.clone();
+    let exchange = state.exchange.clone();
+    let job = Box::new(move |info: &ServerInfo| {
+        let head = snapshot.head(&mount);
+        let response = NginxResponse { exchange: exchange.clone() };
+        let request = Request { head, body: Box::new(NginxBody { segments: body, offset: 0 }), response: Box::new(response) };
+        let outcome = wsgi::run(&mount.app, info, request);
+        let _ = exchange.push(Piece::End(outcome), runtime::wake);
+    });
+    let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
+    rt.submit(job).map_err(|why| {
+        unsafe { log_request(r, log::Level::Error, &format!("cannot run the application: {why}")) };
+        ngx_int(NGX_HTTP_SERVICE_UNAVAILABLE as i32)
+    })
+}
+
+/// What the application sees of the request, copied out of nginx's memory so that
+/// the Python thread never reads the request while the loop may free it.
+struct Snapshot {
+    bytes: Vec<u8>,
+    method: Range<usize>,
+    path: Range<usize>,
+    query: Range<usize>,
+    request_uri: Range<usize>,
+    protocol: Range<usize>,
+    server_name: Range<usize>,
+    server_addr: Range<usize>,
+    remote_addr: Range<usize>,
+    user: Option<Range<usize>>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    server_port: u16,
+    remote_port: u16,
+    https: bool,
+}
+
+impl Snapshot {
+    fn add(bytes: &mut Vec<u8>, s: &[u8]) -> Range<usize> {
+        let start = bytes.len();
+        bytes.extend_from_slice(s);
+        start..bytes.len()
+    }
+
+    /// # Safety
+    /// `r` must be a live request on the loop thread.
+    unsafe fn take(r: *mut ngx_http_request_t) -> Snapshot {
+        unsafe {
+            let c = (*r).connection;
+            let hin = &(*r).headers_in;
+            let mut bytes = Vec::with_capacity(1024);
+            let add = Snapshot::add;
+            let method = add(&mut bytes, str_bytes(&(*r).method_name));
+            let path = add(&mut bytes, str_bytes(&(*r).uri));
+            let query = add(&mut bytes, str_bytes(&(*r).args));
+            let request_uri = add(&mut bytes, str_bytes(&(*r).unparsed_uri));
+            let protocol = add(&mut bytes, str_bytes(&(*r).http_protocol));
+            let host = str_bytes(&hin.server);
+            let server_name = if host.is_empty() {
+                add(&mut bytes, str_bytes(&(*gateway_ngx_core_srv_conf(r)).server_name))
+            } else {
+                add(&mut bytes, host)
+            };
+            let mut text = [0u8; 256];
+            let mut local = ngx_str_t { len: text.len(), data: text.as_mut_ptr() };
+            let server_addr = if ngx_connection_local_sockaddr(c, &mut local, 0) == NGX_OK as ngx_int_t {
+                add(&mut bytes, str_bytes(&local))
+            } else {
+                add(&mut bytes, b"")
+            };
+            let server_port = if (*c).local_sockaddr.is_null() { 0 } else { ngx_inet_get_port((*c).local_sockaddr) };
+            let remote_addr = add(&mut bytes, str_bytes(&(*c).addr_text));
+            let remote_port = ngx_inet_get_port((*c).sockaddr);
+            let user = (hin.user.len > 0).then(|| add(&mut bytes, str_bytes(&hin.user)));
+            let mut headers = Vec::with_capacity(16);
+            let mut part: *const ngx_list_part_t = &hin.headers.part;
+            while !part.is_null() {
+                let elts = std::slice::from_raw_parts((*part).elts.cast::<ngx_table_elt_t>(), (*part).nelts);
+                for h in elts {
+                    let name = add(&mut bytes, str_bytes(&h.key));
+                    let value = add(&mut bytes, str_bytes(&h.value));
+                    headers.push((name, value));
+                }
+                part = (*part).next;
+            }
+            Snapshot {
+                bytes,
+                method,
+                path,
+                query,
+                request_uri,
+                protocol,
+                server_name,
+                server_addr,
+                remote_addr,
+                user,
+                headers,
+                server_port,
+                remote_port,
+                https: !(*c).ssl.is_null(),
+            }
+        }
+    }
+
+    fn head<'a>(&'a self, mount: &'a Mount) -> RequestHead<'a> {
+        let b = |r: &Range<usize>| &self.bytes[r.clone()];
+        let (script_name, path_info) = mount.split(b(&self.path));
+        RequestHead {
+            method: b(&self.method),
+            script_name,
+            path_info,
+            query_string: b(&self.query),
+            request_uri: b(&self.request_uri),
+            protocol: b(&self.protocol),
+            server_name: b(&self.server_name),
+            server_port: self.server_port,
+            server_addr: b(&self.server_addr),
+            remote_addr: b(&self.remote_addr),
+            remote_port: self.remote_port,
+            https: self.https,
+            remote_user: self.user.as_ref().map(b),
+            auth_type: self.user.as_ref().map(|_| &b"Basic"[..]),
+            headers: self.headers.iter().map(|(k, v)| (b(k), b(v))).collect(),
+            server_vars: Vec::new(),
+        }
+    }
+}
+
+/// A part of the request body as nginx stored it.
+enum Segment {
+    Memory(Vec<u8>),
+    /// A range of the temporary file nginx spooled the body to (a duplicate of its
+    /// descriptor: nginx closes and removes the file with the request).
+    File { fd: OwnedFd, pos: u64, end: u64 },
+}
+
+/// The body nginx read (from memory or its temporary file), in order.
+///
+/// # Safety
+/// `r` must be a live request whose body nginx finished reading.
+unsafe fn body_segments(r: *mut ngx_http_request_t) -> io::Result<VecDeque<Segment>> {
+    let mut segments = VecDeque::new();
+    let rb = unsafe { (*r).request_body };
+    if rb.is_null() {
+        return Ok(segments);
+    }
+    let mut cl = unsafe { (*rb).bufs };
+    while !cl.is_null() {
+        let b = unsafe { (*cl).buf };
+        unsafe {
+            if (*b).in_file() != 0 && !(*b).file.is_null() {
+                if (*b).file_last > (*b).file_pos {
+                    let fd = libc::fcntl((*(*b).file).fd, libc::F_DUPFD_CLOEXEC, 0);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    segments.push_back(Segment::File {
+                        fd: OwnedFd::from_raw_fd(fd),
+                        pos: (*b).file_pos as u64,
+                        end: (*b).file_last as u64,
+                    });
+                }
+            } else if !(*b).pos.is_null() && (*b).last > (*b).pos {
+                let data = std::slice::from_raw_parts((*b).pos, (*b).last.offset_from((*b).pos) as usize);
+                match segments.back_mut() {
+                    Some(Segment::Memory(v)) => v.extend_from_slice(data),
+                    _ => segments.push_back(Segment::Memory(data.to_vec())),
+                }
+            }
+            cl = (*cl).next;
+        }
+    }
+    Ok(segments)
+}
+
+/// `wsgi.input`'s source on the Python thread.
+struct NginxBody {
+    segments: VecDeque<Segment>,
+    offset: usize,
+}
+
+impl RequestBody for NginxBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(front) = self.segments.front_mut() else { return Ok(0) };
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            let n = match front {
+                Segment::Memory(data) => {
+                    let n = buf.len().min(data.len() - self.offset);
+                    buf[..n].copy_from_slice(&data[self.offset..self.offset + n]);
+                    self.offset += n;
+                    n
+                }
+                Segment::File { fd, pos, end } => {
+                    let want = buf.len().min((*end - *pos) as usize);
+                    // SAFETY: buf is valid for want bytes; fd is our duplicate.
+                    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), want, *pos as libc::off_t) };
+                    if n < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    if n == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the spooled request body is shorter than expected"));
+                    }
+                    *pos += n as u64;
+                    n as usize
+                }
+            };
+            let done = match front {
+                Segment::Memory(data) => self.offset == data.len(),
+                Segment::File { pos, end, .. } => pos == end,
+            };
+            if done {
+                self.segments.pop_front();
+                self.offset = 0;
+            }
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// The response on the Python thread: pieces queued for the loop.
+struct NginxResponse {
+    exchange: Arc<Exchange>,
+}
+
+impl ResponseChannel for NginxResponse {
+    fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()> {
+        for (name, value) in headers {
+            if name.eq_ignore_ascii_case("content-length") && content_length(value).is_none() {
+                return Err(io::Error::other(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value))));
+            }
+        }
+        let piece = Piece::Start { status, status_line: status_line.to_string(), headers: headers.to_vec() };
+        self.exchange.push(piece, runtime::wake)
+    }
+
+    fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
+        self.exchange.push(Piece::Data { data: data.to_vec(), flush }, runtime::wake)
+    }
+
+    fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+        // The application closes its file when the request returns; nginx sends later.
+        // SAFETY: F_DUPFD_CLOEXEC has no memory arguments; the new fd is ours.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: dup was just created and is owned here only.
+        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+        self.exchange.push(Piece::File { fd, offset, len }, runtime::wake)
+    }
+
+    fn abort(&mut self) {
+        // The End(Aborted) that follows cuts the response short.
+    }
+
+    fn log(&self, level: log::Level, line: &str) {
+        log_line(level, line);
+    }
+}
+
+fn content_length(value: &[u8]) -> Option<off_t> {
+    std::str::from_utf8(value).ok()?.trim().parse::<off_t>().ok().filter(|n| *n >= 0)
+}
+
+/// The loop was woken for `exchange`: send what its thread queued.
+pub fn on_ready(exchange: &Arc<Exchange>) {
+    let state = exchange.loop_state.load(Ordering::Relaxed).cast::<LoopState>();
+    if state.is_null() {
+        // The request is over on the nginx side: only the thread's End matters.
+        while let Some(piece) = exchange.pop() {
+            if matches!(piece, Piece::End(_)) {
+                runtime::job_done();
+            }
+        }
+        return;
+    }
+    // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread).
+    let c = unsafe { (*(*state).r).connection };
+    unsafe { drain(&mut *state) };
+    // SAFETY: connections are never freed, only recycled; nginx checks c->destroyed.
+    unsafe { ngx_http_run_posted_requests(c) };
+}
+
+/// Sends queued pieces until the queue is empty, the client is slow, or the
+/// request ends. Must be the last use of `state`: it may finalize the request.
+unsafe fn drain(state: &mut LoopState) {
+    loop {
+        if state.detached {
+            return;
+        }
+        if unsafe { state.pending() } > SEND_HIGH_WATER {
+            unsafe { wait_for_client(state) };
+            return;
+        }
+        let Some(piece) = state.exchange.pop() else {
+            if unsafe { state.pending() } > 0 {
+                // Not all sent yet: the send timeout applies while the client reads.
+                unsafe { wait_for_client(state) };
+            }
+            return;
+        };
+        let r = state.r;
+        let rc = match piece {
+            Piece::Start { status, status_line, headers } => unsafe { state.send_header(status, &status_line, &headers) },
+            Piece::Data { data, flush } => unsafe { state.send_data(data, flush) },
+            Piece::File { fd, offset, len } => unsafe { state.send_file(fd, offset, len) },
+            Piece::End(outcome) => {
+                runtime::job_done();
+                let rc = unsafe { state.end(outcome) };
+                unsafe { finish(state, rc) };
+                return;
+            }
+        };
+        if rc == ngx_int(NGX_ERROR) || rc > ngx_int(NGX_OK as i32) {
+            if rc == ngx_int(NGX_ERROR) {
+                unsafe { log_request(r, log::Level::Info, "the client closed the connection before the response was complete") };
+            }
+            unsafe { finish(state, rc) };
+            return;
+        }
+    }
+}
+
+/// Ends the request with `rc`; `state` must not be used afterwards.
+unsafe fn finish(state: &mut LoopState, rc: ngx_int_t) {
+    state.detached = true;
+    state.exchange.set_gone();
+    let r = state.r;
+    // SAFETY: r is live until this call, which may free it (and state with its pool).
+    unsafe { ngx_http_finalize_request(r, rc) };
+}
+
+/// Keeps sending when the client can take more (nginx's write event).
+unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
+    // SAFETY: r is live; its ctx is our state while the pool lives.
+    let state = unsafe { gateway_ngx_get_ctx(r).cast::<LoopState>() };
+    if state.is_null() {
+        return;
+    }
+    let state = unsafe { &mut *state };
+    if state.detached {
+        return;
+    }
+    unsafe {
+        let c = (*r).connection;
+        let wev = (*c).write;
+        if (*wev).timedout() != 0 {
+            (*c).set_timedout(1);
+            log_request(r, log::Level::Info, "the client timed out reading the response");
+            finish(state, ngx_int(NGX_HTTP_REQUEST_TIME_OUT as i32));
+            return;
+        }
+        if !state.header_sent {
+            return;
+        }
+        gateway_ngx_del_timer(wev);
+        let rc = ngx_http_output_filter(r, std::ptr::null_mut());
+        if rc == ngx_int(NGX_ERROR) {
+            finish(state, rc);
+            return;
+        }
+        state.release(std::ptr::null_mut());
+        drain(state);
+    }
+}
+
+/// Arms the write event (and the send timeout) to resume when the client reads.
+unsafe fn wait_for_client(state: &mut LoopState) {
+    unsafe {
+        let r = state.r;
+        let wev = (*(*r).connection).write;
+        let clcf = gateway_ngx_core_loc_conf(r);
+        if (*wev).delayed() == 0 && (*wev).timer_set() == 0 {
+            gateway_ngx_add_timer(wev, (*clcf).send_timeout);
+        }
+        if ngx_handle_write_event(wev, (*clcf).send_lowat) != NGX_OK as ngx_int_t {
+            finish(state, ngx_int(NGX_ERROR));
+        }
+    }
+}
+
+impl LoopState {
+    /// Bytes given to nginx and not sent yet.
+    unsafe fn pending(&self) -> usize {
+        self.in_flight.iter().map(|(b, _)| unsafe { unsent(*b) }).sum()
+    }
+
+    /// Frees the memory of sent buffers and recycles them.
+    unsafe fn release(&mut self, mut out: *mut ngx_chain_t) {
+        while let Some((b, _)) = self.in_flight.front() {
+            if unsafe { unsent(*b) } != 0 {
+                break;
+            }
+            self.in_flight.pop_front();
+        }
+        // SAFETY: the chains hold buffers of this request's pool.
+        unsafe { ngx_chain_update_chains((*self.r).pool, &mut self.free, &mut self.busy, &mut out, tag()) };
+    }
+
+    /// A cleared buffer in a chain link of its own.
+    unsafe fn buffer(&mut self) -> Option<*mut ngx_chain_t> {
+        // SAFETY: the free list holds links of this request's pool.
+        let cl = unsafe { ngx_chain_get_free_buf((*self.r).pool, &mut self.free) };
+        if cl.is_null() {
+            return None;
+        }
+        unsafe {
+            *(*cl).buf = ngx_buf_t::default();
+            (*(*cl).buf).tag = tag();
+            (*cl).next = std::ptr::null_mut();
+        }
+        Some(cl)
+    }
+
+    unsafe fn output(&mut self, cl: *mut ngx_chain_t, data: Option<Vec<u8>>) -> ngx_int_t {
+        self.in_flight.push_back((unsafe { (*cl).buf }, data));
+        let rc = unsafe { ngx_http_output_filter(self.r, cl) };
+        unsafe { self.release(cl) };
+        if rc == ngx_int(NGX_AGAIN) {
+            ngx_int(NGX_OK as i32)
+        } else {
+            rc
+        }
+    }
+
+    /// A copy of `s` in the request's pool.
+    unsafe fn pool_str(&self, s: &[u8]) -> Option<ngx_str_t> {
+        // SAFETY: the pool is live; the copy fits the allocation.
+        unsafe {
+            let p = ngx_pnalloc((*self.r).pool, s.len().max(1)).cast::<u8>();
+            if p.is_null() {
+                return None;
+            }
+            std::ptr::copy_nonoverlapping(s.as_ptr(), p, s.len());
+            Some(ngx_str_t { len: s.len(), data: p })
+        }
+    }
+
+    unsafe fn send_header(&mut self, status: u16, status_line: &str, headers: &[Header]) -> ngx_int_t {
+        let error = ngx_int(NGX_ERROR);
+        let r = self.r;
+        unsafe {
+            let out = &mut (*r).headers_out;
+            out.status = status as ngx_uint_t;
+            let Some(line) = self.pool_str(status_line.as_bytes()) else { return error };
+            out.status_line = line;
+            for (name, value) in headers {
+                if name.eq_ignore_ascii_case("content-type") {
+                    let Some(v) = self.pool_str(value) else { return error };
+                    out.content_type = v;
+                    out.content_type_len = v.len;
+                    out.content_type_lowcase = std::ptr::null_mut();
+                    continue;
+                }
+                if name.eq_ignore_ascii_case("content-length") {
+                    out.content_length_n = content_length(value).unwrap_or(-1);
+                    continue;
+                }
+                let h = ngx_list_push(&mut out.headers).cast::<ngx_table_elt_t>();
+                let (Some(k), Some(v)) = (self.pool_str(name.as_bytes()), self.pool_str(value)) else { return error };
+                if h.is_null() {
+                    return error;
+                }
+                *h = ngx_table_elt_t { hash: 1, key: k, value: v, lowcase_key: std::ptr::null_mut() };
+                // nginx adds its own Date and Server unless it knows the application sent them.
+                if name.eq_ignore_ascii_case("date") {
+                    out.date = h;
+                } else if name.eq_ignore_ascii_case("server") {
+                    out.server = h;
+                }
+            }
+            self.header_sent = true;
+            let rc = ngx_http_send_header(r);
+            self.header_only = (*r).header_only() != 0;
+            if rc == ngx_int(NGX_AGAIN) {
+                ngx_int(NGX_OK as i32)
+            } else {
+                rc
+            }
+        }
+    }
+
+    unsafe fn send_data(&mut self, data: Vec<u8>, flush: bool) -> ngx_int_t {
+        if self.header_only || data.is_empty() && !flush {
+            return ngx_int(NGX_OK as i32);
+        }
+        let Some(cl) = (unsafe { self.buffer() }) else { return ngx_int(NGX_ERROR) };
+        unsafe {
+            let b = (*cl).buf;
+            let p = data.as_ptr().cast_mut();
+            (*b).start = p;
+            (*b).pos = p;
+            (*b).last = p.add(data.len());
+            (*b).end = (*b).last;
+            (*b).set_memory(u32::from(!data.is_empty()));
+            (*b).set_flush(u32::from(flush));
+            self.output(cl, Some(data))
+        }
+    }
+
+    unsafe fn send_file(&mut self, fd: OwnedFd, offset: u64, len: u64) -> ngx_int_t {
+        if self.header_only || len == 0 {
+            return ngx_int(NGX_OK as i32);
+        }
+        let error = ngx_int(NGX_ERROR);
+        unsafe {
+            let r = self.r;
+            let pool = (*r).pool;
+            let file = ngx_pcalloc(pool, std::mem::size_of::<ngx_file_t>()).cast::<ngx_file_t>();
+            let cln = ngx_pool_cleanup_add(pool, std::mem::size_of::<ngx_pool_cleanup_file_t>());
+            let Some(name) = self.pool_str(b"wsgi.file_wrapper") else { return error };
+            if file.is_null() || cln.is_null() {
+                return error;
+            }
+            // From here the request's pool closes the descriptor.
+            let fd = fd.into_raw_fd();
+            (*cln).handler = Some(ngx_pool_cleanup_file);
+            let clnf = (*cln).data.cast::<ngx_pool_cleanup_file_t>();
+            (*clnf).fd = fd;
+            (*clnf).name = name.data;
+            (*clnf).log = (*(*r).connection).log;
+            (*file).fd = fd;
+            (*file).name = name;
+            (*file).log = (*(*r).connection).log;
+            let Some(cl) = self.buffer() else { return error };
+            let b = (*cl).buf;
+            (*b).file = file;
+            (*b).file_pos = offset as off_t;
+            (*b).file_last = (offset + len) as off_t;
+            (*b).set_in_file(1);
+            (*b).set_flush(1);
+            self.output(cl, None)
+        }
+    }
+
+    /// The rc to finalize the request with once the application is done.
+    unsafe fn end(&mut self, outcome: Outcome) -> ngx_int_t {
+        match outcome {
+            Outcome::Complete if self.header_only => ngx_int(NGX_OK as i32),
+            Outcome::Complete => unsafe { ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t) },
+            Outcome::Failed if !self.header_sent => ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32),
+            Outcome::Failed | Outcome::Aborted => ngx_int(NGX_ERROR),
+            Outcome::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
+        }
+    }
+}
