@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import MODULES, Apache, Mount, Settings  # noqa: E402
+from harness import MODULES, Apache, Mount, Nginx, Settings  # noqa: E402
 
 # The virtualenv the tests run from doubles as the applications' virtualenv
 # (Flask and numpy live only there).
@@ -37,6 +37,8 @@ def make_server(kind, mounts, settings=None):
     """A server of the given kind: 'apache-event', 'apache-prefork' or 'nginx'."""
     if kind.startswith("apache-"):
         return Apache(mounts, settings, mpm=kind.split("-", 1)[1])
+    if kind == "nginx":
+        return Nginx(mounts, settings)
     raise ValueError(kind)
 
 
@@ -44,6 +46,8 @@ def available_servers():
     kinds = []
     if (MODULES / "mod_gateway.so").exists():
         kinds += ["apache-event", "apache-prefork"]
+    if (MODULES / "ngx_http_gateway_module.so").exists():
+        kinds.append("nginx")
     return kinds
 
 
