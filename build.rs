@@ -151,17 +151,28 @@ fn build_nginx() {
     println!("cargo:rerun-if-changed={}", addon.join("config").display());
     let tree = configured_nginx(&src, &version, &addon);
     let objs = tree.join("objs");
-    let includes: Vec<PathBuf> = ["src/core", "src/event", "src/event/modules", "src/os/unix", "src/http", "src/http/modules", "src/http/v2"]
-        .iter()
-        .map(|d| tree.join("src").join(d))
-        .chain([objs.clone()])
-        .collect();
+    let includes: Vec<PathBuf> = [
+        "src/core",
+        "src/event",
+        "src/event/modules",
+        "src/os/unix",
+        "src/http",
+        "src/http/modules",
+        "src/http/v2",
+    ]
+    .iter()
+    .map(|d| tree.join("src").join(d))
+    .chain([objs.clone()])
+    .collect();
 
     let shim = addon.join("ngx_http_gateway_module.c");
     println!("cargo:rerun-if-changed={}", shim.display());
     let mut cc = cc::Build::new();
-    cc.file(&shim).file(objs.join("ngx_http_gateway_module_modules.c"));
-    cc.warnings(true).flag_if_supported("-Wpointer-arith").flag_if_supported("-Wno-unused-parameter");
+    cc.file(&shim)
+        .file(objs.join("ngx_http_gateway_module_modules.c"));
+    cc.warnings(true)
+        .flag_if_supported("-Wpointer-arith")
+        .flag_if_supported("-Wno-unused-parameter");
     for dir in &includes {
         cc.include(dir);
     }
@@ -187,7 +198,9 @@ fn build_nginx() {
     for dir in &includes {
         bg = bg.clang_arg(format!("-I{}", dir.display()));
     }
-    let bindings = bg.generate().unwrap_or_else(|e| fail(&format!("generating nginx bindings failed: {e}")));
+    let bindings = bg
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("generating nginx bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("nginx_bindings.rs");
     bindings.write_to_file(out).expect("write nginx bindings");
 }
@@ -197,7 +210,10 @@ fn nginx_version(src: &Path) -> String {
     let header = std::fs::read_to_string(src.join("src/core/nginx.h")).unwrap_or_default();
     header
         .lines()
-        .find_map(|l| l.strip_prefix("#define NGINX_VERSION").map(|v| v.trim().trim_matches('"').to_string()))
+        .find_map(|l| {
+            l.strip_prefix("#define NGINX_VERSION")
+                .map(|v| v.trim().trim_matches('"').to_string())
+        })
         .unwrap_or_else(|| fail("cannot find NGINX_VERSION in the nginx sources' src/core/nginx.h"))
 }
 
@@ -206,29 +222,50 @@ fn nginx_version(src: &Path) -> String {
 fn configured_nginx(src: &Path, version: &str, addon: &Path) -> PathBuf {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     // The target directory is marked by cargo's CACHEDIR.TAG; OUT_DIR changes with every build hash.
-    let cache = out.ancestors().find(|d| d.join("CACHEDIR.TAG").exists()).unwrap_or(&out).join(format!("nginx-{version}"));
+    let cache = out
+        .ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").exists())
+        .unwrap_or(&out)
+        .join(format!("nginx-{version}"));
     let key = format!(
         "{version}\n{}\n{}\n",
         std::fs::read_to_string(src.join("conf_flags")).unwrap_or_default(),
         std::fs::read_to_string(addon.join("config")).unwrap_or_default()
     );
     let stamp = cache.join("configured");
-    if std::fs::read_to_string(&stamp).is_ok_and(|k| k == key) && cache.join("objs/ngx_http_gateway_module_modules.c").exists() {
+    if std::fs::read_to_string(&stamp).is_ok_and(|k| k == key)
+        && cache
+            .join("objs/ngx_http_gateway_module_modules.c")
+            .exists()
+    {
         return cache;
     }
     let _ = std::fs::remove_dir_all(&cache);
-    std::fs::create_dir_all(&cache).unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", cache.display())));
+    std::fs::create_dir_all(&cache)
+        .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", cache.display())));
     // The distribution's tree is read-only: configure a copy.
-    let copied = Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(cache.join("src")).status();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(cache.join("src"))
+        .status();
     if !copied.is_ok_and(|s| s.success()) {
-        fail(&format!("copying {} to {} failed", src.display(), cache.display()));
+        fail(&format!(
+            "copying {} to {} failed",
+            src.display(),
+            cache.display()
+        ));
     }
     let script = format!(
         ". ./conf_flags && ./configure \"${{NGX_CONF_FLAGS[@]}}\" --add-dynamic-module='{}' --builddir='{}'",
         addon.display(),
         cache.join("objs").display()
     );
-    let output = Command::new("bash").arg("-c").arg(&script).current_dir(cache.join("src")).output();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cache.join("src"))
+        .output();
     match output {
         Ok(o) if o.status.success() => {}
         Ok(o) => fail(&format!(

@@ -43,7 +43,9 @@ impl Mount {
     /// SCRIPT_NAME, so that PATH_INFO still starts with `/`.
     pub fn split<'a>(&'a self, uri: &'a [u8]) -> (&'a [u8], &'a [u8]) {
         match &self.prefix {
-            Some(p) if uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/') => (p, &uri[p.len()..]),
+            Some(p) if uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/') => {
+                (p, &uri[p.len()..])
+            }
             _ => (b"", uri),
         }
     }
@@ -89,9 +91,18 @@ pub unsafe extern "C" fn gateway_create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_merge_loc_conf(_cf: *mut ngx_conf_t, parent: *mut c_void, child: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
     // SAFETY: nginx passes two records made by gateway_create_loc_conf.
-    let (parent, child) = unsafe { (&*parent.cast::<LocConfig>(), &mut *child.cast::<LocConfig>()) };
+    let (parent, child) = unsafe {
+        (
+            &*parent.cast::<LocConfig>(),
+            &mut *child.cast::<LocConfig>(),
+        )
+    };
     if child.mode.is_none() {
         child.mode = parent.mode.clone();
     }
@@ -107,7 +118,10 @@ unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Result<Vec<&'a str>, ConfigError> {
     };
     all.iter()
         .skip(1)
-        .map(|s| std::str::from_utf8(unsafe { str_bytes(s) }).map_err(|_| ConfigError("arguments must be UTF-8".into())))
+        .map(|s| {
+            std::str::from_utf8(unsafe { str_bytes(s) })
+                .map_err(|_| ConfigError("arguments must be UTF-8".into()))
+        })
         .collect()
 }
 
@@ -151,7 +165,13 @@ pub unsafe extern "C" fn gateway_conf_app(
 ) -> *mut c_char {
     let r = (|| {
         // SAFETY: the shim passes this location's records of both modules and the main record.
-        let (lcf, mcf, clcf) = unsafe { (&mut *lcf.cast::<LocConfig>(), &mut *mcf.cast::<MainConfig>(), &*clcf) };
+        let (lcf, mcf, clcf) = unsafe {
+            (
+                &mut *lcf.cast::<LocConfig>(),
+                &mut *mcf.cast::<MainConfig>(),
+                &*clcf,
+            )
+        };
         if lcf.mount.is_some() {
             return Err(ConfigError("is duplicate".into()));
         }
@@ -182,7 +202,11 @@ pub unsafe extern "C" fn gateway_conf_app(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_conf_mode(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_conf_mode(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let r = (|| {
         // SAFETY: conf is this location's record (NGX_HTTP_LOC_CONF_OFFSET).
         let lcf = unsafe { &mut *conf.cast::<LocConfig>() };
@@ -208,12 +232,19 @@ unsafe fn main_conf<'a>(conf: *mut c_void) -> &'a mut MainConfig {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_conf_daemon(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_conf_daemon(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let r = (|| {
         let options = DaemonOptions::parse(&unsafe { args(cf) }?)?;
         let mcf = unsafe { main_conf(conf) };
         if mcf.daemons.iter().any(|d| d.name == options.name) {
-            return Err(ConfigError(format!("daemon process group '{}' is already defined", options.name)));
+            return Err(ConfigError(format!(
+                "daemon process group '{}' is already defined",
+                options.name
+            )));
         }
         mcf.daemons.push(options);
         Ok(())
@@ -222,7 +253,11 @@ pub unsafe extern "C" fn gateway_conf_daemon(cf: *mut ngx_conf_t, _cmd: *mut ngx
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_conf_python_home(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_conf_python_home(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let r = (|| {
         let mcf = unsafe { main_conf(conf) };
         if mcf.python_home.is_some() {
@@ -242,10 +277,17 @@ pub unsafe extern "C" fn gateway_conf_python_home(cf: *mut ngx_conf_t, _cmd: *mu
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_conf_python_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_conf_python_path(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let r = (|| {
         let dirs = split_path_list(unsafe { args(cf) }?[0]);
-        let dirs: Vec<PathBuf> = dirs.iter().map(|d| unsafe { full_path(cf, &d.to_string_lossy()) }).collect();
+        let dirs: Vec<PathBuf> = dirs
+            .iter()
+            .map(|d| unsafe { full_path(cf, &d.to_string_lossy()) })
+            .collect();
         unsafe { main_conf(conf) }.python_path.extend(dirs);
         Ok(())
     })();
@@ -253,7 +295,11 @@ pub unsafe extern "C" fn gateway_conf_python_path(cf: *mut ngx_conf_t, _cmd: *mu
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_conf_threads(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+pub unsafe extern "C" fn gateway_conf_threads(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let r = (|| {
         let mcf = unsafe { main_conf(conf) };
         if mcf.threads.is_some() {
@@ -263,7 +309,9 @@ pub unsafe extern "C" fn gateway_conf_threads(cf: *mut ngx_conf_t, _cmd: *mut ng
         match value.parse::<usize>() {
             Ok(n) if (1..=MAX_THREADS).contains(&n) => mcf.threads = Some(n),
             _ => {
-                return Err(ConfigError(format!("needs a number of threads from 1 to {MAX_THREADS}, got '{value}'")));
+                return Err(ConfigError(format!(
+                    "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
+                )));
             }
         }
         Ok(())

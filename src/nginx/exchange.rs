@@ -3,9 +3,9 @@
 //! a slow client reaches the application); the loop is woken once per batch.
 
 use std::collections::VecDeque;
+use std::ffi::c_void;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::ffi::c_void;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -16,10 +16,21 @@ const QUEUE_LIMIT: usize = 256 * 1024;
 
 /// One piece of a response, in the order the application produced them.
 pub enum Piece {
-    Start { status: u16, status_line: String, headers: Vec<Header> },
-    Data { data: Vec<u8>, flush: bool },
+    Start {
+        status: u16,
+        status_line: String,
+        headers: Vec<Header>,
+    },
+    Data {
+        data: Vec<u8>,
+        flush: bool,
+    },
     /// A duplicate of the application's file descriptor: the request owns it.
-    File { fd: OwnedFd, offset: u64, len: u64 },
+    File {
+        fd: OwnedFd,
+        offset: u64,
+        len: u64,
+    },
     /// The application is done; always the last piece, even when the client left.
     End(Outcome),
 }
@@ -62,14 +73,21 @@ impl Exchange {
 
     /// Queues a piece for the loop, waiting while the queue is full. Fails once
     /// the request is gone, except for `End`, which always reaches the loop.
-    pub fn push(self: &Arc<Self>, piece: Piece, wake: impl FnOnce(Arc<Exchange>)) -> io::Result<()> {
+    pub fn push(
+        self: &Arc<Self>,
+        piece: Piece,
+        wake: impl FnOnce(Arc<Exchange>),
+    ) -> io::Result<()> {
         let size = piece.size();
         let end = matches!(piece, Piece::End(_));
         let mut q = self.lock();
         if !end {
             loop {
                 if q.gone {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client closed the connection"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the client closed the connection",
+                    ));
                 }
                 if q.bytes == 0 || q.bytes + size <= QUEUE_LIMIT {
                     break;

@@ -38,17 +38,32 @@ fn ngx_int(v: i32) -> ngx_int_t {
 /// Logs a line about request `r` (loop thread).
 unsafe fn log_request(r: *mut ngx_http_request_t, level: log::Level, msg: &str) {
     // SAFETY: r is live; its method and URI are pool strings.
-    let line = unsafe { request_line(str_bytes(&(*r).method_name), str_bytes(&(*r).unparsed_uri), msg) };
+    let line = unsafe {
+        request_line(
+            str_bytes(&(*r).method_name),
+            str_bytes(&(*r).unparsed_uri),
+            msg,
+        )
+    };
     log_line(level, &line);
 }
 
 /// The content handler: reads the body, then continues in [`gateway_body_read`].
 #[no_mangle]
-pub unsafe extern "C" fn gateway_handle_request(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
+pub unsafe extern "C" fn gateway_handle_request(
+    r: *mut ngx_http_request_t,
+    lcf: *mut c_void,
+) -> ngx_int_t {
     match catch_unwind(AssertUnwindSafe(|| unsafe { handle(r, lcf) })) {
         Ok(rc) => rc,
         Err(_) => {
-            unsafe { log_request(r, log::Level::Error, "internal error (panic) while serving this request") };
+            unsafe {
+                log_request(
+                    r,
+                    log::Level::Error,
+                    "internal error (panic) while serving this request",
+                )
+            };
             ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
         }
     }
@@ -56,11 +71,18 @@ pub unsafe extern "C" fn gateway_handle_request(r: *mut ngx_http_request_t, lcf:
 
 unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
     // SAFETY: the shim passes this location's record.
-    let Some(mount) = (unsafe { lcf.cast::<LocConfig>().as_ref() }).and_then(|c| c.mount.clone()) else {
+    let Some(mount) = (unsafe { lcf.cast::<LocConfig>().as_ref() }).and_then(|c| c.mount.clone())
+    else {
         return ngx_int(NGX_DECLINED);
     };
     if let Err(why) = runtime::runtime() {
-        unsafe { log_request(r, log::Level::Error, &format!("Python is not available in this worker: {why}")) };
+        unsafe {
+            log_request(
+                r,
+                log::Level::Error,
+                &format!("Python is not available in this worker: {why}"),
+            )
+        };
         return ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32);
     }
     let exchange = Arc::new(Exchange::default());
@@ -126,7 +148,12 @@ unsafe fn unsent(b: *const ngx_buf_t) -> usize {
 unsafe extern "C" fn request_gone(data: *mut c_void) {
     // SAFETY: data is the state boxed in handle(); the pool runs this once.
     let state = unsafe { Box::from_raw(data.cast::<LoopState>()) };
-    let _ = state.exchange.loop_state.compare_exchange(data, std::ptr::null_mut(), Ordering::Relaxed, Ordering::Relaxed);
+    let _ = state.exchange.loop_state.compare_exchange(
+        data,
+        std::ptr::null_mut(),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     state.exchange.set_gone();
 }
 
@@ -144,7 +171,13 @@ unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
         Ok(Ok(())) => return,
         Ok(Err(rc)) => rc,
         Err(_) => {
-            unsafe { log_request(r, log::Level::Error, "internal error (panic) while starting this request") };
+            unsafe {
+                log_request(
+                    r,
+                    log::Level::Error,
+                    "internal error (panic) while starting this request",
+                )
+            };
             ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
         }
     };
@@ -158,21 +191,42 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     }
     let snapshot = unsafe { Snapshot::take(r) };
     let body = unsafe { body_segments(r) }.map_err(|e| {
-        unsafe { log_request(r, log::Level::Error, &format!("cannot pass the request body on: {e}")) };
+        unsafe {
+            log_request(
+                r,
+                log::Level::Error,
+                &format!("cannot pass the request body on: {e}"),
+            )
+        };
         ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
     })?;
     let mount = state.mount.clone();
     let exchange = state.exchange.clone();
     let job = Box::new(move |info: &ServerInfo| {
         let head = snapshot.head(&mount);
-        let response = NginxResponse { exchange: exchange.clone() };
-        let request = Request { head, body: Box::new(NginxBody { segments: body, offset: 0 }), response: Box::new(response) };
+        let response = NginxResponse {
+            exchange: exchange.clone(),
+        };
+        let request = Request {
+            head,
+            body: Box::new(NginxBody {
+                segments: body,
+                offset: 0,
+            }),
+            response: Box::new(response),
+        };
         let outcome = wsgi::run(&mount.app, info, request);
         let _ = exchange.push(Piece::End(outcome), runtime::wake);
     });
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
     rt.submit(job).map_err(|why| {
-        unsafe { log_request(r, log::Level::Error, &format!("cannot run the application: {why}")) };
+        unsafe {
+            log_request(
+                r,
+                log::Level::Error,
+                &format!("cannot run the application: {why}"),
+            )
+        };
         ngx_int(NGX_HTTP_SERVICE_UNAVAILABLE as i32)
     })
 }
@@ -218,25 +272,39 @@ impl Snapshot {
             let protocol = add(&mut bytes, str_bytes(&(*r).http_protocol));
             let host = str_bytes(&hin.server);
             let server_name = if host.is_empty() {
-                add(&mut bytes, str_bytes(&(*gateway_ngx_core_srv_conf(r)).server_name))
+                add(
+                    &mut bytes,
+                    str_bytes(&(*gateway_ngx_core_srv_conf(r)).server_name),
+                )
             } else {
                 add(&mut bytes, host)
             };
             let mut text = [0u8; 256];
-            let mut local = ngx_str_t { len: text.len(), data: text.as_mut_ptr() };
-            let server_addr = if ngx_connection_local_sockaddr(c, &mut local, 0) == NGX_OK as ngx_int_t {
-                add(&mut bytes, str_bytes(&local))
-            } else {
-                add(&mut bytes, b"")
+            let mut local = ngx_str_t {
+                len: text.len(),
+                data: text.as_mut_ptr(),
             };
-            let server_port = if (*c).local_sockaddr.is_null() { 0 } else { ngx_inet_get_port((*c).local_sockaddr) };
+            let server_addr =
+                if ngx_connection_local_sockaddr(c, &mut local, 0) == NGX_OK as ngx_int_t {
+                    add(&mut bytes, str_bytes(&local))
+                } else {
+                    add(&mut bytes, b"")
+                };
+            let server_port = if (*c).local_sockaddr.is_null() {
+                0
+            } else {
+                ngx_inet_get_port((*c).local_sockaddr)
+            };
             let remote_addr = add(&mut bytes, str_bytes(&(*c).addr_text));
             let remote_port = ngx_inet_get_port((*c).sockaddr);
             let user = (hin.user.len > 0).then(|| add(&mut bytes, str_bytes(&hin.user)));
             let mut headers = Vec::with_capacity(16);
             let mut part: *const ngx_list_part_t = &hin.headers.part;
             while !part.is_null() {
-                let elts = std::slice::from_raw_parts((*part).elts.cast::<ngx_table_elt_t>(), (*part).nelts);
+                let elts = std::slice::from_raw_parts(
+                    (*part).elts.cast::<ngx_table_elt_t>(),
+                    (*part).nelts,
+                );
                 for h in elts {
                     let name = add(&mut bytes, str_bytes(&h.key));
                     let value = add(&mut bytes, str_bytes(&h.value));
@@ -292,7 +360,11 @@ enum Segment {
     Memory(Vec<u8>),
     /// A range of the temporary file nginx spooled the body to (a duplicate of its
     /// descriptor: nginx closes and removes the file with the request).
-    File { fd: OwnedFd, pos: u64, end: u64 },
+    File {
+        fd: OwnedFd,
+        pos: u64,
+        end: u64,
+    },
 }
 
 /// The body nginx read (from memory or its temporary file), in order.
@@ -322,7 +394,8 @@ unsafe fn body_segments(r: *mut ngx_http_request_t) -> io::Result<VecDeque<Segme
                     });
                 }
             } else if !(*b).pos.is_null() && (*b).last > (*b).pos {
-                let data = std::slice::from_raw_parts((*b).pos, (*b).last.offset_from((*b).pos) as usize);
+                let data =
+                    std::slice::from_raw_parts((*b).pos, (*b).last.offset_from((*b).pos) as usize);
                 match segments.back_mut() {
                     Some(Segment::Memory(v)) => v.extend_from_slice(data),
                     _ => segments.push_back(Segment::Memory(data.to_vec())),
@@ -343,7 +416,9 @@ struct NginxBody {
 impl RequestBody for NginxBody {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let Some(front) = self.segments.front_mut() else { return Ok(0) };
+            let Some(front) = self.segments.front_mut() else {
+                return Ok(0);
+            };
             if buf.is_empty() {
                 return Ok(0);
             }
@@ -357,12 +432,22 @@ impl RequestBody for NginxBody {
                 Segment::File { fd, pos, end } => {
                     let want = buf.len().min((*end - *pos) as usize);
                     // SAFETY: buf is valid for want bytes; fd is our duplicate.
-                    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), want, *pos as libc::off_t) };
+                    let n = unsafe {
+                        libc::pread(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            want,
+                            *pos as libc::off_t,
+                        )
+                    };
                     if n < 0 {
                         return Err(io::Error::last_os_error());
                     }
                     if n == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the spooled request body is shorter than expected"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the spooled request body is shorter than expected",
+                        ));
                     }
                     *pos += n as u64;
                     n as usize
@@ -392,15 +477,28 @@ impl ResponseChannel for NginxResponse {
     fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()> {
         for (name, value) in headers {
             if name.eq_ignore_ascii_case("content-length") && content_length(value).is_none() {
-                return Err(io::Error::other(format!("invalid Content-Length {:?}", String::from_utf8_lossy(value))));
+                return Err(io::Error::other(format!(
+                    "invalid Content-Length {:?}",
+                    String::from_utf8_lossy(value)
+                )));
             }
         }
-        let piece = Piece::Start { status, status_line: status_line.to_string(), headers: headers.to_vec() };
+        let piece = Piece::Start {
+            status,
+            status_line: status_line.to_string(),
+            headers: headers.to_vec(),
+        };
         self.exchange.push(piece, runtime::wake)
     }
 
     fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
-        self.exchange.push(Piece::Data { data: data.to_vec(), flush }, runtime::wake)
+        self.exchange.push(
+            Piece::Data {
+                data: data.to_vec(),
+                flush,
+            },
+            runtime::wake,
+        )
     }
 
     fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
@@ -412,7 +510,8 @@ impl ResponseChannel for NginxResponse {
         }
         // SAFETY: dup was just created and is owned here only.
         let fd = unsafe { OwnedFd::from_raw_fd(dup) };
-        self.exchange.push(Piece::File { fd, offset, len }, runtime::wake)
+        self.exchange
+            .push(Piece::File { fd, offset, len }, runtime::wake)
     }
 
     fn abort(&mut self) {
@@ -425,12 +524,20 @@ impl ResponseChannel for NginxResponse {
 }
 
 fn content_length(value: &[u8]) -> Option<off_t> {
-    std::str::from_utf8(value).ok()?.trim().parse::<off_t>().ok().filter(|n| *n >= 0)
+    std::str::from_utf8(value)
+        .ok()?
+        .trim()
+        .parse::<off_t>()
+        .ok()
+        .filter(|n| *n >= 0)
 }
 
 /// The loop was woken for `exchange`: send what its thread queued.
 pub fn on_ready(exchange: &Arc<Exchange>) {
-    let state = exchange.loop_state.load(Ordering::Relaxed).cast::<LoopState>();
+    let state = exchange
+        .loop_state
+        .load(Ordering::Relaxed)
+        .cast::<LoopState>();
     if state.is_null() {
         // The request is over on the nginx side: only the thread's End matters.
         while let Some(piece) = exchange.pop() {
@@ -467,7 +574,11 @@ unsafe fn drain(state: &mut LoopState) {
         };
         let r = state.r;
         let rc = match piece {
-            Piece::Start { status, status_line, headers } => unsafe { state.send_header(status, &status_line, &headers) },
+            Piece::Start {
+                status,
+                status_line,
+                headers,
+            } => unsafe { state.send_header(status, &status_line, &headers) },
             Piece::Data { data, flush } => unsafe { state.send_data(data, flush) },
             Piece::File { fd, offset, len } => unsafe { state.send_file(fd, offset, len) },
             Piece::End(outcome) => {
@@ -479,7 +590,13 @@ unsafe fn drain(state: &mut LoopState) {
         };
         if rc == ngx_int(NGX_ERROR) || rc > ngx_int(NGX_OK as i32) {
             if rc == ngx_int(NGX_ERROR) {
-                unsafe { log_request(r, log::Level::Info, "the client closed the connection before the response was complete") };
+                unsafe {
+                    log_request(
+                        r,
+                        log::Level::Info,
+                        "the client closed the connection before the response was complete",
+                    )
+                };
             }
             unsafe { finish(state, rc) };
             return;
@@ -512,7 +629,11 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
         let wev = (*c).write;
         if (*wev).timedout() != 0 {
             (*c).set_timedout(1);
-            log_request(r, log::Level::Info, "the client timed out reading the response");
+            log_request(
+                r,
+                log::Level::Info,
+                "the client timed out reading the response",
+            );
             finish(state, ngx_int(NGX_HTTP_REQUEST_TIME_OUT as i32));
             return;
         }
@@ -548,7 +669,10 @@ unsafe fn wait_for_client(state: &mut LoopState) {
 impl LoopState {
     /// Bytes given to nginx and not sent yet.
     unsafe fn pending(&self) -> usize {
-        self.in_flight.iter().map(|(b, _)| unsafe { unsent(*b) }).sum()
+        self.in_flight
+            .iter()
+            .map(|(b, _)| unsafe { unsent(*b) })
+            .sum()
     }
 
     /// Frees the memory of sent buffers and recycles them.
@@ -560,7 +684,15 @@ impl LoopState {
             self.in_flight.pop_front();
         }
         // SAFETY: the chains hold buffers of this request's pool.
-        unsafe { ngx_chain_update_chains((*self.r).pool, &mut self.free, &mut self.busy, &mut out, tag()) };
+        unsafe {
+            ngx_chain_update_chains(
+                (*self.r).pool,
+                &mut self.free,
+                &mut self.busy,
+                &mut out,
+                tag(),
+            )
+        };
     }
 
     /// A cleared buffer in a chain link of its own.
@@ -598,21 +730,33 @@ impl LoopState {
                 return None;
             }
             std::ptr::copy_nonoverlapping(s.as_ptr(), p, s.len());
-            Some(ngx_str_t { len: s.len(), data: p })
+            Some(ngx_str_t {
+                len: s.len(),
+                data: p,
+            })
         }
     }
 
-    unsafe fn send_header(&mut self, status: u16, status_line: &str, headers: &[Header]) -> ngx_int_t {
+    unsafe fn send_header(
+        &mut self,
+        status: u16,
+        status_line: &str,
+        headers: &[Header],
+    ) -> ngx_int_t {
         let error = ngx_int(NGX_ERROR);
         let r = self.r;
         unsafe {
             let out = &mut (*r).headers_out;
             out.status = status as ngx_uint_t;
-            let Some(line) = self.pool_str(status_line.as_bytes()) else { return error };
+            let Some(line) = self.pool_str(status_line.as_bytes()) else {
+                return error;
+            };
             out.status_line = line;
             for (name, value) in headers {
                 if name.eq_ignore_ascii_case("content-type") {
-                    let Some(v) = self.pool_str(value) else { return error };
+                    let Some(v) = self.pool_str(value) else {
+                        return error;
+                    };
                     out.content_type = v;
                     out.content_type_len = v.len;
                     out.content_type_lowcase = std::ptr::null_mut();
@@ -623,11 +767,19 @@ impl LoopState {
                     continue;
                 }
                 let h = ngx_list_push(&mut out.headers).cast::<ngx_table_elt_t>();
-                let (Some(k), Some(v)) = (self.pool_str(name.as_bytes()), self.pool_str(value)) else { return error };
+                let (Some(k), Some(v)) = (self.pool_str(name.as_bytes()), self.pool_str(value))
+                else {
+                    return error;
+                };
                 if h.is_null() {
                     return error;
                 }
-                *h = ngx_table_elt_t { hash: 1, key: k, value: v, lowcase_key: std::ptr::null_mut() };
+                *h = ngx_table_elt_t {
+                    hash: 1,
+                    key: k,
+                    value: v,
+                    lowcase_key: std::ptr::null_mut(),
+                };
                 // nginx adds its own Date and Server unless it knows the application sent them.
                 if name.eq_ignore_ascii_case("date") {
                     out.date = h;
@@ -650,7 +802,9 @@ impl LoopState {
         if self.header_only || data.is_empty() && !flush {
             return ngx_int(NGX_OK as i32);
         }
-        let Some(cl) = (unsafe { self.buffer() }) else { return ngx_int(NGX_ERROR) };
+        let Some(cl) = (unsafe { self.buffer() }) else {
+            return ngx_int(NGX_ERROR);
+        };
         unsafe {
             let b = (*cl).buf;
             let p = data.as_ptr().cast_mut();
@@ -674,7 +828,9 @@ impl LoopState {
             let pool = (*r).pool;
             let file = ngx_pcalloc(pool, std::mem::size_of::<ngx_file_t>()).cast::<ngx_file_t>();
             let cln = ngx_pool_cleanup_add(pool, std::mem::size_of::<ngx_pool_cleanup_file_t>());
-            let Some(name) = self.pool_str(b"wsgi.file_wrapper") else { return error };
+            let Some(name) = self.pool_str(b"wsgi.file_wrapper") else {
+                return error;
+            };
             if file.is_null() || cln.is_null() {
                 return error;
             }
@@ -688,7 +844,9 @@ impl LoopState {
             (*file).fd = fd;
             (*file).name = name;
             (*file).log = (*(*r).connection).log;
-            let Some(cl) = self.buffer() else { return error };
+            let Some(cl) = self.buffer() else {
+                return error;
+            };
             let b = (*cl).buf;
             (*b).file = file;
             (*b).file_pos = offset as off_t;
@@ -703,7 +861,9 @@ impl LoopState {
     unsafe fn end(&mut self, outcome: Outcome) -> ngx_int_t {
         match outcome {
             Outcome::Complete if self.header_only => ngx_int(NGX_OK as i32),
-            Outcome::Complete => unsafe { ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t) },
+            Outcome::Complete => unsafe {
+                ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t)
+            },
             Outcome::Failed if !self.header_sent => ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32),
             Outcome::Failed | Outcome::Aborted => ngx_int(NGX_ERROR),
             Outcome::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),

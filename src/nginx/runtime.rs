@@ -76,7 +76,11 @@ pub fn log_line(level: log::Level, line: &str) {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_init_process(cycle: *mut ngx_cycle_t, mcf: *mut std::ffi::c_void, worker_processes: ngx_int_t) -> ngx_int_t {
+pub unsafe extern "C" fn gateway_init_process(
+    cycle: *mut ngx_cycle_t,
+    mcf: *mut std::ffi::c_void,
+    worker_processes: ngx_int_t,
+) -> ngx_int_t {
     // SAFETY: the shim passes the http main record, or NULL without an http block.
     let Some(cfg) = (unsafe { mcf.cast::<MainConfig>().as_ref() }) else {
         return NGX_OK as ngx_int_t;
@@ -93,13 +97,23 @@ pub unsafe extern "C" fn gateway_init_process(cycle: *mut ngx_cycle_t, mcf: *mut
     NGX_OK as ngx_int_t
 }
 
-unsafe fn start(cycle: *mut ngx_cycle_t, cfg: &MainConfig, worker_processes: ngx_int_t) -> Result<Runtime, String> {
-    let settings = PythonSettings { home: cfg.python_home.clone(), path: cfg.python_path.clone() };
+unsafe fn start(
+    cycle: *mut ngx_cycle_t,
+    cfg: &MainConfig,
+    worker_processes: ngx_int_t,
+) -> Result<Runtime, String> {
+    let settings = PythonSettings {
+        home: cfg.python_home.clone(),
+        path: cfg.python_path.clone(),
+    };
     interpreter::initialize(&settings).map_err(|e| e.to_string())?;
     // SAFETY: eventfd has no memory arguments; the fd is ours.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
-        return Err(format!("cannot create an eventfd: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot create an eventfd: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: fd was just created and is owned here only.
     let wakeup = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -107,7 +121,10 @@ unsafe fn start(cycle: *mut ngx_cycle_t, cfg: &MainConfig, worker_processes: ngx
     // SAFETY: F_DUPFD_CLOEXEC has no memory arguments.
     let watched = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if watched < 0 {
-        return Err(format!("cannot duplicate the eventfd: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot duplicate the eventfd: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: cycle is the worker's cycle; the handler lives as long as the module.
     let watcher = unsafe { gateway_ngx_watch_fd(cycle, watched, Some(on_wakeup)) };
@@ -129,17 +146,23 @@ unsafe fn start(cycle: *mut ngx_cycle_t, cfg: &MainConfig, worker_processes: ngx
     for i in 0..count {
         let rx: Receiver<Job> = rx.clone();
         let info = info.clone();
-        let spawned = std::thread::Builder::new().name(format!("gateway-py-{i}")).spawn(move || {
-            while let Ok(job) = rx.recv() {
-                job(&info);
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("gateway-py-{i}"))
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&info);
+                }
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => return Err(format!("cannot start Python thread {i}: {e}")),
         }
     }
-    log::info!("Gateway/{} started Python with {count} thread(s) in worker {}", crate::common::VERSION, std::process::id());
+    log::info!(
+        "Gateway/{} started Python with {count} thread(s) in worker {}",
+        crate::common::VERSION,
+        std::process::id()
+    );
     Ok(Runtime {
         jobs: Mutex::new(Some(tx)),
         threads: Mutex::new(threads),
@@ -162,7 +185,8 @@ impl Runtime {
     pub fn submit(&self, job: Job) -> Result<(), &'static str> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let tx = jobs.as_ref().ok_or("the worker is shutting down")?;
-        tx.send(job).map_err(|_| "the Python threads have stopped")?;
+        tx.send(job)
+            .map_err(|_| "the Python threads have stopped")?;
         if RUNNING.fetch_add(1, Ordering::Relaxed) == 0 {
             arm_busy_timer();
         }
@@ -254,7 +278,10 @@ pub unsafe extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
         }
         interpreter::run_exit_handlers();
     } else {
-        log::warn!("worker {} exits with {running} Python thread(s) still busy", std::process::id());
+        log::warn!(
+            "worker {} exits with {running} Python thread(s) still busy",
+            std::process::id()
+        );
     }
     let watcher = rt.watcher.swap(std::ptr::null_mut(), Ordering::Relaxed);
     if !watcher.is_null() {
