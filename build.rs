@@ -165,7 +165,7 @@ fn build_nginx() {
     .chain([objs.clone()])
     .collect();
 
-    let shim = addon.join("ngx_http_gateway_module.c");
+    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim/ngx_http_gateway_module.c");
     println!("cargo:rerun-if-changed={}", shim.display());
     let mut cc = cc::Build::new();
     cc.file(&shim)
