@@ -109,25 +109,62 @@ pub unsafe extern "C" fn gateway_merge_loc_conf(
     std::ptr::null_mut()
 }
 
-/// The arguments of the directive being parsed, without its name.
-unsafe fn args<'a>(cf: *mut ngx_conf_t) -> Result<Vec<&'a str>, ConfigError> {
-    // SAFETY: cf->args is the array of ngx_str_t nginx parsed for this directive.
-    let all = unsafe {
-        let a = &*(*cf).args;
-        std::slice::from_raw_parts(a.elts.cast::<ngx_str_t>(), a.nelts)
-    };
-    all.iter()
-        .skip(1)
-        .map(|s| {
-            std::str::from_utf8(unsafe { str_bytes(s) })
-                .map_err(|_| ConfigError("arguments must be UTF-8".into()))
-        })
-        .collect()
+/// The arguments of one directive, and how to read its paths.
+struct Args<'a> {
+    values: Vec<&'a str>,
+    /// nginx's prefix (`-p`): relative paths are relative to it, as for nginx's own directives.
+    prefix: &'a Path,
 }
 
-/// Turns a handler's result into what nginx expects: NGX_CONF_OK (NULL) or a
-/// message in the configuration pool, which nginx prints with the file and line.
-fn result(cf: *mut ngx_conf_t, r: Result<(), ConfigError>) -> *mut c_char {
+impl<'a> Args<'a> {
+    /// The arguments of the directive `cf` is parsing, without its name.
+    ///
+    /// # Safety
+    /// `cf` must be nginx's live configuration context inside a directive handler.
+    unsafe fn of(cf: *mut ngx_conf_t) -> Result<Args<'a>, ConfigError> {
+        // SAFETY: cf->args is the array of ngx_str_t nginx parsed for this directive, and
+        // cf->cycle->prefix is set for the whole configuration pass; both outlive the handler.
+        let (all, prefix) = unsafe {
+            let a = &*(*cf).args;
+            (
+                std::slice::from_raw_parts(a.elts.cast::<ngx_str_t>(), a.nelts),
+                str_bytes(&(*(*cf).cycle).prefix),
+            )
+        };
+        let utf8 = |b: &'a [u8]| {
+            std::str::from_utf8(b).map_err(|_| ConfigError("arguments must be UTF-8".into()))
+        };
+        Ok(Args {
+            values: all
+                .iter()
+                .skip(1)
+                // SAFETY: each ngx_str_t of the array points into the configuration buffer.
+                .map(|s| utf8(unsafe { str_bytes(s) }))
+                .collect::<Result<_, _>>()?,
+            prefix: Path::new(utf8(prefix)?),
+        })
+    }
+
+    fn path(&self, path: &str) -> PathBuf {
+        self.prefix.join(path)
+    }
+}
+
+/// Runs a directive handler on its record of type `T` and turns its result into
+/// what nginx expects: NGX_CONF_OK (NULL) or a message in the configuration pool,
+/// which nginx prints after the directive's name and before its file and line.
+///
+/// # Safety
+/// `cf` must be the live configuration context and `conf` the record of type `T`
+/// that the directive table's offset selects.
+unsafe fn directive<T>(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+    handler: impl FnOnce(&mut T, &Args<'_>) -> Result<(), ConfigError>,
+) -> *mut c_char {
+    // SAFETY: guaranteed by the caller.
+    let r =
+        unsafe { Args::of(cf) }.and_then(|args| handler(unsafe { &mut *conf.cast::<T>() }, &args));
     let Err(e) = r else {
         return std::ptr::null_mut();
     };
@@ -144,16 +181,8 @@ fn result(cf: *mut ngx_conf_t, r: Result<(), ConfigError>) -> *mut c_char {
     }
 }
 
-/// A path from the configuration: relative ones are relative to nginx's prefix, as
-/// for nginx's own directives.
-unsafe fn full_path(cf: *mut ngx_conf_t, path: &str) -> PathBuf {
-    let path = Path::new(path);
-    if path.is_absolute() {
-        return path.to_path_buf();
-    }
-    // SAFETY: cf->cycle->prefix is set for the whole configuration pass.
-    let prefix = unsafe { str_bytes(&(*(*cf).cycle).prefix) };
-    Path::new(std::str::from_utf8(prefix).unwrap_or("")).join(path)
+fn duplicate() -> ConfigError {
+    ConfigError("is duplicate".into())
 }
 
 #[no_mangle]
@@ -163,42 +192,42 @@ pub unsafe extern "C" fn gateway_conf_app(
     mcf: *mut c_void,
     clcf: *mut ngx_http_core_loc_conf_t,
 ) -> *mut c_char {
-    let r = (|| {
-        // SAFETY: the shim passes this location's records of both modules and the main record.
-        let (lcf, mcf, clcf) = unsafe {
-            (
-                &mut *lcf.cast::<LocConfig>(),
-                &mut *mcf.cast::<MainConfig>(),
-                &*clcf,
-            )
-        };
-        if lcf.mount.is_some() {
-            return Err(ConfigError("is duplicate".into()));
+    // SAFETY: the shim passes the main record and the location's core record of this location;
+    // lcf is this location's record of this module.
+    let (mcf, clcf) = unsafe { (&mut *mcf.cast::<MainConfig>(), &*clcf) };
+    // SAFETY: the location's name lives in the configuration pool.
+    let name = unsafe { str_bytes(&clcf.name) };
+    let prefix = (clcf.regex.is_null() && clcf.named() == 0).then(|| {
+        let mut p = name.to_vec();
+        while p.last() == Some(&b'/') {
+            p.pop();
         }
-        let spec = unsafe { args(cf) }?[0];
-        let (file, callable) = match spec.rsplit_once(':') {
-            Some((file, callable)) if !callable.contains('/') => (file, Some(callable)),
-            _ => (spec, None),
-        };
-        let file = unsafe { full_path(cf, file) };
-        let full = match callable {
-            Some(c) => format!("{}:{c}", file.display()),
-            None => file.display().to_string(),
-        };
-        let app = AppSpec::parse(&full)?;
-        let name = unsafe { str_bytes(&clcf.name) };
-        let prefix = (clcf.regex.is_null() && clcf.named() == 0).then(|| {
-            let mut p = name.to_vec();
-            while p.last() == Some(&b'/') {
-                p.pop();
+        p
+    });
+    // SAFETY: see above.
+    unsafe {
+        directive(cf, lcf, |lcf: &mut LocConfig, args| {
+            if lcf.mount.is_some() {
+                return Err(duplicate());
             }
-            p
-        });
-        lcf.mount = Some(Arc::new(Mount { app, prefix }));
-        mcf.apps += 1;
-        Ok(())
-    })();
-    result(cf, r)
+            let spec = args.values[0];
+            let (file, callable) = match spec.rsplit_once(':') {
+                Some((file, callable)) if !callable.contains('/') => (file, Some(callable)),
+                _ => (spec, None),
+            };
+            let file = args.path(file);
+            let full = match callable {
+                Some(c) => format!("{}:{c}", file.display()),
+                None => file.display().to_string(),
+            };
+            lcf.mount = Some(Arc::new(Mount {
+                app: AppSpec::parse(&full)?,
+                prefix,
+            }));
+            mcf.apps += 1;
+            Ok(())
+        })
+    }
 }
 
 #[no_mangle]
@@ -207,28 +236,22 @@ pub unsafe extern "C" fn gateway_conf_mode(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = (|| {
-        // SAFETY: conf is this location's record (NGX_HTTP_LOC_CONF_OFFSET).
-        let lcf = unsafe { &mut *conf.cast::<LocConfig>() };
-        if lcf.mode.is_some() {
-            return Err(ConfigError("is duplicate".into()));
-        }
-        let mode = Mode::parse(&unsafe { args(cf) }?)?;
-        if let Mode::Daemon(name) = &mode {
-            return Err(ConfigError(format!(
-                "daemon mode (group '{name}') is not available in this build yet; use 'gateway_mode embedded'"
-            )));
-        }
-        lcf.mode = Some(mode);
-        Ok(())
-    })();
-    result(cf, r)
-}
-
-/// The main record a main-level directive configures.
-unsafe fn main_conf<'a>(conf: *mut c_void) -> &'a mut MainConfig {
-    // SAFETY: the directive table gives these directives NGX_HTTP_MAIN_CONF_OFFSET.
-    unsafe { &mut *conf.cast::<MainConfig>() }
+    // SAFETY: NGX_HTTP_LOC_CONF_OFFSET: conf is a LocConfig.
+    unsafe {
+        directive(cf, conf, |lcf: &mut LocConfig, args| {
+            if lcf.mode.is_some() {
+                return Err(duplicate());
+            }
+            let mode = Mode::parse(&args.values)?;
+            if let Mode::Daemon(name) = &mode {
+                return Err(ConfigError(format!(
+                    "daemon mode (group '{name}') is not available in this build yet; use 'gateway_mode embedded'"
+                )));
+            }
+            lcf.mode = Some(mode);
+            Ok(())
+        })
+    }
 }
 
 #[no_mangle]
@@ -237,19 +260,20 @@ pub unsafe extern "C" fn gateway_conf_daemon(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = (|| {
-        let options = DaemonOptions::parse(&unsafe { args(cf) }?)?;
-        let mcf = unsafe { main_conf(conf) };
-        if mcf.daemons.iter().any(|d| d.name == options.name) {
-            return Err(ConfigError(format!(
-                "daemon process group '{}' is already defined",
-                options.name
-            )));
-        }
-        mcf.daemons.push(options);
-        Ok(())
-    })();
-    result(cf, r)
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            let options = DaemonOptions::parse(&args.values)?;
+            if mcf.daemons.iter().any(|d| d.name == options.name) {
+                return Err(ConfigError(format!(
+                    "daemon process group '{}' is already defined",
+                    options.name
+                )));
+            }
+            mcf.daemons.push(options);
+            Ok(())
+        })
+    }
 }
 
 #[no_mangle]
@@ -258,22 +282,23 @@ pub unsafe extern "C" fn gateway_conf_python_home(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = (|| {
-        let mcf = unsafe { main_conf(conf) };
-        if mcf.python_home.is_some() {
-            return Err(ConfigError("is duplicate".into()));
-        }
-        let dir = unsafe { full_path(cf, args(cf)?[0]) };
-        if !dir.is_dir() {
-            return Err(ConfigError(format!(
-                "'{}' is not a directory (expected a virtualenv or a Python prefix)",
-                dir.display()
-            )));
-        }
-        mcf.python_home = Some(dir);
-        Ok(())
-    })();
-    result(cf, r)
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            if mcf.python_home.is_some() {
+                return Err(duplicate());
+            }
+            let dir = args.path(args.values[0]);
+            if !dir.is_dir() {
+                return Err(ConfigError(format!(
+                    "'{}' is not a directory (expected a virtualenv or a Python prefix)",
+                    dir.display()
+                )));
+            }
+            mcf.python_home = Some(dir);
+            Ok(())
+        })
+    }
 }
 
 #[no_mangle]
@@ -282,16 +307,16 @@ pub unsafe extern "C" fn gateway_conf_python_path(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = (|| {
-        let dirs = split_path_list(unsafe { args(cf) }?[0]);
-        let dirs: Vec<PathBuf> = dirs
-            .iter()
-            .map(|d| unsafe { full_path(cf, &d.to_string_lossy()) })
-            .collect();
-        unsafe { main_conf(conf) }.python_path.extend(dirs);
-        Ok(())
-    })();
-    result(cf, r)
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            let dirs = split_path_list(args.values[0])
+                .into_iter()
+                .map(|d| args.prefix.join(d));
+            mcf.python_path.extend(dirs);
+            Ok(())
+        })
+    }
 }
 
 #[no_mangle]
@@ -300,21 +325,22 @@ pub unsafe extern "C" fn gateway_conf_threads(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    let r = (|| {
-        let mcf = unsafe { main_conf(conf) };
-        if mcf.threads.is_some() {
-            return Err(ConfigError("is duplicate".into()));
-        }
-        let value = unsafe { args(cf) }?[0];
-        match value.parse::<usize>() {
-            Ok(n) if (1..=MAX_THREADS).contains(&n) => mcf.threads = Some(n),
-            _ => {
-                return Err(ConfigError(format!(
-                    "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
-                )));
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            if mcf.threads.is_some() {
+                return Err(duplicate());
             }
-        }
-        Ok(())
-    })();
-    result(cf, r)
+            let value = args.values[0];
+            match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_THREADS).contains(&n) => mcf.threads = Some(n),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
+                    )))
+                }
+            }
+            Ok(())
+        })
+    }
 }

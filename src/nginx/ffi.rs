@@ -41,6 +41,7 @@ pub unsafe fn str_bytes<'a>(s: &ngx_str_t) -> &'a [u8] {
     if s.data.is_null() || s.len == 0 {
         b""
     } else {
+        // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts(s.data, s.len) }
     }
 }

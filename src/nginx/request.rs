@@ -54,9 +54,11 @@ pub unsafe extern "C" fn gateway_handle_request(
     r: *mut ngx_http_request_t,
     lcf: *mut c_void,
 ) -> ngx_int_t {
+    // SAFETY: r and lcf come from nginx's content phase (see handle).
     match catch_unwind(AssertUnwindSafe(|| unsafe { handle(r, lcf) })) {
         Ok(rc) => rc,
         Err(_) => {
+            // SAFETY: r is the live request of this content handler.
             unsafe {
                 log_request(
                     r,
@@ -76,6 +78,7 @@ unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
         return ngx_int(NGX_DECLINED);
     };
     if let Err(why) = runtime::runtime() {
+        // SAFETY: r is the live request of this content handler.
         unsafe {
             log_request(
                 r,
@@ -162,15 +165,19 @@ unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
     // SAFETY: r is live and its ctx is the state set in handle().
     let state = unsafe { gateway_ngx_get_ctx(r).cast::<LoopState>() };
     if state.is_null() {
+        // SAFETY: r is live: nginx is calling the body handler with it, and we own its reference.
         unsafe { ngx_http_finalize_request(r, ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)) };
         return;
     }
+    // SAFETY: a non-NULL ctx is the state set in handle(), alive as long as the request's pool.
     let state = unsafe { &mut *state };
+    // SAFETY: r is live and state is its own (checked above).
     let started = catch_unwind(AssertUnwindSafe(|| unsafe { dispatch(r, state) }));
     let rc = match started {
         Ok(Ok(())) => return,
         Ok(Err(rc)) => rc,
         Err(_) => {
+            // SAFETY: r is live (body handler).
             unsafe {
                 log_request(
                     r,
@@ -181,6 +188,7 @@ unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
             ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)
         }
     };
+    // SAFETY: r is live and state is its own; nothing touches state after this.
     unsafe { finish(state, rc) };
 }
 
@@ -189,8 +197,11 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     unsafe {
         (*r).write_event_handler = Some(gateway_write_ready);
     }
+    // SAFETY: r is live on the loop thread for the whole call.
     let snapshot = unsafe { Snapshot::take(r) };
+    // SAFETY: r is live and nginx has finished reading its body (this is the body handler).
     let body = unsafe { body_segments(r) }.map_err(|e| {
+        // SAFETY: r is live (body handler).
         unsafe {
             log_request(
                 r,
@@ -220,6 +231,7 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     });
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
     rt.submit(job).map_err(|why| {
+        // SAFETY: r is live (body handler).
         unsafe {
             log_request(
                 r,
@@ -260,6 +272,7 @@ impl Snapshot {
     /// # Safety
     /// `r` must be a live request on the loop thread.
     unsafe fn take(r: *mut ngx_http_request_t) -> Snapshot {
+        // SAFETY: the caller guarantees r is live; every pointer read here belongs to r, its connection or its configuration.
         unsafe {
             let c = (*r).connection;
             let hin = &(*r).headers_in;
@@ -373,13 +386,17 @@ enum Segment {
 /// `r` must be a live request whose body nginx finished reading.
 unsafe fn body_segments(r: *mut ngx_http_request_t) -> io::Result<VecDeque<Segment>> {
     let mut segments = VecDeque::new();
+    // SAFETY: the caller guarantees r is live.
     let rb = unsafe { (*r).request_body };
     if rb.is_null() {
         return Ok(segments);
     }
+    // SAFETY: rb is the live body record of r.
     let mut cl = unsafe { (*rb).bufs };
     while !cl.is_null() {
+        // SAFETY: cl is a link of the body's chain, in r's pool.
         let b = unsafe { (*cl).buf };
+        // SAFETY: b is a buffer of the body's chain; its memory or file belongs to r until it is freed.
         unsafe {
             if (*b).in_file() != 0 && !(*b).file.is_null() {
                 if (*b).file_last > (*b).file_pos {
@@ -549,6 +566,7 @@ pub fn on_ready(exchange: &Arc<Exchange>) {
     }
     // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread).
     let c = unsafe { (*(*state).r).connection };
+    // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread only); nothing uses it after drain.
     unsafe { drain(&mut *state) };
     // SAFETY: connections are never freed, only recycled; nginx checks c->destroyed.
     unsafe { ngx_http_run_posted_requests(c) };
@@ -561,13 +579,17 @@ unsafe fn drain(state: &mut LoopState) {
         if state.detached {
             return;
         }
+        // SAFETY: state.r is live while the state is not detached.
         if unsafe { state.pending() } > SEND_HIGH_WATER {
+            // SAFETY: state.r is live while the state is not detached; this is the last use of state here.
             unsafe { wait_for_client(state) };
             return;
         }
         let Some(piece) = state.exchange.pop() else {
+            // SAFETY: state.r is live while the state is not detached.
             if unsafe { state.pending() } > 0 {
                 // Not all sent yet: the send timeout applies while the client reads.
+                // SAFETY: state.r is live; this is the last use of state here.
                 unsafe { wait_for_client(state) };
             }
             return;
@@ -578,18 +600,26 @@ unsafe fn drain(state: &mut LoopState) {
                 status,
                 status_line,
                 headers,
-            } => unsafe { state.send_header(status, &status_line, &headers) },
+            } => {
+                // SAFETY: state.r is live while the state is not detached.
+                unsafe { state.send_header(status, &status_line, &headers) }
+            }
+            // SAFETY: state.r is live while the state is not detached.
             Piece::Data { data, flush } => unsafe { state.send_data(data, flush) },
+            // SAFETY: state.r is live while the state is not detached.
             Piece::File { fd, offset, len } => unsafe { state.send_file(fd, offset, len) },
             Piece::End(outcome) => {
                 runtime::job_done();
+                // SAFETY: state.r is live while the state is not detached.
                 let rc = unsafe { state.end(outcome) };
+                // SAFETY: state.r is live; finish is the last use of state.
                 unsafe { finish(state, rc) };
                 return;
             }
         };
         if rc == ngx_int(NGX_ERROR) || rc > ngx_int(NGX_OK as i32) {
             if rc == ngx_int(NGX_ERROR) {
+                // SAFETY: r is still live: nothing finalized it yet.
                 unsafe {
                     log_request(
                         r,
@@ -598,6 +628,7 @@ unsafe fn drain(state: &mut LoopState) {
                     )
                 };
             }
+            // SAFETY: state.r is live; finish is the last use of state.
             unsafe { finish(state, rc) };
             return;
         }
@@ -620,10 +651,12 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
     if state.is_null() {
         return;
     }
+    // SAFETY: a non-NULL ctx is our state, alive as long as the request's pool.
     let state = unsafe { &mut *state };
     if state.detached {
         return;
     }
+    // SAFETY: nginx calls the write handler with a live request; finish is the last use of state.
     unsafe {
         let c = (*r).connection;
         let wev = (*c).write;
@@ -653,6 +686,7 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
 
 /// Arms the write event (and the send timeout) to resume when the client reads.
 unsafe fn wait_for_client(state: &mut LoopState) {
+    // SAFETY: state.r is live while the state is not detached; finish is the last use of state.
     unsafe {
         let r = state.r;
         let wev = (*(*r).connection).write;
@@ -671,6 +705,7 @@ impl LoopState {
     unsafe fn pending(&self) -> usize {
         self.in_flight
             .iter()
+            // SAFETY: buffers in in_flight belong to the request's pool, alive while the state is.
             .map(|(b, _)| unsafe { unsent(*b) })
             .sum()
     }
@@ -678,6 +713,7 @@ impl LoopState {
     /// Frees the memory of sent buffers and recycles them.
     unsafe fn release(&mut self, mut out: *mut ngx_chain_t) {
         while let Some((b, _)) = self.in_flight.front() {
+            // SAFETY: buffers in in_flight belong to the request's pool, alive while the state is.
             if unsafe { unsent(*b) } != 0 {
                 break;
             }
@@ -702,6 +738,7 @@ impl LoopState {
         if cl.is_null() {
             return None;
         }
+        // SAFETY: cl is a fresh link with a buffer from the request's pool.
         unsafe {
             *(*cl).buf = ngx_buf_t::default();
             (*(*cl).buf).tag = tag();
@@ -711,8 +748,11 @@ impl LoopState {
     }
 
     unsafe fn output(&mut self, cl: *mut ngx_chain_t, data: Option<Vec<u8>>) -> ngx_int_t {
+        // SAFETY: cl is a link from buffer(), in the request's pool.
         self.in_flight.push_back((unsafe { (*cl).buf }, data));
+        // SAFETY: self.r is live while the state is not detached; the data cl points to stays in in_flight.
         let rc = unsafe { ngx_http_output_filter(self.r, cl) };
+        // SAFETY: self.r is live; out is the chain just passed to nginx.
         unsafe { self.release(cl) };
         if rc == ngx_int(NGX_AGAIN) {
             ngx_int(NGX_OK as i32)
@@ -745,6 +785,7 @@ impl LoopState {
     ) -> ngx_int_t {
         let error = ngx_int(NGX_ERROR);
         let r = self.r;
+        // SAFETY: self.r is live; every string stored in headers_out is copied into its pool first.
         unsafe {
             let out = &mut (*r).headers_out;
             out.status = status as ngx_uint_t;
@@ -802,9 +843,11 @@ impl LoopState {
         if self.header_only || data.is_empty() && !flush {
             return ngx_int(NGX_OK as i32);
         }
+        // SAFETY: self.r is live while the state is not detached.
         let Some(cl) = (unsafe { self.buffer() }) else {
             return ngx_int(NGX_ERROR);
         };
+        // SAFETY: b points into data, which in_flight keeps until nginx has sent it.
         unsafe {
             let b = (*cl).buf;
             let p = data.as_ptr().cast_mut();
@@ -823,6 +866,7 @@ impl LoopState {
             return ngx_int(NGX_OK as i32);
         }
         let error = ngx_int(NGX_ERROR);
+        // SAFETY: self.r is live; once the pool's cleanup has the descriptor, nothing else closes it.
         unsafe {
             let r = self.r;
             let pool = (*r).pool;
@@ -861,6 +905,7 @@ impl LoopState {
     unsafe fn end(&mut self, outcome: Outcome) -> ngx_int_t {
         match outcome {
             Outcome::Complete if self.header_only => ngx_int(NGX_OK as i32),
+            // SAFETY: self.r is live while the state is not detached.
             Outcome::Complete => unsafe {
                 ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t)
             },

@@ -49,6 +49,7 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 static READY: Mutex<Vec<Arc<Exchange>>> = Mutex::new(Vec::new());
 
 /// Keeps a quitting worker alive while requests run (nginx waits for timers).
+// SAFETY: ngx_event_t is plain C data for which all zeroes is nginx's initial state.
 static mut BUSY_TIMER: ngx_event_t = unsafe { std::mem::zeroed() };
 static QUIT_SEEN: Mutex<Option<Instant>> = Mutex::new(None);
 
@@ -89,6 +90,7 @@ pub unsafe extern "C" fn gateway_init_process(
         return NGX_OK as ngx_int_t;
     }
     crate::common::log::install(log_line);
+    // SAFETY: nginx calls init_process in the worker with its live cycle.
     let runtime = unsafe { start(cycle, cfg, worker_processes) };
     if let Err(e) = &runtime {
         log::error!("{e}");
