@@ -235,6 +235,24 @@ def test_slow_client_does_not_make_the_worker_grow():
         assert grown < 64, f"the worker grew by {grown:.0f} MiB while the client did not read"
 
 
+def test_client_leaving_while_the_app_waits_for_room_ends_the_app():
+    with make([Mount("/big", "serving.py", "big")], workers=1) as srv:
+        token = f"big-{time.monotonic_ns()}"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(f"GET /big?mib=200&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(1)  # the application is now blocked: the queue towards nginx is full
+            assert not srv.marker(token).exists()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not srv.marker(token).exists():
+            time.sleep(0.05)
+        assert srv.marker(token).exists(), "close() was not called after the client left"
+        # It stopped early: most blocks were never produced.
+        assert int(srv.marker(token).read_text()) > 1000
+        assert srv.get("/big?mib=1")[1] == b"x" * (1 << 20)
+
+
 # --- Reload and quit ---
 
 def test_reload_under_load_drops_nothing_and_leaks_no_thread():

@@ -21,14 +21,35 @@ def whoami(environ, start_response):
     return [body]
 
 
+class _Blocks:
+    """N blocks of 64 KiB; close() leaves a marker named by the request's token."""
+
+    def __init__(self, count, token):
+        self.left = count
+        self.token = token
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.left == 0:
+            raise StopIteration
+        self.left -= 1
+        return BLOCK
+
+    def close(self):
+        if self.token:
+            with open(os.path.join(MARKERS, os.path.basename(self.token)), "w") as f:
+                f.write(str(self.left))
+
+
+BLOCK = b"x" * 65536
+MARKERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "markers")
+
+
 def big(environ, start_response):
-    """?mib=N MiB of data from a generator, 64 KiB at a time."""
-    mib = int(parse_qs(environ.get("QUERY_STRING", "")).get("mib", ["200"])[0])
-    block = b"x" * 65536
+    """?mib=N MiB of data, 64 KiB at a time; ?token=T: close() writes marker T."""
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    mib = int(query.get("mib", ["200"])[0])
     start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(mib << 20))])
-
-    def chunks():
-        for _ in range(mib * 16):
-            yield block
-
-    return chunks()
+    return _Blocks(mib * 16, query.get("token", [""])[0])
