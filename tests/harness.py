@@ -286,8 +286,9 @@ class Nginx(Server):
 
     name = "nginx"
 
-    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra=""):
+    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True):
         self.workers = workers
+        self.sendfile = sendfile
         self.threads = threads
         self.http_extra = http_extra
         super().__init__(mounts, settings)
@@ -301,7 +302,7 @@ class Nginx(Server):
             "access_log off;",
             "client_max_body_size 0;",
             "keepalive_timeout 5;",
-            "sendfile on;",
+            f"sendfile {'on' if self.sendfile else 'off'};",
             f"client_body_temp_path {d}/tmp-body;",
             f"proxy_temp_path {d}/tmp-proxy;",
             f"fastcgi_temp_path {d}/tmp-fastcgi;",
