@@ -169,10 +169,8 @@ unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
         unsafe { ngx_http_finalize_request(r, ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32)) };
         return;
     }
-    // SAFETY: a non-NULL ctx is the state set in handle(), alive as long as the request's pool.
-    let state = unsafe { &mut *state };
-    // SAFETY: r is live and state is its own (checked above).
-    let started = catch_unwind(AssertUnwindSafe(|| unsafe { dispatch(r, state) }));
+    // SAFETY: r is live and a non-NULL ctx is its state, alive as long as the request's pool.
+    let started = catch_unwind(AssertUnwindSafe(|| unsafe { dispatch(r, &mut *state) }));
     let rc = match started {
         Ok(Ok(())) => return,
         Ok(Err(rc)) => rc,
@@ -566,31 +564,37 @@ pub fn on_ready(exchange: &Arc<Exchange>) {
     }
     // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread).
     let c = unsafe { (*(*state).r).connection };
-    // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread only); nothing uses it after drain.
-    unsafe { drain(&mut *state) };
+    // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread only).
+    unsafe { drain(state) };
     // SAFETY: connections are never freed, only recycled; nginx checks c->destroyed.
     unsafe { ngx_http_run_posted_requests(c) };
 }
 
 /// Sends queued pieces until the queue is empty, the client is slow, or the
-/// request ends. Must be the last use of `state`: it may finalize the request.
-unsafe fn drain(state: &mut LoopState) {
+/// request ends. It may finalize the request, which frees `state` with its pool:
+/// callers must not use `state` afterwards.
+///
+/// # Safety
+/// `state` must be the live state of a live request, on the loop thread.
+unsafe fn drain(raw: *mut LoopState) {
     loop {
+        // SAFETY: guaranteed by the caller until finish() below, after which we return.
+        let state = unsafe { &mut *raw };
         if state.detached {
             return;
         }
         // SAFETY: state.r is live while the state is not detached.
         if unsafe { state.pending() } > SEND_HIGH_WATER {
-            // SAFETY: state.r is live while the state is not detached; this is the last use of state here.
-            unsafe { wait_for_client(state) };
+            // SAFETY: state.r is live while the state is not detached; we return right after.
+            unsafe { wait_for_client(raw) };
             return;
         }
         let Some(piece) = state.exchange.pop() else {
             // SAFETY: state.r is live while the state is not detached.
             if unsafe { state.pending() } > 0 {
                 // Not all sent yet: the send timeout applies while the client reads.
-                // SAFETY: state.r is live; this is the last use of state here.
-                unsafe { wait_for_client(state) };
+                // SAFETY: state.r is live; we return right after.
+                unsafe { wait_for_client(raw) };
             }
             return;
         };
@@ -612,8 +616,8 @@ unsafe fn drain(state: &mut LoopState) {
                 runtime::job_done();
                 // SAFETY: state.r is live while the state is not detached.
                 let rc = unsafe { state.end(outcome) };
-                // SAFETY: state.r is live; finish is the last use of state.
-                unsafe { finish(state, rc) };
+                // SAFETY: state.r is live; we return right after.
+                unsafe { finish(raw, rc) };
                 return;
             }
         };
@@ -628,18 +632,26 @@ unsafe fn drain(state: &mut LoopState) {
                     )
                 };
             }
-            // SAFETY: state.r is live; finish is the last use of state.
-            unsafe { finish(state, rc) };
+            // SAFETY: state.r is live; we return right after.
+            unsafe { finish(raw, rc) };
             return;
         }
     }
 }
 
-/// Ends the request with `rc`; `state` must not be used afterwards.
-unsafe fn finish(state: &mut LoopState, rc: ngx_int_t) {
-    state.detached = true;
-    state.exchange.set_gone();
-    let r = state.r;
+/// Ends the request with `rc`. This may free `state` with the request's pool:
+/// callers must not use it afterwards.
+///
+/// # Safety
+/// `state` must be the live state of a live request, on the loop thread.
+unsafe fn finish(state: *mut LoopState, rc: ngx_int_t) {
+    // SAFETY: guaranteed by the caller; the reference ends before the request may be freed.
+    let r = unsafe {
+        let state = &mut *state;
+        state.detached = true;
+        state.exchange.set_gone();
+        state.r
+    };
     // SAFETY: r is live until this call, which may free it (and state with its pool).
     unsafe { ngx_http_finalize_request(r, rc) };
 }
@@ -651,12 +663,13 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
     if state.is_null() {
         return;
     }
+    let raw = state;
     // SAFETY: a non-NULL ctx is our state, alive as long as the request's pool.
-    let state = unsafe { &mut *state };
+    let state = unsafe { &mut *raw };
     if state.detached {
         return;
     }
-    // SAFETY: nginx calls the write handler with a live request; finish is the last use of state.
+    // SAFETY: nginx calls the write handler with a live request; we return right after finish/drain.
     unsafe {
         let c = (*r).connection;
         let wev = (*c).write;
@@ -667,7 +680,7 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
                 log::Level::Info,
                 "the client timed out reading the response",
             );
-            finish(state, ngx_int(NGX_HTTP_REQUEST_TIME_OUT as i32));
+            finish(raw, ngx_int(NGX_HTTP_REQUEST_TIME_OUT as i32));
             return;
         }
         if !state.header_sent {
@@ -676,19 +689,22 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
         gateway_ngx_del_timer(wev);
         let rc = ngx_http_output_filter(r, std::ptr::null_mut());
         if rc == ngx_int(NGX_ERROR) {
-            finish(state, rc);
+            finish(raw, rc);
             return;
         }
         state.release(std::ptr::null_mut());
-        drain(state);
+        drain(raw);
     }
 }
 
 /// Arms the write event (and the send timeout) to resume when the client reads.
-unsafe fn wait_for_client(state: &mut LoopState) {
-    // SAFETY: state.r is live while the state is not detached; finish is the last use of state.
+///
+/// # Safety
+/// As for [`finish`], which it may call.
+unsafe fn wait_for_client(state: *mut LoopState) {
+    // SAFETY: guaranteed by the caller; finish is the last use of state.
     unsafe {
-        let r = state.r;
+        let r = (*state).r;
         let wev = (*(*r).connection).write;
         let clcf = gateway_ngx_core_loc_conf(r);
         if (*wev).delayed() == 0 && (*wev).timer_set() == 0 {
