@@ -65,17 +65,21 @@ clean:
 #   make uninstall      removes everything install put there
 #
 # Other layouts: APACHE_MODDIR (default: apxs -q LIBEXECDIR), APACHE_CONFDIR,
-# NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, DESTDIR for staging.
+# NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, NGINX_ENABLEDDIR, DESTDIR for staging.
 
 APXS ?= apxs
 APACHE_MODDIR ?= $(shell $(APXS) -q LIBEXECDIR 2>/dev/null || echo /usr/lib/apache2/modules)
 APACHE_CONFDIR ?= /etc/apache2/mods-available
 
-.PHONY: install uninstall install-apache uninstall-apache
+NGINX_MODDIR ?= $(shell nginx -V 2>&1 | sed -n 's/.*--modules-path=\([^ ]*\).*/\1/p' | grep . || echo /usr/lib/nginx/modules)
+NGINX_CONFDIR ?= /usr/share/nginx/modules-available
+NGINX_ENABLEDDIR ?= /etc/nginx/modules-enabled
 
-install: install-apache
+.PHONY: install uninstall install-apache uninstall-apache install-nginx uninstall-nginx
 
-uninstall: uninstall-apache
+install: install-apache install-nginx
+
+uninstall: uninstall-apache uninstall-nginx
 
 install-apache: $(MODULES)/mod_gateway.so
 	install -d $(DESTDIR)$(APACHE_MODDIR) $(DESTDIR)$(APACHE_CONFDIR)
@@ -87,3 +91,15 @@ install-apache: $(MODULES)/mod_gateway.so
 uninstall-apache:
 	-[ -n "$(DESTDIR)" ] || ! command -v a2dismod >/dev/null || a2dismod -q gateway 2>/dev/null
 	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_CONFDIR)/gateway.load
+
+# Debian enables a module by linking its snippet into /etc/nginx/modules-enabled/.
+install-nginx: $(MODULES)/ngx_http_gateway_module.so
+	install -d $(DESTDIR)$(NGINX_MODDIR) $(DESTDIR)$(NGINX_CONFDIR)
+	install -m 644 $(MODULES)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so
+	printf '# Gateway: Python WSGI applications in nginx (embedded or daemon mode)\nload_module %s/ngx_http_gateway_module.so;\n' \
+		"$(NGINX_MODDIR)" > $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf
+	@echo "installed: enable with 'ln -s $(NGINX_CONFDIR)/mod-http-gateway.conf $(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf'"
+
+uninstall-nginx:
+	rm -f $(DESTDIR)$(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf
+	rm -f $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import h2.events
 import pytest
 
 from conftest import battery_settings
-from harness import MODULES, Mount, Nginx
+from harness import MODULES, ROOT, Mount, Nginx, Settings
 
 pytestmark = pytest.mark.skipif(not (MODULES / "ngx_http_gateway_module.so").exists(),
                                 reason="ngx_http_gateway_module.so is not built (make nginx)")
@@ -342,3 +343,29 @@ def test_quit_lets_a_running_request_finish():
         assert not re.search(r"open socket .* left in connection", srv.log_text()), srv.log_text()[-2000:]
     finally:
         srv.stop()
+
+
+# --- Installation ---
+
+def make_target(*args):
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_install_to_another_layout_serves_requests(tmp_path):
+    """NGINX_MODDIR/NGINX_CONFDIR relocate the install; the snippet it writes loads the module."""
+    layout = [f"NGINX_MODDIR={tmp_path}/modules", f"NGINX_CONFDIR={tmp_path}/available",
+              f"NGINX_ENABLEDDIR={tmp_path}/enabled"]
+    r = make_target("install-nginx", *layout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    snippet = tmp_path / "available" / "mod-http-gateway.conf"
+    assert f"load_module {tmp_path}/modules/ngx_http_gateway_module.so;" in snippet.read_text()
+    srv = Nginx([Mount("/app", "hello.py")], Settings())
+    conf = srv.write_config()
+    text = conf.read_text().replace(f"load_module {MODULES}/ngx_http_gateway_module.so;", f"include {snippet};")
+    conf.write_text(text)
+    srv.write_config = lambda: conf
+    with srv:
+        assert srv.get("/app")[1] == b"Hello, world!"
+    r = make_target("uninstall-nginx", *layout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not snippet.exists() and not (tmp_path / "modules" / "ngx_http_gateway_module.so").exists()
