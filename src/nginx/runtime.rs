@@ -25,6 +25,9 @@ pub type Job = Box<dyn FnOnce(&ServerInfo) + Send>;
 /// How long `exit_process` waits for the Python threads to finish their requests.
 const THREAD_EXIT_WAIT: Duration = Duration::from_secs(10);
 
+/// The same on a fast shutdown (`nginx -s stop`): the master kills workers that linger.
+const THREAD_EXIT_WAIT_STOP: Duration = Duration::from_millis(500);
+
 /// How long a worker that was told to quit keeps waiting for running requests.
 const QUIT_GRACE: Duration = Duration::from_secs(30);
 
@@ -269,7 +272,14 @@ pub unsafe extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
     // Closing the channel ends each thread after its current request.
     drop(rt.jobs.lock().unwrap_or_else(|e| e.into_inner()).take());
     let threads = std::mem::take(&mut *rt.threads.lock().unwrap_or_else(|e| e.into_inner()));
-    let deadline = Instant::now() + THREAD_EXIT_WAIT;
+    // SAFETY: ngx_terminate is a flag the loop thread reads and nginx's signal handler sets.
+    let stopping = unsafe { ngx_terminate } != 0;
+    let deadline = Instant::now()
+        + if stopping {
+            THREAD_EXIT_WAIT_STOP
+        } else {
+            THREAD_EXIT_WAIT
+        };
     while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
