@@ -191,7 +191,7 @@ fn build_nginx() {
              ngx_(chain_get_free_buf|chain_update_chains|list_push|pnalloc|pcalloc|palloc|pool_cleanup_add|pool_cleanup_file|\
              connection_local_sockaddr|inet_get_port|handle_write_event)",
         )
-        .allowlist_var("NGX_OK|NGX_ERROR|NGX_AGAIN|NGX_DONE|NGX_DECLINED|NGX_HTTP_[A-Z_0-9]+|NGX_LOG_[A-Z]+|ngx_exiting|ngx_terminate|ngx_cycle")
+        .allowlist_var("NGX_OK|NGX_ERROR|NGX_AGAIN|NGX_DONE|NGX_DECLINED|NGX_HTTP_[A-Z_0-9]+|NGX_LOG_[A-Z]+|NGX_PROCESS_[A-Z]+|ngx_process|ngx_exiting|ngx_terminate|ngx_cycle")
         .derive_default(true)
         .layout_tests(false)
         .generate_comments(false);

@@ -131,6 +131,17 @@ def test_python_runs_on_module_threads_only():
         assert threads_of(srv.pid()) == 1
 
 
+def test_cache_helper_processes_do_not_start_python():
+    srv = make([Mount("/who", "serving.py", "whoami")], workers=1)
+    srv.http_extra = f"proxy_cache_path {srv.dir}/cache keys_zone=gatewaytest:1m;"
+    with srv:
+        assert get_json(srv, "/who")["pid"] in srv.children()
+        kids = srv.children()
+        assert len(kids) >= 2, kids  # the worker, the cache manager (and the loader for a while)
+        assert sorted(threads_of(k) for k in kids) == [1] * (len(kids) - 1) + [1 + 8]
+        assert len(srv.workers_started()) == 1
+
+
 def test_sleeping_request_does_not_delay_others_in_one_worker():
     with make([Mount("/slow", "battery.py", "slow"), Mount("/hello", "battery.py", "hello")], workers=1) as srv:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:

@@ -89,7 +89,9 @@ pub unsafe extern "C" fn gateway_init_process(
     let Some(cfg) = (unsafe { mcf.cast::<MainConfig>().as_ref() }) else {
         return NGX_OK as ngx_int_t;
     };
-    if cfg.apps == 0 {
+    // Cache manager and loader processes run init_process too, but serve no requests.
+    // SAFETY: ngx_process is set before init_process runs and only read here.
+    if cfg.apps == 0 || unsafe { ngx_process } == NGX_PROCESS_HELPER as ngx_uint_t {
         return NGX_OK as ngx_int_t;
     }
     crate::common::log::install(log_line);
