@@ -245,6 +245,28 @@ def test_http2_get_and_post():
         assert headers[":status"] == "200" and data == b"x" * (8 << 20)
 
 
+def test_http2_battery_behaviours():
+    mounts = [Mount(f"/{name}", "battery.py", name)
+              for name in ("hello", "cookies", "raise_before", "raise_midway", "filewrapper", "empty")]
+    with make(mounts, http2=True) as srv:
+        headers, data = h2_request(srv.h2_port, "GET", "/hello")
+        assert (headers[":status"], data) == ("200", b"Hello, world!")
+        headers, data = h2_request(srv.h2_port, "HEAD", "/hello")
+        assert (headers[":status"], headers["content-length"], data) == ("200", "13", b"")
+        headers, data = h2_request(srv.h2_port, "GET", "/empty")
+        assert (headers[":status"], data) == ("204", b"")
+        headers, data = h2_request(srv.h2_port, "GET", "/raise_before")
+        assert headers[":status"] == "500" and b"evil" not in data
+        # A response that breaks after its headers is reset, never completed.
+        with pytest.raises(AssertionError, match="stream reset"):
+            h2_request(srv.h2_port, "GET", "/raise_midway")
+        content = os.urandom(1 << 20)
+        srv.marker("h2file").write_bytes(content)
+        srv.marker("h2file").chmod(0o644)
+        headers, data = h2_request(srv.h2_port, "GET", "/filewrapper?file=h2file&token=h2")
+        assert headers[":status"] == "200" and data == content
+
+
 # --- Backpressure ---
 
 def test_slow_client_does_not_make_the_worker_grow():
