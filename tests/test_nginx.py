@@ -356,6 +356,32 @@ def test_reload_under_load_drops_nothing_and_leaks_no_thread():
         assert sum(threads_of(k) for k in last) == threads_before
 
 
+@pytest.mark.parametrize("blocks", [48, 52, 56, 64, 800])
+def test_client_that_stops_reading_times_out_and_does_not_hold_up_quit(blocks):
+    """Responses a little larger than the socket buffers end while the loop waits
+    for the client; large ones are cut short: either way the worker forgets them
+    when the client times out (a quitting worker waits for running requests)."""
+    srv = make([Mount("/big", "serving.py", "big")], workers=1, http_extra="send_timeout 1s;")
+    srv.start()
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", srv.port))
+            s.sendall(f"GET /big?blocks={blocks} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            try:
+                srv.wait_for_log("timed out", timeout=5)
+            except AssertionError:
+                pytest.skip("the socket buffers took the whole response: nothing to time out")
+            master = srv.pid()
+            start = time.monotonic()
+            srv.send_signal(signal.SIGQUIT)
+            while time.monotonic() - start < 15 and os.path.exists(f"/proc/{master}"):
+                time.sleep(0.05)
+            assert time.monotonic() - start < 5, "quit waited for a request that had already ended"
+    finally:
+        srv.stop()
+
+
 def test_quit_lets_a_running_request_finish():
     srv = make([Mount("/slow", "battery.py", "slow")])
     srv.start()

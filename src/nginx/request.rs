@@ -158,6 +158,17 @@ unsafe extern "C" fn request_gone(data: *mut c_void) {
         Ordering::Relaxed,
     );
     state.exchange.set_gone();
+    discard(&state.exchange);
+}
+
+/// Drops what a thread queued for a request that is over on the nginx side; only
+/// its End matters (the worker counts running applications). Loop thread only.
+fn discard(exchange: &Exchange) {
+    while let Some(piece) = exchange.pop() {
+        if matches!(piece, Piece::End(_)) {
+            runtime::job_done();
+        }
+    }
 }
 
 /// The body is read: snapshot the request and hand it to a Python thread.
@@ -553,13 +564,9 @@ pub fn on_ready(exchange: &Arc<Exchange>) {
         .loop_state
         .load(Ordering::Relaxed)
         .cast::<LoopState>();
-    if state.is_null() {
-        // The request is over on the nginx side: only the thread's End matters.
-        while let Some(piece) = exchange.pop() {
-            if matches!(piece, Piece::End(_)) {
-                runtime::job_done();
-            }
-        }
+    // SAFETY: a non-NULL loop_state is alive: the pool cleanup clears it before freeing it.
+    if state.is_null() || unsafe { (*state).detached } {
+        discard(exchange);
         return;
     }
     // SAFETY: a non-NULL loop_state is the live state of a live request (loop thread).

@@ -48,8 +48,8 @@ MARKERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def big(environ, start_response):
-    """?mib=N MiB of data, 64 KiB at a time; ?token=T: close() writes marker T."""
+    """?mib=N MiB (or ?blocks=N) of data, 64 KiB at a time; ?token=T: close() writes marker T."""
     query = parse_qs(environ.get("QUERY_STRING", ""))
-    mib = int(query.get("mib", ["200"])[0])
-    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(mib << 20))])
-    return _Blocks(mib * 16, query.get("token", [""])[0])
+    blocks = int(query.get("mib", ["200"])[0]) * 16 if "blocks" not in query else int(query["blocks"][0])
+    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(blocks << 16))])
+    return _Blocks(blocks, query.get("token", [""])[0])
