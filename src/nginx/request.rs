@@ -597,9 +597,10 @@ unsafe fn drain(raw: *mut LoopState) {
             return;
         }
         let Some(piece) = state.exchange.pop() else {
+            // Not all sent because the client is slow (not because nginx holds back a small
+            // unflushed piece on a writable socket): the send timeout applies.
             // SAFETY: state.r is live while the state is not detached.
-            if unsafe { state.pending() } > 0 {
-                // Not all sent yet: the send timeout applies while the client reads.
+            if unsafe { state.pending() > 0 && (*(*(*state.r).connection).write).ready() == 0 } {
                 // SAFETY: state.r is live; we return right after.
                 unsafe { wait_for_client(raw) };
             }
