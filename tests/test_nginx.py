@@ -159,6 +159,33 @@ def test_sleeping_request_does_not_delay_others_in_one_worker():
             assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slept")
 
 
+def test_client_leaving_a_silent_application_ends_the_request_at_once():
+    notice = "the client closed the connection while the application was running"
+    with make([Mount("/slow", "battery.py", "slow"), Mount("/hello", "battery.py", "hello")],
+              workers=1, http2=True) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(b"GET /slow?s=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+        start = time.monotonic()
+        srv.wait_for_log(notice, timeout=2)
+        assert time.monotonic() - start < 1.5, "nginx noticed only when the application wrote"
+        # HTTP/2: the client cancels the stream.
+        with socket.create_connection(("127.0.0.1", srv.h2_port), timeout=15) as s:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":path", "/slow?s=3"), (":scheme", "http"),
+                                  (":authority", "x")], end_stream=True)
+            s.sendall(conn.data_to_send())
+            time.sleep(0.3)
+            conn.reset_stream(1)
+            s.sendall(conn.data_to_send())
+            start = time.monotonic()
+            while time.monotonic() - start < 2 and srv.log_text().count(notice) < 2:
+                time.sleep(0.05)
+            assert srv.log_text().count(notice) == 2, srv.log_text()[-2000:]
+        assert srv.get("/hello")[1] == b"Hello, world!"
+
+
 # --- Bodies ---
 
 def test_body_spooled_to_a_temp_file_arrives_intact():

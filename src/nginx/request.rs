@@ -205,6 +205,7 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     // SAFETY: r is live on the loop thread for the whole call.
     unsafe {
         (*r).write_event_handler = Some(gateway_write_ready);
+        (*r).read_event_handler = Some(gateway_client_check);
     }
     // SAFETY: r is live on the loop thread for the whole call.
     let snapshot = unsafe { Snapshot::take(r) };
@@ -702,6 +703,55 @@ unsafe extern "C" fn gateway_write_ready(r: *mut ngx_http_request_t) {
         }
         state.release(std::ptr::null_mut());
         drain(raw);
+    }
+}
+
+/// Notices a client that closes its connection while the application runs without
+/// writing (a long poll, a slow computation): the request ends at once, and the
+/// application's next write fails, so that it stops and `close()` runs.
+unsafe extern "C" fn gateway_client_check(r: *mut ngx_http_request_t) {
+    // SAFETY: r is live; its ctx is our state while the pool lives.
+    let state = unsafe { gateway_ngx_get_ctx(r).cast::<LoopState>() };
+    // SAFETY: a non-NULL ctx is our state, alive as long as the request's pool.
+    if state.is_null() || unsafe { (*state).detached } {
+        return;
+    }
+    // SAFETY: nginx calls the read handler with a live request; we return right after finish.
+    unsafe {
+        let c = (*r).connection;
+        // HTTP/2 marks a reset stream's connection; HTTP/1 needs a look at the socket.
+        let gone = (*c).error() != 0 || ((*r).stream.is_null() && peer_closed((*c).fd));
+        if gone {
+            (*c).set_error(1);
+            log_request(
+                r,
+                log::Level::Info,
+                "the client closed the connection while the application was running",
+            );
+            finish(state, ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32));
+        }
+    }
+}
+
+/// Whether the peer of a connected socket has closed it (pipelined bytes are left unread).
+fn peer_closed(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: peeks at most one byte into a local.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => !matches!(
+            io::Error::last_os_error().kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+        ),
     }
 }
 
