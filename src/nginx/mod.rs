@@ -6,5 +6,6 @@
 mod config;
 mod exchange;
 mod ffi;
+mod handoff;
 mod request;
 mod runtime;
