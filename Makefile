@@ -2,6 +2,7 @@
 #
 #   make                 both modules (mod_gateway.so, ngx_http_gateway_module.so)
 #   make apache          only mod_gateway.so
+#   make nginx           only ngx_http_gateway_module.so (needs nginx-dev)
 #   make test            the test suite against the real servers
 #   make demo            a demo application served by Apache on localhost
 #
@@ -19,11 +20,13 @@ PY_LIBS := -L$(PY_LIBDIR) -Wl,-rpath,$(PY_LIBDIR) -lpython$(PY_LDVERSION)
 SYS_LIBS := -lpthread -ldl -lm -lutil -lgcc_s -lc
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all apache test demo check-python clean FORCE
+.PHONY: all apache nginx test demo check-python clean FORCE
 
-all: apache
+all: apache nginx
 
 apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
+
+nginx: $(MODULES)/ngx_http_gateway_module.so
 
 check-python:
 	@test -x "$(PYTHON)" || { echo "error: $(PYTHON) not found: install python3-dev or set PYTHON=/path/to/python3" >&2; exit 1; }
@@ -45,6 +48,15 @@ $(MODULES)/gateway-daemon: check-python FORCE
 	@mkdir -p $(MODULES)
 	install -m 0755 target/daemon/release/gateway-daemon $@
 
+# nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
+# (the generated module list that build.rs compiles into the staticlib).
+$(MODULES)/ngx_http_gateway_module.so: check-python FORCE
+	$(CARGO) build --release --features nginx --target-dir target/nginx
+	@mkdir -p $(MODULES)
+	$(CC) -shared -o $@ -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
+		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
+		target/nginx/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+
 test: all
 	tests/run
 
@@ -60,17 +72,21 @@ clean:
 #   make uninstall      removes everything install put there
 #
 # Other layouts: APACHE_MODDIR (default: apxs -q LIBEXECDIR), APACHE_CONFDIR,
-# NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, DESTDIR for staging.
+# NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, NGINX_ENABLEDDIR, DESTDIR for staging.
 
 APXS ?= apxs
 APACHE_MODDIR ?= $(shell $(APXS) -q LIBEXECDIR 2>/dev/null || echo /usr/lib/apache2/modules)
 APACHE_CONFDIR ?= /etc/apache2/mods-available
 
-.PHONY: install uninstall install-apache uninstall-apache
+NGINX_MODDIR ?= $(shell nginx -V 2>&1 | sed -n 's/.*--modules-path=\([^ ]*\).*/\1/p' | grep . || echo /usr/lib/nginx/modules)
+NGINX_CONFDIR ?= /usr/share/nginx/modules-available
+NGINX_ENABLEDDIR ?= /etc/nginx/modules-enabled
 
-install: install-apache
+.PHONY: install uninstall install-apache uninstall-apache install-nginx uninstall-nginx
 
-uninstall: uninstall-apache
+install: install-apache install-nginx
+
+uninstall: uninstall-apache uninstall-nginx
 
 install-apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
 	install -d $(DESTDIR)$(APACHE_MODDIR) $(DESTDIR)$(APACHE_CONFDIR)
@@ -84,3 +100,15 @@ uninstall-apache:
 	-[ -n "$(DESTDIR)" ] || ! command -v a2dismod >/dev/null || a2dismod -q gateway 2>/dev/null
 	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/gateway-daemon \
 		$(DESTDIR)$(APACHE_CONFDIR)/gateway.load
+
+# Debian enables a module by linking its snippet into /etc/nginx/modules-enabled/.
+install-nginx: $(MODULES)/ngx_http_gateway_module.so
+	install -d $(DESTDIR)$(NGINX_MODDIR) $(DESTDIR)$(NGINX_CONFDIR)
+	install -m 644 $(MODULES)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so
+	printf '# Gateway: Python WSGI applications in nginx (embedded or daemon mode)\nload_module %s/ngx_http_gateway_module.so;\n' \
+		"$(NGINX_MODDIR)" > $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf
+	@echo "installed: enable with 'ln -s $(NGINX_CONFDIR)/mod-http-gateway.conf $(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf'"
+
+uninstall-nginx:
+	rm -f $(DESTDIR)$(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf
+	rm -f $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf

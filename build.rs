@@ -9,6 +9,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=APXS");
+    println!("cargo:rerun-if-env-changed=NGINX_SRC");
     let apache = env::var_os("CARGO_FEATURE_APACHE").is_some();
     let nginx = env::var_os("CARGO_FEATURE_NGINX").is_some();
     if apache && nginx {
@@ -144,6 +145,154 @@ fn build_apache() {
     bindings.write_to_file(out).expect("write Apache bindings");
 }
 
+/// Where nginx-dev puts the sources Debian's nginx was built from.
+const NGINX_SRC: &str = "/usr/share/nginx/src";
+
+/// The directory of the shim with its nginx add-on `config` file.
+const NGINX_ADDON: &str = "c-shim/nginx";
+
+/// Struct layouts of nginx depend on its version and configure flags, so the shim and
+/// the bindings are built against a copy of the distribution's sources configured with
+/// the distribution's flags (`conf_flags`), plus this module as a dynamic add-on.
 fn build_nginx() {
-    fail("the nginx module is not part of this build yet");
+    let src = PathBuf::from(env::var("NGINX_SRC").unwrap_or_else(|_| NGINX_SRC.into()));
+    for needed in ["configure", "conf_flags", "src/core/nginx.h"] {
+        if !src.join(needed).exists() {
+            fail(&format!(
+                "nginx sources not found ({} is missing): install them (Debian: apt-get install nginx-dev) or set NGINX_SRC=/path/to/configured-source-tree",
+                src.join(needed).display()
+            ));
+        }
+    }
+    let version = nginx_version(&src);
+    let addon = Path::new(env!("CARGO_MANIFEST_DIR")).join(NGINX_ADDON);
+    println!("cargo:rerun-if-changed={}", addon.join("config").display());
+    let tree = configured_nginx(&src, &version, &addon);
+    let objs = tree.join("objs");
+    let includes: Vec<PathBuf> = [
+        "src/core",
+        "src/event",
+        "src/event/modules",
+        "src/os/unix",
+        "src/http",
+        "src/http/modules",
+        "src/http/v2",
+    ]
+    .iter()
+    .map(|d| tree.join("src").join(d))
+    .chain([objs.clone()])
+    .collect();
+
+    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim/ngx_http_gateway_module.c");
+    println!("cargo:rerun-if-changed={}", shim.display());
+    let mut cc = cc::Build::new();
+    cc.file(&shim)
+        .file(objs.join("ngx_http_gateway_module_modules.c"));
+    cc.warnings(true)
+        .flag_if_supported("-Wpointer-arith")
+        .flag_if_supported("-Wno-unused-parameter");
+    for dir in &includes {
+        cc.include(dir);
+    }
+    cc.compile("gateway_nginx_shim");
+
+    check_libclang();
+    let mut bg = bindgen::Builder::default()
+        .header_contents("nginx.h", "#include <ngx_config.h>\n#include <ngx_core.h>\n#include <ngx_http.h>\n")
+        .allowlist_type(
+            "ngx_http_request_t|ngx_conf_t|ngx_command_t|ngx_http_core_loc_conf_t|ngx_http_core_srv_conf_t|ngx_buf_t|ngx_chain_t|\
+             ngx_table_elt_t|ngx_list_part_t|ngx_pool_cleanup_t|ngx_pool_cleanup_file_t|ngx_connection_t|ngx_event_t|ngx_cycle_t|\
+             ngx_http_request_body_t|ngx_file_t|ngx_module_t",
+        )
+        .allowlist_function(
+            "ngx_http_(read_client_request_body|finalize_request|send_header|output_filter|send_special|run_posted_requests|request_empty_handler|block_reading)|\
+             ngx_(chain_get_free_buf|chain_update_chains|list_push|pnalloc|pcalloc|palloc|pool_cleanup_add|pool_cleanup_file|\
+             connection_local_sockaddr|inet_get_port|handle_write_event)",
+        )
+        .allowlist_var("NGX_OK|NGX_ERROR|NGX_AGAIN|NGX_DONE|NGX_DECLINED|NGX_HTTP_[A-Z_0-9]+|NGX_LOG_[A-Z]+|NGX_PROCESS_[A-Z]+|ngx_process|ngx_exiting|ngx_terminate|ngx_cycle")
+        .derive_default(true)
+        .layout_tests(false)
+        .generate_comments(false);
+    for dir in &includes {
+        bg = bg.clang_arg(format!("-I{}", dir.display()));
+    }
+    let bindings = bg
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("generating nginx bindings failed: {e}")));
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("nginx_bindings.rs");
+    bindings.write_to_file(out).expect("write nginx bindings");
+}
+
+/// The version in the sources' `nginx.h`.
+fn nginx_version(src: &Path) -> String {
+    let header = std::fs::read_to_string(src.join("src/core/nginx.h")).unwrap_or_default();
+    header
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("#define NGINX_VERSION")
+                .map(|v| v.trim().trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| fail("cannot find NGINX_VERSION in the nginx sources' src/core/nginx.h"))
+}
+
+/// A configured copy of the nginx sources, made once per nginx version and add-on
+/// `config` (configure takes seconds) and kept in the cargo target directory.
+fn configured_nginx(src: &Path, version: &str, addon: &Path) -> PathBuf {
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    // The target directory is marked by cargo's CACHEDIR.TAG; OUT_DIR changes with every build hash.
+    let cache = out
+        .ancestors()
+        .find(|d| d.join("CACHEDIR.TAG").exists())
+        .unwrap_or(&out)
+        .join(format!("nginx-{version}"));
+    let key = format!(
+        "{version}\n{}\n{}\n",
+        std::fs::read_to_string(src.join("conf_flags")).unwrap_or_default(),
+        std::fs::read_to_string(addon.join("config")).unwrap_or_default()
+    );
+    let stamp = cache.join("configured");
+    if std::fs::read_to_string(&stamp).is_ok_and(|k| k == key)
+        && cache
+            .join("objs/ngx_http_gateway_module_modules.c")
+            .exists()
+    {
+        return cache;
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&cache)
+        .unwrap_or_else(|e| fail(&format!("cannot create {}: {e}", cache.display())));
+    // The distribution's tree is read-only: configure a copy.
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(cache.join("src"))
+        .status();
+    if !copied.is_ok_and(|s| s.success()) {
+        fail(&format!(
+            "copying {} to {} failed",
+            src.display(),
+            cache.display()
+        ));
+    }
+    let script = format!(
+        ". ./conf_flags && ./configure \"${{NGX_CONF_FLAGS[@]}}\" --add-dynamic-module='{}' --builddir='{}'",
+        addon.display(),
+        cache.join("objs").display()
+    );
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cache.join("src"))
+        .output();
+    match output {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => fail(&format!(
+            "configuring the nginx sources failed (missing build dependencies of nginx? Debian: apt-get build-dep nginx):\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )),
+        Err(e) => fail(&format!("cannot run bash to configure the nginx sources: {e}")),
+    }
+    std::fs::write(&stamp, key).expect("write the configure stamp");
+    cache
 }

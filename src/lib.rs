@@ -15,3 +15,6 @@ pub mod python;
 
 #[cfg(feature = "apache")]
 pub mod apache;
+
+#[cfg(feature = "nginx")]
+pub mod nginx;

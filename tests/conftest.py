@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import MODULES, Apache, Mount, Settings  # noqa: E402
+from harness import MODULES, Apache, Mount, Nginx, Settings  # noqa: E402
 
 # The virtualenv the tests run from doubles as the applications' virtualenv
 # (Flask and numpy live only there).
@@ -51,6 +51,8 @@ def make_server(kind, mounts, settings=None):
     (the event MPM forwarding every mount to a daemon group) or 'nginx'."""
     if kind.startswith("apache-"):
         return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
+    if kind == "nginx":
+        return Nginx(mounts, settings)
     raise ValueError(kind)
 
 
@@ -60,6 +62,8 @@ def available_servers():
         kinds += ["apache-event", "apache-prefork"]
         if (MODULES / "gateway-daemon").exists():
             kinds += ["apache-event-daemon", "apache-prefork-daemon"]
+    if (MODULES / "ngx_http_gateway_module.so").exists():
+        kinds.append("nginx")
     return kinds
 
 

@@ -286,3 +286,129 @@ class Apache(Server):
         pid = self.pid()
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
+
+
+class Nginx(Server):
+    """Debian's nginx with ngx_http_gateway_module.so. Each Mount becomes a
+    `location PREFIX { gateway_app ...; }`; mounts with a vhost go to a `server`
+    block of that name (nginx server blocks do not inherit locations)."""
+
+    name = "nginx"
+
+    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True):
+        self.workers = workers
+        self.sendfile = sendfile
+        self.threads = threads
+        self.http_extra = http_extra
+        super().__init__(mounts, settings)
+        self.h2_port = free_port() if http2 else None
+        self.conf = self.dir / "nginx.conf"
+
+    def write_config(self) -> Path:
+        s = self.settings
+        d = self.dir
+        http = [
+            "access_log off;",
+            "client_max_body_size 0;",
+            "keepalive_timeout 5;",
+            f"sendfile {'on' if self.sendfile else 'off'};",
+            f"client_body_temp_path {d}/tmp-body;",
+            f"proxy_temp_path {d}/tmp-proxy;",
+            f"fastcgi_temp_path {d}/tmp-fastcgi;",
+            f"uwsgi_temp_path {d}/tmp-uwsgi;",
+            f"scgi_temp_path {d}/tmp-scgi;",
+        ]
+        if s.python_home:
+            http.append(f"gateway_python_home {s.python_home};")
+        if s.python_path:
+            http.append(f"gateway_python_path {':'.join(s.python_path)};")
+        if self.threads:
+            http.append(f"gateway_threads {self.threads};")
+        http += [self.http_extra, s.extra]
+        servers: dict[str | None, list[Mount]] = {None: []}
+        for m in self.mounts:
+            servers.setdefault(m.vhost, []).append(m)
+        for host, ms in servers.items():
+            listen = [f"listen 127.0.0.1:{self.port}{' default_server' if host is None else ''};"]
+            if self.h2_port:
+                listen.append(f"listen 127.0.0.1:{self.h2_port}{' default_server' if host is None else ''} http2;")
+            body = listen + [f"server_name {host or 'default.test'};"] + [self.location(m) for m in ms]
+            http.append("server {\n    " + "\n    ".join(body) + "\n}")
+        lines = [
+            f"load_module {MODULES}/ngx_http_gateway_module.so;",
+            f"user {RUN_USER};" if os.geteuid() == 0 else "",
+            f"worker_processes {self.workers};",
+            f"pid {d}/nginx.pid;",
+            f"error_log {self.error_log} info;",
+            "events {\n    worker_connections 1024;\n}",
+            "http {\n" + "\n".join("  " + line for line in "\n".join(http).splitlines()) + "\n}",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.chmod(0o644)
+        return self.conf
+
+    def location(self, m: Mount) -> str:
+        target = self.script_path(m.script)
+        if m.callable != "application":
+            target += f":{m.callable}"
+        mode = "" if m.mode == "embedded" else f" gateway_mode {m.mode};"
+        return f"location {m.prefix} {{ gateway_app {target};{mode} }}"
+
+    def nginx(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(["nginx", "-p", str(self.dir), "-c", str(self.conf), *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def configtest(self) -> subprocess.CompletedProcess:
+        self.write_config()
+        return self.nginx("-t")
+
+    def start(self):
+        self.write_config()
+        r = self.nginx()
+        if r.returncode != 0:
+            raise RuntimeError(f"nginx failed to start:\n{r.stdout}{r.stderr}\n{self.log_text()}")
+        wait_for_port(self.port)
+        # Workers start Python after the master listens: wait until each has.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(self.workers_started()) < self.workers and self.mounts:
+            time.sleep(0.05)
+
+    def workers_started(self) -> list[str]:
+        return [line for line in self.log_text().splitlines() if "started Python with" in line]
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "nginx.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def send_signal(self, sig):
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, sig)
+
+    def reload(self):
+        self.send_signal(signal.SIGHUP)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def children(self) -> list[int]:
+        """Pids of the worker processes."""
+        pid = self.pid()
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]

@@ -93,6 +93,10 @@ def test_multithread_follows_the_server(server):
         # The battery's group: processes=2 threads=4.
         assert env["wsgi.multithread"] is True
         assert env["wsgi.multiprocess"] is True
+    elif server.name == "nginx":
+        # Two workers, each with several Python threads (gateway_threads).
+        assert env["wsgi.multithread"] is True
+        assert env["wsgi.multiprocess"] is True
 
 
 def test_spoofable_headers_are_dropped(server):

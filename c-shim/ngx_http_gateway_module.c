@@ -1,0 +1,239 @@
+/*
+ * ngx_http_gateway_module: the nginx side of Gateway.
+ *
+ * This file holds what only C does well here: the module and its context, the
+ * directive table, the phase handlers nginx calls, and small helpers built from
+ * nginx macros. Everything else (configuration values, the environ, the Python
+ * threads, the response) is Rust, in src/nginx/.
+ */
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+/* Implemented in Rust: src/nginx/config.rs */
+void *gateway_create_main_conf(ngx_conf_t *cf);
+void *gateway_create_loc_conf(ngx_conf_t *cf);
+char *gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
+char *gateway_conf_app(ngx_conf_t *cf, void *lcf, void *mcf,
+                       ngx_http_core_loc_conf_t *clcf);
+char *gateway_conf_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_daemon(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_python_home(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_python_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+
+/* Implemented in Rust: src/nginx/runtime.rs and src/nginx/request.rs */
+ngx_int_t gateway_init_process(ngx_cycle_t *cycle, void *mcf,
+                               ngx_int_t worker_processes);
+void gateway_exit_process(ngx_cycle_t *cycle);
+ngx_int_t gateway_handle_request(ngx_http_request_t *r, void *lcf);
+
+static char *ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_gateway_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_gateway_init_process(ngx_cycle_t *cycle);
+static void ngx_http_gateway_exit_process(ngx_cycle_t *cycle);
+
+static ngx_command_t  ngx_http_gateway_commands[] = {
+
+    { ngx_string("gateway_app"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_gateway_app,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_mode"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
+      gateway_conf_mode,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_daemon"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      gateway_conf_daemon,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_python_home"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      gateway_conf_python_home,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_python_path"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      gateway_conf_python_path,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_threads"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      gateway_conf_threads,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_gateway_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    gateway_create_main_conf,              /* create main configuration */
+    NULL,                                  /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    gateway_create_loc_conf,               /* create location configuration */
+    gateway_merge_loc_conf                 /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_gateway_module = {
+    NGX_MODULE_V1,
+    &ngx_http_gateway_module_ctx,          /* module context */
+    ngx_http_gateway_commands,             /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    ngx_http_gateway_init_process,         /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    ngx_http_gateway_exit_process,         /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+/* gateway_app: the location's content handler becomes the gateway's. */
+static char *
+ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char                      *rv;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    rv = gateway_conf_app(cf, conf,
+                          ngx_http_conf_get_module_main_conf(cf, ngx_http_gateway_module),
+                          clcf);
+    if (rv == NGX_CONF_OK) {
+        clcf->handler = ngx_http_gateway_handler;
+    }
+
+    return rv;
+}
+
+
+/* Content phase: hand the request to the Python threads. */
+static ngx_int_t
+ngx_http_gateway_handler(ngx_http_request_t *r)
+{
+    return gateway_handle_request(r,
+               ngx_http_get_module_loc_conf(r, ngx_http_gateway_module));
+}
+
+
+/* Worker start: Python and its threads start here, never in the master. */
+static ngx_int_t
+ngx_http_gateway_init_process(ngx_cycle_t *cycle)
+{
+    ngx_core_conf_t  *ccf;
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    return gateway_init_process(cycle,
+               ngx_http_cycle_get_module_main_conf(cycle, ngx_http_gateway_module),
+               ccf->master ? ccf->worker_processes : 1);
+}
+
+
+static void
+ngx_http_gateway_exit_process(ngx_cycle_t *cycle)
+{
+    gateway_exit_process(cycle);
+}
+
+
+/* Helpers for Rust, made of nginx macros. */
+
+void
+gateway_ngx_log(ngx_log_t *log, ngx_uint_t level, const char *msg)
+{
+    ngx_log_error(level, log, 0, "%s", msg);
+}
+
+
+void *
+gateway_ngx_get_ctx(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_ctx(r, ngx_http_gateway_module);
+}
+
+
+void
+gateway_ngx_set_ctx(ngx_http_request_t *r, void *ctx)
+{
+    ngx_http_set_ctx(r, ctx, ngx_http_gateway_module);
+}
+
+
+ngx_http_core_loc_conf_t *
+gateway_ngx_core_loc_conf(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+}
+
+
+ngx_http_core_srv_conf_t *
+gateway_ngx_core_srv_conf(ngx_http_request_t *r)
+{
+    return ngx_http_get_module_srv_conf(r, ngx_http_core_module);
+}
+
+
+void
+gateway_ngx_add_timer(ngx_event_t *ev, ngx_msec_t ms)
+{
+    ngx_add_timer(ev, ms);
+}
+
+
+void
+gateway_ngx_del_timer(ngx_event_t *ev)
+{
+    if (ev->timer_set) {
+        ngx_del_timer(ev);
+    }
+}
+
+
+/* Watch fd (an eventfd) for reading, level-triggered, as a connection of its own. */
+ngx_connection_t *
+gateway_ngx_watch_fd(ngx_cycle_t *cycle, ngx_fd_t fd, ngx_event_handler_pt handler)
+{
+    ngx_connection_t  *c;
+
+    c = ngx_get_connection(fd, cycle->log);
+    if (c == NULL) {
+        return NULL;
+    }
+
+    c->read->handler = handler;
+    c->read->log = cycle->log;
+
+    if (ngx_add_event(c->read, NGX_READ_EVENT, 0) != NGX_OK) {
+        ngx_free_connection(c);
+        return NULL;
+    }
+
+    return c;
+}

@@ -1,0 +1,346 @@
+//! The nginx directives: the module's http-level (main) and location records,
+//! their merging, and one handler per directive. nginx adds the file and line to
+//! every error a handler returns.
+
+use std::ffi::{c_char, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::ffi::*;
+use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+
+/// Python threads per worker when `gateway_threads` is not set: enough that a few
+/// slow requests (sleeps, upstream calls) do not hold up the rest, few enough that
+/// CPU-bound applications do not spend their time handing the GIL around.
+pub const DEFAULT_THREADS: usize = 8;
+
+/// The most threads `gateway_threads` accepts.
+const MAX_THREADS: usize = 1024;
+
+/// The http-level settings: the interpreter of every worker.
+#[derive(Debug, Default)]
+pub struct MainConfig {
+    pub python_home: Option<PathBuf>,
+    pub python_path: Vec<PathBuf>,
+    pub threads: Option<usize>,
+    pub daemons: Vec<DaemonOptions>,
+    /// How many locations serve an application: workers start Python only if any do.
+    pub apps: usize,
+}
+
+/// An application mounted by `gateway_app` in one location.
+#[derive(Debug)]
+pub struct Mount {
+    pub app: AppSpec,
+    /// SCRIPT_NAME: the location's prefix without a trailing slash; None for regex
+    /// and named locations, whose SCRIPT_NAME is empty.
+    pub prefix: Option<Vec<u8>>,
+}
+
+impl Mount {
+    /// SCRIPT_NAME and PATH_INFO for a request's decoded path. A path that does not
+    /// continue the prefix at a `/` (location `/app` asked for `/apple`) gets an empty
+    /// SCRIPT_NAME, so that PATH_INFO still starts with `/`.
+    pub fn split<'a>(&'a self, uri: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        match &self.prefix {
+            Some(p) if uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/') => {
+                (p, &uri[p.len()..])
+            }
+            _ => (b"", uri),
+        }
+    }
+}
+
+/// A location's settings.
+#[derive(Debug, Default)]
+pub struct LocConfig {
+    pub mount: Option<Arc<Mount>>,
+    pub mode: Option<Mode>,
+}
+
+/// Moves `value` into memory owned by `pool`: it is dropped with the pool.
+fn pool_owned<T>(pool: *mut ngx_pool_t, value: T) -> *mut c_void {
+    unsafe extern "C" fn drop_box<T>(data: *mut c_void) {
+        // SAFETY: data came from Box::into_raw below and the pool runs this once.
+        drop(unsafe { Box::from_raw(data.cast::<T>()) });
+    }
+    // SAFETY: pool is a live configuration pool; the cleanup frees the box with it.
+    let cln = unsafe { ngx_pool_cleanup_add(pool, 0) };
+    if cln.is_null() {
+        return std::ptr::null_mut();
+    }
+    let ptr = Box::into_raw(Box::new(value)).cast::<c_void>();
+    // SAFETY: cln is a fresh cleanup record of pool.
+    unsafe {
+        (*cln).handler = Some(drop_box::<T>);
+        (*cln).data = ptr;
+    }
+    ptr
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: nginx passes its live configuration context.
+    pool_owned(unsafe { (*cf).pool }, MainConfig::default())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: as above.
+    pool_owned(unsafe { (*cf).pool }, LocConfig::default())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    parent: *mut c_void,
+    child: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes two records made by gateway_create_loc_conf.
+    let (parent, child) = unsafe {
+        (
+            &*parent.cast::<LocConfig>(),
+            &mut *child.cast::<LocConfig>(),
+        )
+    };
+    if child.mode.is_none() {
+        child.mode = parent.mode.clone();
+    }
+    std::ptr::null_mut()
+}
+
+/// The arguments of one directive, and how to read its paths.
+struct Args<'a> {
+    values: Vec<&'a str>,
+    /// nginx's prefix (`-p`): relative paths are relative to it, as for nginx's own directives.
+    prefix: &'a Path,
+}
+
+impl<'a> Args<'a> {
+    /// The arguments of the directive `cf` is parsing, without its name.
+    ///
+    /// # Safety
+    /// `cf` must be nginx's live configuration context inside a directive handler.
+    unsafe fn of(cf: *mut ngx_conf_t) -> Result<Args<'a>, ConfigError> {
+        // SAFETY: cf->args is the array of ngx_str_t nginx parsed for this directive, and
+        // cf->cycle->prefix is set for the whole configuration pass; both outlive the handler.
+        let (all, prefix) = unsafe {
+            let a = &*(*cf).args;
+            (
+                std::slice::from_raw_parts(a.elts.cast::<ngx_str_t>(), a.nelts),
+                str_bytes(&(*(*cf).cycle).prefix),
+            )
+        };
+        let utf8 = |b: &'a [u8]| {
+            std::str::from_utf8(b).map_err(|_| ConfigError("arguments must be UTF-8".into()))
+        };
+        Ok(Args {
+            values: all
+                .iter()
+                .skip(1)
+                // SAFETY: each ngx_str_t of the array points into the configuration buffer.
+                .map(|s| utf8(unsafe { str_bytes(s) }))
+                .collect::<Result<_, _>>()?,
+            prefix: Path::new(utf8(prefix)?),
+        })
+    }
+
+    fn path(&self, path: &str) -> PathBuf {
+        self.prefix.join(path)
+    }
+}
+
+/// Runs a directive handler on its record of type `T` and turns its result into
+/// what nginx expects: NGX_CONF_OK (NULL) or a message in the configuration pool,
+/// which nginx prints after the directive's name and before its file and line.
+///
+/// # Safety
+/// `cf` must be the live configuration context and `conf` the record of type `T`
+/// that the directive table's offset selects.
+unsafe fn directive<T>(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+    handler: impl FnOnce(&mut T, &Args<'_>) -> Result<(), ConfigError>,
+) -> *mut c_char {
+    // SAFETY: guaranteed by the caller.
+    let r =
+        unsafe { Args::of(cf) }.and_then(|args| handler(unsafe { &mut *conf.cast::<T>() }, &args));
+    let Err(e) = r else {
+        return std::ptr::null_mut();
+    };
+    let msg = CString::new(e.0.replace('\0', "\\0")).unwrap_or_default();
+    let bytes = msg.as_bytes_with_nul();
+    // SAFETY: cf->pool is live; the copy (with its NUL) fits the allocation.
+    unsafe {
+        let p = ngx_pnalloc((*cf).pool, bytes.len()).cast::<u8>();
+        if p.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        p.cast()
+    }
+}
+
+fn duplicate() -> ConfigError {
+    ConfigError("is duplicate".into())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_app(
+    cf: *mut ngx_conf_t,
+    lcf: *mut c_void,
+    mcf: *mut c_void,
+    clcf: *mut ngx_http_core_loc_conf_t,
+) -> *mut c_char {
+    // SAFETY: the shim passes the main record and the location's core record of this location;
+    // lcf is this location's record of this module.
+    let (mcf, clcf) = unsafe { (&mut *mcf.cast::<MainConfig>(), &*clcf) };
+    // SAFETY: the location's name lives in the configuration pool.
+    let name = unsafe { str_bytes(&clcf.name) };
+    let prefix = (clcf.regex.is_null() && clcf.named() == 0).then(|| {
+        let mut p = name.to_vec();
+        while p.last() == Some(&b'/') {
+            p.pop();
+        }
+        p
+    });
+    // SAFETY: see above.
+    unsafe {
+        directive(cf, lcf, |lcf: &mut LocConfig, args| {
+            if lcf.mount.is_some() {
+                return Err(duplicate());
+            }
+            let spec = args.values[0];
+            let (file, callable) = match spec.rsplit_once(':') {
+                Some((file, callable)) if !callable.contains('/') => (file, Some(callable)),
+                _ => (spec, None),
+            };
+            let file = args.path(file);
+            let full = match callable {
+                Some(c) => format!("{}:{c}", file.display()),
+                None => file.display().to_string(),
+            };
+            lcf.mount = Some(Arc::new(Mount {
+                app: AppSpec::parse(&full)?,
+                prefix,
+            }));
+            mcf.apps += 1;
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_mode(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_LOC_CONF_OFFSET: conf is a LocConfig.
+    unsafe {
+        directive(cf, conf, |lcf: &mut LocConfig, args| {
+            if lcf.mode.is_some() {
+                return Err(duplicate());
+            }
+            let mode = Mode::parse(&args.values)?;
+            if let Mode::Daemon(name) = &mode {
+                return Err(ConfigError(format!(
+                    "daemon mode (group '{name}') is not available in this build yet; use 'gateway_mode embedded'"
+                )));
+            }
+            lcf.mode = Some(mode);
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_daemon(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            let options = DaemonOptions::parse(&args.values)?;
+            if mcf.daemons.iter().any(|d| d.name == options.name) {
+                return Err(ConfigError(format!(
+                    "daemon process group '{}' is already defined",
+                    options.name
+                )));
+            }
+            mcf.daemons.push(options);
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_python_home(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            if mcf.python_home.is_some() {
+                return Err(duplicate());
+            }
+            let dir = args.path(args.values[0]);
+            if !dir.is_dir() {
+                return Err(ConfigError(format!(
+                    "'{}' is not a directory (expected a virtualenv or a Python prefix)",
+                    dir.display()
+                )));
+            }
+            mcf.python_home = Some(dir);
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_python_path(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            let dirs = split_path_list(args.values[0])
+                .into_iter()
+                .map(|d| args.prefix.join(d));
+            mcf.python_path.extend(dirs);
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_threads(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            if mcf.threads.is_some() {
+                return Err(duplicate());
+            }
+            let value = args.values[0];
+            match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_THREADS).contains(&n) => mcf.threads = Some(n),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
+                    )))
+                }
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! What a Python thread hands to the event loop for one request: a bounded queue
+//! of response pieces. The thread blocks while the queue is full (backpressure from
+//! a slow client reaches the application); the loop is woken once per batch.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicPtr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::python::{Header, Outcome};
+
+/// Bytes a request may have queued for the loop before its thread waits.
+const QUEUE_LIMIT: usize = 256 * 1024;
+
+/// One piece of a response, in the order the application produced them.
+pub enum Piece {
+    Start {
+        status: u16,
+        status_line: String,
+        headers: Vec<Header>,
+    },
+    Data {
+        data: Vec<u8>,
+        flush: bool,
+    },
+    /// A duplicate of the application's file descriptor: the request owns it.
+    File {
+        fd: OwnedFd,
+        offset: u64,
+        len: u64,
+    },
+    /// The application is done; always the last piece, even when the client left.
+    End(Outcome),
+}
+
+impl Piece {
+    fn size(&self) -> usize {
+        match self {
+            Piece::Data { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    pieces: VecDeque<Piece>,
+    bytes: usize,
+    /// The loop will look at this queue again without being woken.
+    scheduled: bool,
+    /// The request is over on the nginx side: writes fail from now on.
+    gone: bool,
+    /// The thread waits for room (saves a wake-up syscall when it does not).
+    waiting: bool,
+}
+
+/// The shared state of one request between its Python thread and the loop.
+#[derive(Default)]
+pub struct Exchange {
+    queue: Mutex<Queue>,
+    space: Condvar,
+    /// The loop's state of this request while nginx still has it; touched by the
+    /// loop thread only.
+    pub loop_state: AtomicPtr<c_void>,
+}
+
+impl Exchange {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a piece for the loop, waiting while the queue is full. Fails once
+    /// the request is gone, except for `End`, which always reaches the loop.
+    pub fn push(
+        self: &Arc<Self>,
+        piece: Piece,
+        wake: impl FnOnce(Arc<Exchange>),
+    ) -> io::Result<()> {
+        let size = piece.size();
+        let end = matches!(piece, Piece::End(_));
+        let mut q = self.lock();
+        if !end {
+            loop {
+                if q.gone {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the client closed the connection",
+                    ));
+                }
+                if q.bytes == 0 || q.bytes + size <= QUEUE_LIMIT {
+                    break;
+                }
+                q.waiting = true;
+                q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        q.bytes += size;
+        q.pieces.push_back(piece);
+        let schedule = !q.scheduled;
+        q.scheduled = true;
+        drop(q);
+        if schedule {
+            wake(self.clone());
+        }
+        Ok(())
+    }
+
+    /// The next piece for the loop. An empty queue is no longer scheduled: the
+    /// next push wakes the loop.
+    pub fn pop(&self) -> Option<Piece> {
+        let mut q = self.lock();
+        let piece = q.pieces.pop_front();
+        match &piece {
+            Some(p) => {
+                q.bytes -= p.size();
+                if q.waiting && q.bytes <= QUEUE_LIMIT / 2 {
+                    q.waiting = false;
+                    self.space.notify_all();
+                }
+            }
+            None => q.scheduled = false,
+        }
+        piece
+    }
+
+    /// Marks the request as over on the nginx side: the thread's writes fail, a
+    /// thread waiting for room wakes up, and its `End` wakes the loop.
+    pub fn set_gone(&self) {
+        let mut q = self.lock();
+        q.gone = true;
+        q.scheduled = false;
+        self.space.notify_all();
+    }
+}
