@@ -51,7 +51,7 @@ $(MODULES)/gateway-daemon: check-python FORCE
 # nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
 # (the generated module list that build.rs compiles into the staticlib).
 $(MODULES)/ngx_http_gateway_module.so: check-python FORCE
-	$(CARGO) build --release --features nginx --target-dir target/nginx
+	$(CARGO) build --release --lib --features nginx --target-dir target/nginx
 	@mkdir -p $(MODULES)
 	$(CC) -shared -o $@ -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
 		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
