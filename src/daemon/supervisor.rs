@@ -664,6 +664,7 @@ impl Supervisor {
                 continue;
             };
             let how = describe_status(status);
+            self.prune_exit_records();
             let record = exit_record_path(&self.config.run_dir, pid as u32);
             if fs::write(&record, &how).is_ok() {
                 let _ = fs::set_permissions(&record, fs::Permissions::from_mode(0o644));
@@ -682,6 +683,23 @@ impl Supervisor {
                 group.next_start = Instant::now() + delay;
             } else {
                 log::error!("daemon process {pid} of group '{name}' {how}; starting a replacement");
+            }
+        }
+    }
+
+    /// Removes exit records old enough that no client still waits for them (a
+    /// long-lived server recycles processes without end).
+    fn prune_exit_records(&self) {
+        let Ok(entries) = fs::read_dir(&self.config.run_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+            if old && e.file_name().to_string_lossy().starts_with("exit-") {
+                let _ = fs::remove_file(e.path());
             }
         }
     }
