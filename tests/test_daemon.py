@@ -230,6 +230,18 @@ def test_a_request_stuck_outside_python_recycles_the_process_gently():
         assert get_json(srv, "/slow?s=0")["pid"] != pid
 
 
+def test_socket_timeout_answers_504_when_the_daemon_says_nothing():
+    srv = daemon_server([app("/slow", "slow")], {"g": "processes=1 threads=2 socket-timeout=1"})
+    with srv:
+        start = time.monotonic()
+        resp, _ = srv.get("/slow?s=3", timeout=30)
+        assert resp.status == 504
+        assert time.monotonic() - start < 2.5
+        log = srv.wait_for_log("sent nothing for socket-timeout=1s")
+        assert re.search(r"gateway: GET /slow\?s=3: daemon process \d+ of group 'g' sent nothing for socket-timeout=1s; answering 504", log)
+        assert get_json(srv, "/slow?s=0")["pid"]
+
+
 def test_graceful_restart_under_load_fails_nothing():
     title = f"gw-graceful-{token()}"
     srv = daemon_server([app("/slow", "slow")], {"g": f"processes=2 threads=4 display-name={title}"})
