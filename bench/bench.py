@@ -584,7 +584,7 @@ http {{
 {temp}
 {http_extra}
     server {{
-        listen {LOOPBACK}:{self.port};
+        listen {LOOPBACK}:{self.port} reuseport;
         server_name localhost;
         root {e.static};
 {locations}

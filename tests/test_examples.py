@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV
-from harness import ROOT, Apache, Settings
+from harness import MODULES, ROOT, Apache, Nginx, Settings
 
 EXAMPLES = sorted((ROOT / "conf").glob("*.conf"))
 
@@ -38,6 +38,19 @@ def test_every_example_shows_a_request():
 @pytest.mark.parametrize("example", [e for e in EXAMPLES if e.name.startswith("apache-")], ids=lambda p: p.name)
 def test_apache_example(example):
     srv = Apache([], Settings())
+    srv.settings.extra = localise(example.read_text(), srv)
+    result = srv.configtest()
+    assert result.returncode == 0, result.stdout + result.stderr
+    with srv:
+        for host, path in tries(example.read_text()):
+            resp, data = srv.get(path, host=host)
+            assert resp.status == 200, (host, path, resp.status, data[:300], srv.log_text()[-2000:])
+
+
+@pytest.mark.skipif(not (MODULES / "ngx_http_gateway_module.so").exists(), reason="the nginx module is not built")
+@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.name.startswith("nginx-")], ids=lambda p: p.name)
+def test_nginx_example(example):
+    srv = Nginx([], Settings())
     srv.settings.extra = localise(example.read_text(), srv)
     result = srv.configtest()
     assert result.returncode == 0, result.stdout + result.stderr
