@@ -26,7 +26,7 @@ all: apache nginx
 
 apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
 
-nginx: $(MODULES)/ngx_http_gateway_module.so
+nginx: $(MODULES)/ngx_http_gateway_module.so $(MODULES)/gateway-daemon
 
 check-python:
 	@test -x "$(PYTHON)" || { echo "error: $(PYTHON) not found: install python3-dev or set PYTHON=/path/to/python3" >&2; exit 1; }

@@ -13,15 +13,22 @@
 
 /* Implemented in Rust: src/nginx/config.rs */
 void *gateway_create_main_conf(ngx_conf_t *cf);
+char *gateway_init_main_conf(ngx_conf_t *cf, void *conf);
 void *gateway_create_loc_conf(ngx_conf_t *cf);
-char *gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child);
+char *gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child,
+                             void *mcf);
 char *gateway_conf_app(ngx_conf_t *cf, void *lcf, void *mcf,
                        ngx_http_core_loc_conf_t *clcf);
-char *gateway_conf_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_mode(ngx_conf_t *cf, void *lcf, void *mcf);
 char *gateway_conf_daemon(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_python_home(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_python_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+
+/* Implemented in Rust: src/nginx/daemons.rs */
+ngx_int_t gateway_init_module(ngx_cycle_t *cycle, void *mcf, ngx_uint_t test,
+                              ngx_uid_t user, ngx_gid_t group, ngx_str_t *pid,
+                              ngx_uint_t daemonizing);
 
 /* Implemented in Rust: src/nginx/runtime.rs and src/nginx/request.rs */
 ngx_int_t gateway_init_process(ngx_cycle_t *cycle, void *mcf,
@@ -30,6 +37,10 @@ void gateway_exit_process(ngx_cycle_t *cycle);
 ngx_int_t gateway_handle_request(ngx_http_request_t *r, void *lcf);
 
 static char *ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_gateway_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static ngx_int_t ngx_http_gateway_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_gateway_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_gateway_init_process(ngx_cycle_t *cycle);
 static void ngx_http_gateway_exit_process(ngx_cycle_t *cycle);
@@ -45,7 +56,7 @@ static ngx_command_t  ngx_http_gateway_commands[] = {
 
     { ngx_string("gateway_mode"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
-      gateway_conf_mode,
+      ngx_http_gateway_mode,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
@@ -87,13 +98,13 @@ static ngx_http_module_t  ngx_http_gateway_module_ctx = {
     NULL,                                  /* postconfiguration */
 
     gateway_create_main_conf,              /* create main configuration */
-    NULL,                                  /* init main configuration */
+    gateway_init_main_conf,                /* init main configuration */
 
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
 
     gateway_create_loc_conf,               /* create location configuration */
-    gateway_merge_loc_conf                 /* merge location configuration */
+    ngx_http_gateway_merge_loc_conf        /* merge location configuration */
 };
 
 
@@ -103,7 +114,7 @@ ngx_module_t  ngx_http_gateway_module = {
     ngx_http_gateway_commands,             /* module directives */
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
-    NULL,                                  /* init module */
+    ngx_http_gateway_init_module,          /* init module */
     ngx_http_gateway_init_process,         /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
@@ -130,6 +141,43 @@ ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return rv;
+}
+
+
+/* gateway_mode: records the mode (and which daemon groups are named). */
+static char *
+ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    return gateway_conf_mode(cf, conf,
+               ngx_http_conf_get_module_main_conf(cf, ngx_http_gateway_module));
+}
+
+
+static char *
+ngx_http_gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    return gateway_merge_loc_conf(cf, parent, child,
+               ngx_http_conf_get_module_main_conf(cf, ngx_http_gateway_module));
+}
+
+
+/*
+ * Runs in the master at start and on each reload (and for nginx -t and -s):
+ * starts this configuration's daemon supervisor before the workers fork.
+ */
+static ngx_int_t
+ngx_http_gateway_init_module(ngx_cycle_t *cycle)
+{
+    ngx_core_conf_t  *ccf;
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    return gateway_init_module(cycle,
+               ngx_http_cycle_get_module_main_conf(cycle, ngx_http_gateway_module),
+               ngx_test_config || ngx_process == NGX_PROCESS_SIGNALLER,
+               ccf->user, ccf->group, &ccf->pid,
+               ccf->daemon && !ngx_daemonized && !ngx_inherited
+               && ngx_process == NGX_PROCESS_SINGLE);
 }
 
 

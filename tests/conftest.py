@@ -48,11 +48,11 @@ def battery_settings():
 
 def make_server(kind, mounts, settings=None):
     """A server of the given kind: 'apache-event', 'apache-prefork', 'apache-event-daemon'
-    (the event MPM forwarding every mount to a daemon group) or 'nginx'."""
+    (the event MPM forwarding every mount to a daemon group), 'nginx' or 'nginx-daemon'."""
     if kind.startswith("apache-"):
         return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
-    if kind == "nginx":
-        return Nginx(mounts, settings)
+    if kind in ("nginx", "nginx-daemon"):
+        return Nginx(mounts, settings, name=kind)
     raise ValueError(kind)
 
 
@@ -64,6 +64,8 @@ def available_servers():
             kinds += ["apache-event-daemon", "apache-prefork-daemon"]
     if (MODULES / "ngx_http_gateway_module.so").exists():
         kinds.append("nginx")
+        if (MODULES / "gateway-daemon").exists():
+            kinds.append("nginx-daemon")
     return kinds
 
 

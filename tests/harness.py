@@ -295,12 +295,14 @@ class Nginx(Server):
 
     name = "nginx"
 
-    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True):
+    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True,
+                 name=None, **kw):
+        self.name = name or "nginx"
         self.workers = workers
         self.sendfile = sendfile
         self.threads = threads
         self.http_extra = http_extra
-        super().__init__(mounts, settings)
+        super().__init__(mounts, settings, **kw)
         self.h2_port = free_port() if http2 else None
         self.conf = self.dir / "nginx.conf"
 
@@ -324,6 +326,8 @@ class Nginx(Server):
             http.append(f"gateway_python_path {':'.join(s.python_path)};")
         if self.threads:
             http.append(f"gateway_threads {self.threads};")
+        for group, options in s.daemons.items():
+            http.append(f"gateway_daemon {group} {options};".replace(" ;", ";"))
         http += [self.http_extra, s.extra]
         servers: dict[str | None, list[Mount]] = {None: []}
         for m in self.mounts:
@@ -351,7 +355,7 @@ class Nginx(Server):
         target = self.script_path(m.script)
         if m.callable != "application":
             target += f":{m.callable}"
-        mode = "" if m.mode == "embedded" else f" gateway_mode {m.mode};"
+        mode = f" gateway_mode daemon {m.group};" if m.mode == "daemon" else ""
         return f"location {m.prefix} {{ gateway_app {target};{mode} }}"
 
     def nginx(self, *args) -> subprocess.CompletedProcess:
@@ -374,7 +378,9 @@ class Nginx(Server):
             time.sleep(0.05)
 
     def workers_started(self) -> list[str]:
-        return [line for line in self.log_text().splitlines() if "started Python with" in line]
+        """The log lines of workers that started their threads (and Python, when embedded)."""
+        return [line for line in self.log_text().splitlines()
+                if "started Python with" in line or "forwards to daemon groups with" in line]
 
     def pid(self) -> int | None:
         try:

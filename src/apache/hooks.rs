@@ -2,7 +2,6 @@
 //! content handler.
 
 use std::ffi::{c_int, c_void, CStr, CString};
-use std::os::unix::fs::PermissionsExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -80,30 +79,7 @@ pub extern "C" fn gateway_pre_config(
 
 /// The daemon executable: installed next to this module.
 fn daemon_executable() -> Result<PathBuf, String> {
-    // SAFETY: Dl_info is plain data; all zeroes is a valid value that dladdr overwrites.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: dladdr looks up the object that holds one of this module's functions.
-    let found = unsafe { libc::dladdr(gateway_pre_config as *const c_void, &mut info) } != 0;
-    if !found || info.dli_fname.is_null() {
-        return Err("cannot tell where mod_gateway.so was loaded from".into());
-    }
-    // SAFETY: dli_fname is a NUL-terminated path owned by the dynamic loader.
-    let module = unsafe { CStr::from_ptr(info.dli_fname) }
-        .to_string_lossy()
-        .into_owned();
-    let module = PathBuf::from(module);
-    let exe = module.with_file_name(daemon::EXECUTABLE);
-    let runnable =
-        std::fs::metadata(&exe).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if runnable {
-        Ok(exe)
-    } else {
-        Err(format!(
-            "{} is missing or not executable (it is installed next to {})",
-            exe.display(),
-            module.display()
-        ))
-    }
+    daemon::executable_beside(gateway_pre_config as *const c_void)
 }
 
 /// The supervisor configuration of this server for `groups`.

@@ -42,6 +42,36 @@ use std::time::Duration;
 /// The name of the daemon executable, installed next to the server modules.
 pub const EXECUTABLE: &str = "gateway-daemon";
 
+/// The daemon executable installed next to the server module that holds the
+/// function at `addr` (any function of the module).
+pub fn executable_beside(addr: *const std::ffi::c_void) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: Dl_info is plain data; all zeroes is a valid value that dladdr overwrites.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr looks up the loaded object that holds addr.
+    let found = unsafe { libc::dladdr(addr, &mut info) } != 0;
+    if !found || info.dli_fname.is_null() {
+        return Err("cannot tell where the Gateway module was loaded from".into());
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the dynamic loader.
+    let module = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let module = PathBuf::from(module);
+    let exe = module.with_file_name(EXECUTABLE);
+    let runnable =
+        std::fs::metadata(&exe).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if runnable {
+        Ok(exe)
+    } else {
+        Err(format!(
+            "{} is missing or not executable (it is installed next to {})",
+            exe.display(),
+            module.display()
+        ))
+    }
+}
+
 /// What a server process needs to reach one daemon group.
 #[derive(Debug, Clone)]
 pub struct Endpoint {

@@ -36,7 +36,9 @@ pub struct SupervisorConfig {
     pub server: String,
     /// The directory for the sockets, e.g. `RUNTIME/gateway-<master pid>`.
     pub run_dir: PathBuf,
-    /// The master process: when it is gone, so is the supervisor.
+    /// The master process: when it is gone, so is the supervisor. 0 when not
+    /// known yet (nginx forks its master after starting the supervisor): then
+    /// only the lifeline tells.
     pub server_pid: u32,
     /// The server's worker user: owns the sockets, default user of the daemons.
     pub server_uid: u32,
@@ -490,7 +492,7 @@ impl Supervisor {
                     self.refuse_while_down(i);
                 }
             }
-            if last_master_check.elapsed() > Duration::from_secs(1) {
+            if self.config.server_pid != 0 && last_master_check.elapsed() > Duration::from_secs(1) {
                 last_master_check = Instant::now();
                 // SAFETY: kill with signal 0 only checks that the process exists.
                 let gone = unsafe { libc::kill(self.config.server_pid as i32, 0) } != 0

@@ -15,7 +15,7 @@ use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions
 pub const DEFAULT_THREADS: usize = 8;
 
 /// The most threads `gateway_threads` accepts.
-const MAX_THREADS: usize = 1024;
+pub const MAX_THREADS: usize = 1024;
 
 /// The http-level settings: the interpreter of every worker.
 #[derive(Debug, Default)]
@@ -24,8 +24,14 @@ pub struct MainConfig {
     pub python_path: Vec<PathBuf>,
     pub threads: Option<usize>,
     pub daemons: Vec<DaemonOptions>,
-    /// How many locations serve an application: workers start Python only if any do.
+    /// Where each of `daemons` is defined (`FILE:LINE`), for errors found later.
+    pub daemons_at: Vec<String>,
+    /// The daemon groups that `gateway_mode daemon` names, with where.
+    pub group_refs: Vec<(String, String)>,
+    /// How many locations serve an application: workers start their threads only if any do.
     pub apps: usize,
+    /// How many of them run it embedded: workers start Python only if any do.
+    pub embedded: usize,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -90,23 +96,73 @@ pub unsafe extern "C" fn gateway_create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_
     pool_owned(unsafe { (*cf).pool }, LocConfig::default())
 }
 
+/// Runs once the http block is read: every group that `gateway_mode daemon`
+/// names must be defined (anywhere in the block, so only now can it be checked).
+#[no_mangle]
+pub unsafe extern "C" fn gateway_init_main_conf(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes the record made by gateway_create_main_conf.
+    let mcf = unsafe { &*conf.cast::<MainConfig>() };
+    let mut ok = true;
+    for (name, at) in &mcf.group_refs {
+        if !mcf.daemons.iter().any(|d| &d.name == name) {
+            let msg = format!(
+                "gateway_mode: daemon process group '{name}' is not defined \
+                 (define it in the http block with 'gateway_daemon {name} ...') in {at}"
+            );
+            let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+            // SAFETY: cf->log is the configuration's live log.
+            unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
+            ok = false;
+        }
+    }
+    if ok {
+        std::ptr::null_mut()
+    } else {
+        NGX_CONF_ERROR
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn gateway_merge_loc_conf(
     _cf: *mut ngx_conf_t,
     parent: *mut c_void,
     child: *mut c_void,
+    mcf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: nginx passes two records made by gateway_create_loc_conf.
-    let (parent, child) = unsafe {
+    // SAFETY: nginx passes two records made by gateway_create_loc_conf; the shim the main record.
+    let (parent, child, mcf) = unsafe {
         (
             &*parent.cast::<LocConfig>(),
             &mut *child.cast::<LocConfig>(),
+            &mut *mcf.cast::<MainConfig>(),
         )
     };
     if child.mode.is_none() {
         child.mode = parent.mode.clone();
     }
+    if child.mount.is_some() && !matches!(child.mode, Some(Mode::Daemon(_))) {
+        mcf.embedded += 1;
+    }
     std::ptr::null_mut()
+}
+
+/// `FILE:LINE` of the directive `cf` is parsing.
+///
+/// # Safety
+/// `cf` must be nginx's live configuration context inside a directive handler.
+unsafe fn position(cf: *mut ngx_conf_t) -> String {
+    // SAFETY: cf->conf_file is the file being parsed; its name lives in the cycle's pool.
+    unsafe {
+        let file = &*(*cf).conf_file;
+        format!(
+            "{}:{}",
+            String::from_utf8_lossy(str_bytes(&file.file.name)),
+            file.line
+        )
+    }
 }
 
 /// The arguments of one directive, and how to read its paths.
@@ -233,20 +289,20 @@ pub unsafe extern "C" fn gateway_conf_app(
 #[no_mangle]
 pub unsafe extern "C" fn gateway_conf_mode(
     cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    conf: *mut c_void,
+    lcf: *mut c_void,
+    mcf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: NGX_HTTP_LOC_CONF_OFFSET: conf is a LocConfig.
+    // SAFETY: the shim passes this level's LocConfig and the MainConfig.
+    let (mcf, at) = unsafe { (&mut *mcf.cast::<MainConfig>(), position(cf)) };
+    // SAFETY: as above.
     unsafe {
-        directive(cf, conf, |lcf: &mut LocConfig, args| {
+        directive(cf, lcf, |lcf: &mut LocConfig, args| {
             if lcf.mode.is_some() {
                 return Err(duplicate());
             }
             let mode = Mode::parse(&args.values)?;
             if let Mode::Daemon(name) = &mode {
-                return Err(ConfigError(format!(
-                    "daemon mode (group '{name}') is not available in this build yet; use 'gateway_mode embedded'"
-                )));
+                mcf.group_refs.push((name.clone(), at));
             }
             lcf.mode = Some(mode);
             Ok(())
@@ -260,10 +316,17 @@ pub unsafe extern "C" fn gateway_conf_daemon(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
+    // SAFETY: cf is live inside this handler.
+    let at = unsafe { position(cf) };
     // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
     unsafe {
         directive(cf, conf, |mcf: &mut MainConfig, args| {
-            let options = DaemonOptions::parse(&args.values)?;
+            let mut options = DaemonOptions::parse(&args.values)?;
+            // Relative paths are relative to nginx's prefix, as for gateway_python_home.
+            options.python_home = options.python_home.map(|h| args.prefix.join(h));
+            for dir in &mut options.python_path {
+                *dir = args.prefix.join(&*dir);
+            }
             if mcf.daemons.iter().any(|d| d.name == options.name) {
                 return Err(ConfigError(format!(
                     "daemon process group '{}' is already defined",
@@ -271,6 +334,7 @@ pub unsafe extern "C" fn gateway_conf_daemon(
                 )));
             }
             mcf.daemons.push(options);
+            mcf.daemons_at.push(at);
             Ok(())
         })
     }

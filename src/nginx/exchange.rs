@@ -9,7 +9,8 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::python::{Header, Outcome};
+use crate::daemon::client::Reply;
+use crate::python::Header;
 
 /// Bytes a request may have queued for the loop before its thread waits.
 const QUEUE_LIMIT: usize = 256 * 1024;
@@ -31,8 +32,9 @@ pub enum Piece {
         offset: u64,
         len: u64,
     },
-    /// The application is done; always the last piece, even when the client left.
-    End(Outcome),
+    /// The application (or the daemon group) is done, and how; always the last
+    /// piece, even when the client left.
+    End(Reply),
 }
 
 impl Piece {

@@ -13,7 +13,9 @@ use super::exchange::{Exchange, Piece};
 use super::ffi::*;
 use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
-use crate::python::{wsgi, Header, Request, RequestBody, ResponseChannel, ServerInfo};
+use crate::daemon::client::{self, Reply};
+use crate::daemon::Endpoint;
+use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
 
 /// A request ready for a Python thread.
 pub struct Handoff {
@@ -48,8 +50,36 @@ impl Handoff {
                 exchange: exchange.clone(),
             }),
         };
-        let outcome = wsgi::run(&mount.app, info, request);
-        let _ = exchange.push(Piece::End(outcome), runtime::wake);
+        let reply = match wsgi::run(&mount.app, info, request) {
+            Outcome::Complete => Reply::Complete,
+            Outcome::Failed => Reply::Status(500),
+            Outcome::Aborted => Reply::Aborted,
+            Outcome::ClientGone => Reply::ClientGone,
+        };
+        let _ = exchange.push(Piece::End(reply), runtime::wake);
+    }
+
+    /// Forwards the request to daemon group `endpoint` (on a module thread, which
+    /// waits for it) and queues the response it relays, then its end.
+    pub fn forward(self, mount: &Mount, endpoint: &Endpoint, exchange: Arc<Exchange>) {
+        let has_body = !self.body.is_empty();
+        let mut body = NginxBody {
+            segments: self.body,
+            offset: 0,
+        };
+        let mut response = NginxResponse {
+            exchange: exchange.clone(),
+        };
+        let head = self.snapshot.head(mount);
+        let reply = client::forward(
+            endpoint,
+            &mount.app,
+            &head,
+            has_body,
+            &mut body,
+            &mut response,
+        );
+        let _ = exchange.push(Piece::End(reply), runtime::wake);
     }
 }
 

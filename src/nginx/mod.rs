@@ -1,9 +1,11 @@
-//! nginx: configuration directives, the per-worker Python threads, and embedded
-//! requests handed from the event loop to those threads and back.
+//! nginx: configuration directives, the daemon supervisor's start in the master,
+//! the per-worker threads, and requests handed from the event loop to those
+//! threads (which run them embedded or forward them to a daemon group) and back.
 //! The module, its context and directive table live in
 //! `c-shim/ngx_http_gateway_module.c`.
 
 mod config;
+mod daemons;
 mod exchange;
 mod ffi;
 mod handoff;

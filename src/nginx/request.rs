@@ -16,7 +16,10 @@ use super::ffi::*;
 use super::handoff::{content_length, Handoff};
 use super::runtime::{self, log_line};
 use crate::common::log::request_line;
-use crate::python::{Header, Outcome, ServerInfo};
+use crate::common::config::Mode;
+use crate::daemon::client::{self, Reply};
+use crate::daemon::Endpoint;
+use crate::python::{Header, ServerInfo};
 
 /// Response bytes handed to nginx but not yet sent before the loop stops taking
 /// more from the application and waits for the client.
@@ -71,8 +74,10 @@ pub unsafe extern "C" fn gateway_handle_request(
 
 unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
     // SAFETY: the shim passes this location's record.
-    let Some(mount) = (unsafe { lcf.cast::<LocConfig>().as_ref() }).and_then(|c| c.mount.clone())
-    else {
+    let Some(lcf) = (unsafe { lcf.cast::<LocConfig>().as_ref() }) else {
+        return ngx_int(NGX_DECLINED);
+    };
+    let Some(mount) = lcf.mount.clone() else {
         return ngx_int(NGX_DECLINED);
     };
     if let Err(why) = runtime::runtime() {
@@ -81,15 +86,33 @@ unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
             log_request(
                 r,
                 log::Level::Error,
-                &format!("Python is not available in this worker: {why}"),
+                &format!("requests cannot run in this worker: {why}"),
             )
         };
         return ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32);
     }
+    let daemon = match &lcf.mode {
+        Some(Mode::Daemon(name)) => match client::endpoint(name) {
+            Some(endpoint) => Some(endpoint),
+            None => {
+                // SAFETY: r is the live request of this content handler.
+                unsafe {
+                    log_request(
+                        r,
+                        log::Level::Error,
+                        &format!("daemon process group '{name}' is not running in this server; answering 503"),
+                    )
+                };
+                return ngx_int(NGX_HTTP_SERVICE_UNAVAILABLE as i32);
+            }
+        },
+        _ => None,
+    };
     let exchange = Arc::new(Exchange::default());
     let state = Box::new(LoopState {
         r,
         mount,
+        daemon,
         exchange: exchange.clone(),
         free: std::ptr::null_mut(),
         busy: std::ptr::null_mut(),
@@ -122,6 +145,8 @@ unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
 struct LoopState {
     r: *mut ngx_http_request_t,
     mount: Arc<Mount>,
+    /// The daemon group that runs the application, None when it runs embedded.
+    daemon: Option<Arc<Endpoint>>,
     exchange: Arc<Exchange>,
     free: *mut ngx_chain_t,
     busy: *mut ngx_chain_t,
@@ -219,7 +244,10 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     })?;
     let mount = state.mount.clone();
     let exchange = state.exchange.clone();
-    let job = Box::new(move |info: &ServerInfo| handoff.run(&mount, exchange, info));
+    let job: runtime::Job = match state.daemon.clone() {
+        Some(endpoint) => Box::new(move |_: &ServerInfo| handoff.forward(&mount, &endpoint, exchange)),
+        None => Box::new(move |info: &ServerInfo| handoff.run(&mount, exchange, info)),
+    };
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
     rt.submit(job).map_err(|why| {
         // SAFETY: r is live (body handler).
@@ -296,10 +324,10 @@ unsafe fn drain(raw: *mut LoopState) {
             Piece::Data { data, flush } => unsafe { state.send_data(data, flush) },
             // SAFETY: state.r is live while the state is not detached.
             Piece::File { fd, offset, len } => unsafe { state.send_file(fd, offset, len) },
-            Piece::End(outcome) => {
+            Piece::End(reply) => {
                 runtime::job_done();
                 // SAFETY: state.r is live while the state is not detached.
-                let rc = unsafe { state.end(outcome) };
+                let rc = unsafe { state.end(reply) };
                 // SAFETY: state.r is live; we return right after.
                 unsafe { finish(raw, rc) };
                 return;
@@ -651,16 +679,13 @@ impl LoopState {
     }
 
     /// The rc to finalize the request with once the application is done.
-    unsafe fn end(&mut self, outcome: Outcome) -> ngx_int_t {
-        match outcome {
-            Outcome::Complete if self.header_only => ngx_int(NGX_OK as i32),
+    unsafe fn end(&mut self, reply: Reply) -> ngx_int_t {
+        match reply {
+            Reply::Complete if self.header_only => ngx_int(NGX_OK as i32),
             // SAFETY: self.r is live while the state is not detached.
-            Outcome::Complete => unsafe {
-                ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t)
-            },
-            Outcome::Failed if !self.header_sent => ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32),
-            Outcome::Failed | Outcome::Aborted => ngx_int(NGX_ERROR),
-            Outcome::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
+            Reply::Complete => unsafe { ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t) },
+            Reply::Status(status) if !self.header_sent => ngx_int(i32::from(status)),
+            Reply::Status(_) | Reply::Aborted => ngx_int(NGX_ERROR),
+            Reply::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
         }
-    }
-}
+    }}

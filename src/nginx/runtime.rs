@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use once_cell::sync::OnceCell;
 
-use super::config::{MainConfig, DEFAULT_THREADS};
+use super::config::{MainConfig, DEFAULT_THREADS, MAX_THREADS};
+use super::daemons;
 use super::exchange::Exchange;
 use super::ffi::*;
 use super::request;
@@ -89,9 +90,14 @@ pub unsafe extern "C" fn gateway_init_process(
     let Some(cfg) = (unsafe { mcf.cast::<MainConfig>().as_ref() }) else {
         return NGX_OK as ngx_int_t;
     };
-    // Cache manager and loader processes run init_process too, but serve no requests.
     // SAFETY: ngx_process is set before init_process runs and only read here.
-    if cfg.apps == 0 || unsafe { ngx_process } == NGX_PROCESS_HELPER as ngx_uint_t {
+    let process = unsafe { ngx_process } as u32;
+    // With `master_process off` this is the master itself, which keeps the lifeline.
+    if process == NGX_PROCESS_WORKER || process == NGX_PROCESS_HELPER {
+        daemons::release_lifeline();
+    }
+    // Cache manager and loader processes run init_process too, but serve no requests.
+    if cfg.apps == 0 || process == NGX_PROCESS_HELPER {
         return NGX_OK as ngx_int_t;
     }
     crate::common::log::install(log_line);
@@ -109,11 +115,15 @@ unsafe fn start(
     cfg: &MainConfig,
     worker_processes: ngx_int_t,
 ) -> Result<Runtime, String> {
-    let settings = PythonSettings {
-        home: cfg.python_home.clone(),
-        path: cfg.python_path.clone(),
-    };
-    interpreter::initialize(&settings).map_err(|e| e.to_string())?;
+    // A worker whose applications all run in daemon groups only forwards: no Python.
+    let python = cfg.embedded > 0;
+    if python {
+        let settings = PythonSettings {
+            home: cfg.python_home.clone(),
+            path: cfg.python_path.clone(),
+        };
+        interpreter::initialize(&settings).map_err(|e| e.to_string())?;
+    }
     // SAFETY: eventfd has no memory arguments; the fd is ours.
     let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -140,7 +150,16 @@ unsafe fn start(
         unsafe { libc::close(watched) };
         return Err("cannot watch the wake-up eventfd (worker_connections exhausted?)".into());
     }
-    let count = cfg.threads.unwrap_or(DEFAULT_THREADS);
+    // A thread waits for each request forwarded to a daemon group: by default
+    // enough for every daemon thread of every group to be busy.
+    let daemon_capacity: usize = cfg
+        .daemons
+        .iter()
+        .map(|d| (d.processes as usize).saturating_mul(d.threads as usize))
+        .sum();
+    let count = cfg
+        .threads
+        .unwrap_or_else(|| DEFAULT_THREADS.max(daemon_capacity.min(MAX_THREADS)));
     let info = ServerInfo {
         server: "nginx",
         mode: "embedded",
@@ -165,11 +184,19 @@ unsafe fn start(
             Err(e) => return Err(format!("cannot start Python thread {i}: {e}")),
         }
     }
-    log::info!(
-        "Gateway/{} started Python with {count} thread(s) in worker {}",
-        crate::common::VERSION,
-        std::process::id()
-    );
+    if python {
+        log::info!(
+            "Gateway/{} started Python with {count} thread(s) in worker {}",
+            crate::common::VERSION,
+            std::process::id()
+        );
+    } else {
+        log::info!(
+            "Gateway/{} forwards to daemon groups with {count} thread(s) in worker {} (no Python here)",
+            crate::common::VERSION,
+            std::process::id()
+        );
+    }
     Ok(Runtime {
         jobs: Mutex::new(Some(tx)),
         threads: Mutex::new(threads),

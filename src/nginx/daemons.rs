@@ -1,0 +1,197 @@
+//! Daemon mode under nginx: the master starts each configuration generation's
+//! daemon supervisor (see [`crate::daemon`]) before its workers fork, and lets
+//! the previous generation drain. Nothing Python runs in the master.
+//!
+//! nginx has no hook that runs in the master later on, so a supervisor that
+//! dies is not restarted: its groups' requests get a 503 naming the missing
+//! socket until the next reload or restart. Daemon processes that die are
+//! replaced by the supervisor itself.
+
+use std::ffi::{c_void, CString};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use super::config::MainConfig;
+use super::ffi::*;
+use crate::common::config::DaemonOptions;
+use crate::daemon::{self, client, supervisor};
+
+/// The master's end of the current generation's lifeline, or -1. A static of the
+/// module survives reloads: nginx reopens the module it already has loaded.
+static LIFELINE: AtomicI32 = AtomicI32::new(-1);
+
+/// Whether this process started a generation already (later calls are reloads).
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Logs `msg` to `cycle`'s log.
+///
+/// # Safety
+/// `cycle` must be a live cycle.
+unsafe fn log(cycle: *mut ngx_cycle_t, level: u32, msg: &str) {
+    let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+    // SAFETY: guaranteed by the caller; the message is NUL-terminated.
+    unsafe { gateway_ngx_log((*cycle).log, level as ngx_uint_t, msg.as_ptr()) };
+}
+
+/// The run directory: next to nginx's pid file, named for the process that starts it.
+fn run_dir(pid_file: &Path) -> PathBuf {
+    let dir = pid_file.parent().unwrap_or(Path::new("/run"));
+    dir.join(format!("gateway-{}", std::process::id()))
+}
+
+/// The init_module hook: checks the daemon groups (for `nginx -t` too) and, in a
+/// master that is about to run this configuration, starts their supervisor.
+/// `test` is set for `nginx -t` and `nginx -s`; `daemonizing` when the master
+/// forks into the background after this call (its pid changes).
+#[no_mangle]
+pub unsafe extern "C" fn gateway_init_module(
+    cycle: *mut ngx_cycle_t,
+    mcf: *mut c_void,
+    test: ngx_uint_t,
+    user: libc::uid_t,
+    group: libc::gid_t,
+    pid_file: *const ngx_str_t,
+    daemonizing: ngx_uint_t,
+) -> ngx_int_t {
+    // SAFETY: the shim passes the http main record, or NULL without an http block.
+    let mcf = unsafe { mcf.cast::<MainConfig>().as_ref() };
+    let (groups, places): (Vec<DaemonOptions>, Vec<String>) = mcf
+        .map(|m| (m.daemons.clone(), m.daemons_at.clone()))
+        .unwrap_or_default();
+    // Without `user` (nginx not started as root) the workers run as the master's user.
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, gid) = unsafe {
+        (
+            if user == libc::uid_t::MAX { libc::geteuid() } else { user },
+            if group == libc::gid_t::MAX { libc::getegid() } else { group },
+        )
+    };
+    // SAFETY: the core module's pid path lives in the cycle's pool.
+    let pid_file = PathBuf::from(String::from_utf8_lossy(unsafe { str_bytes(&*pid_file) }).as_ref());
+    let config = supervisor::SupervisorConfig {
+        server: "nginx".into(),
+        run_dir: run_dir(&pid_file),
+        server_pid: if daemonizing != 0 { 0 } else { std::process::id() },
+        server_uid: uid,
+        server_gid: gid,
+        groups,
+    };
+    let exe = if config.groups.is_empty() {
+        None
+    } else {
+        match daemon::executable_beside(gateway_init_module as *const c_void) {
+            Ok(exe) => Some(exe),
+            Err(e) => {
+                let msg = format!("gateway_daemon: daemon mode needs its executable: {e} in {}", places[0]);
+                // SAFETY: nginx passes its live cycle.
+                unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+    };
+    let mut ok = true;
+    for (g, at) in config.groups.iter().zip(&places) {
+        let one = supervisor::SupervisorConfig {
+            groups: vec![g.clone()],
+            ..config.clone()
+        };
+        if let Err(e) = one.check() {
+            // SAFETY: as above.
+            unsafe { log(cycle, NGX_LOG_EMERG, &format!("gateway_daemon: {e} in {at}")) };
+            ok = false;
+        }
+    }
+    if !ok {
+        return NGX_ERROR as ngx_int_t;
+    }
+    if test != 0 {
+        return NGX_OK as ngx_int_t;
+    }
+    let reload = STARTED.swap(true, Ordering::Relaxed);
+    let lifeline = match exe {
+        None => None,
+        // SAFETY: nginx passes its live cycle.
+        Some(exe) => match unsafe { start_logging_to(cycle, &exe, &config) } {
+            Ok(lifeline) => Some(lifeline),
+            Err(e) => {
+                let msg = format!("gateway: starting the daemon supervisor failed: {e}");
+                if !reload {
+                    // SAFETY: as above.
+                    unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
+                    return NGX_ERROR as ngx_int_t;
+                }
+                // A failed reload must not end the master (nginx exits when init_module
+                // fails): the previous generation's daemons keep serving.
+                // SAFETY: as above.
+                unsafe {
+                    log(
+                        cycle,
+                        NGX_LOG_ALERT,
+                        &format!("{msg}; the previous daemon groups keep serving"),
+                    )
+                };
+                return NGX_OK as ngx_int_t;
+            }
+        },
+    };
+    let fd = lifeline.map_or(-1, |l| l.into_raw_fd());
+    // The new generation takes new connections now; the old one finishes its requests.
+    let previous = LIFELINE.swap(fd, Ordering::Relaxed);
+    if previous >= 0 {
+        supervisor::close_inherited(previous);
+    }
+    client::set_endpoints(config.endpoints());
+    NGX_OK as ngx_int_t
+}
+
+/// Starts a supervisor whose standard output and error (where it and its
+/// daemons log) are the cycle's error log: nginx points its own there only
+/// later, and the supervisor must not hold on to the terminal or pipes nginx
+/// was started with.
+///
+/// # Safety
+/// `cycle` must be the live cycle being initialized, in the single-threaded master.
+unsafe fn start_logging_to(
+    cycle: *mut ngx_cycle_t,
+    exe: &Path,
+    config: &supervisor::SupervisorConfig,
+) -> std::io::Result<supervisor::Lifeline> {
+    // SAFETY: the cycle's log and its open file are set before init_module runs.
+    let log_fd = unsafe {
+        let log = (*cycle).log;
+        if log.is_null() || (*log).file.is_null() {
+            -1
+        } else {
+            (*(*log).file).fd
+        }
+    };
+    if log_fd < 0 || log_fd == libc::STDERR_FILENO {
+        return supervisor::start(exe, config);
+    }
+    let std = [libc::STDOUT_FILENO, libc::STDERR_FILENO];
+    // SAFETY: fds 1 and 2 are swapped for the log only while the supervisor forks, then
+    // restored; the master runs no other thread that could write to them meanwhile.
+    unsafe {
+        let saved = std.map(|fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3));
+        for fd in std {
+            libc::dup2(log_fd, fd);
+        }
+        let started = supervisor::start(exe, config);
+        for (fd, copy) in std.into_iter().zip(saved) {
+            if copy >= 0 {
+                libc::dup2(copy, fd);
+                libc::close(copy);
+            }
+        }
+        started
+    }
+}
+
+/// In a process the master forks (workers, cache helpers): let go of the
+/// lifeline, so that only the master holds it and its death ends the daemons.
+pub fn release_lifeline() {
+    let fd = LIFELINE.swap(-1, Ordering::Relaxed);
+    if fd >= 0 {
+        supervisor::close_inherited(fd);
+    }
+}
