@@ -66,7 +66,7 @@ def line_of(srv, needle: str) -> int:
     ("gateway_daemon g colour=red;", "unknown daemon option 'colour'"),
     ("gateway_threads 0;", "needs a number of threads from 1 to 1024, got '0'"),
     ("gateway_threads many;", "got 'many'"),
-    ("gateway_mode daemon g;", "not available in this build yet"),
+    ("gateway_mode daemon;", "'daemon' needs the name of a daemon process group"),
     ("gateway_python_home /nonexistent/venv;", "'/nonexistent/venv' is not a directory"),
     ("gateway_threads 4; gateway_threads 5;", "is duplicate"),
 ])
