@@ -79,7 +79,7 @@ pub extern "C" fn gateway_pre_config(
 
 /// The daemon executable: installed next to this module.
 fn daemon_executable() -> Result<PathBuf, String> {
-    daemon::executable_beside(gateway_pre_config as *const c_void)
+    daemon::executable_beside(gateway_pre_config as *const () as usize)
 }
 
 /// The supervisor configuration of this server for `groups`.

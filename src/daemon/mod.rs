@@ -43,13 +43,13 @@ use std::time::Duration;
 pub const EXECUTABLE: &str = "gateway-daemon";
 
 /// The daemon executable installed next to the server module that holds the
-/// function at `addr` (any function of the module).
-pub fn executable_beside(addr: *const std::ffi::c_void) -> Result<PathBuf, String> {
+/// code at address `addr` (any function of the module, as a number).
+pub fn executable_beside(addr: usize) -> Result<PathBuf, String> {
     use std::os::unix::fs::PermissionsExt;
     // SAFETY: Dl_info is plain data; all zeroes is a valid value that dladdr overwrites.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: dladdr looks up the loaded object that holds addr.
-    let found = unsafe { libc::dladdr(addr, &mut info) } != 0;
+    let found = unsafe { libc::dladdr(addr as *const std::ffi::c_void, &mut info) } != 0;
     if !found || info.dli_fname.is_null() {
         return Err("cannot tell where the Gateway module was loaded from".into());
     }

@@ -62,16 +62,29 @@ pub unsafe extern "C" fn gateway_init_module(
     // SAFETY: geteuid and getegid cannot fail.
     let (uid, gid) = unsafe {
         (
-            if user == libc::uid_t::MAX { libc::geteuid() } else { user },
-            if group == libc::gid_t::MAX { libc::getegid() } else { group },
+            if user == libc::uid_t::MAX {
+                libc::geteuid()
+            } else {
+                user
+            },
+            if group == libc::gid_t::MAX {
+                libc::getegid()
+            } else {
+                group
+            },
         )
     };
     // SAFETY: the core module's pid path lives in the cycle's pool.
-    let pid_file = PathBuf::from(String::from_utf8_lossy(unsafe { str_bytes(&*pid_file) }).as_ref());
+    let pid_file =
+        PathBuf::from(String::from_utf8_lossy(unsafe { str_bytes(&*pid_file) }).as_ref());
     let config = supervisor::SupervisorConfig {
         server: "nginx".into(),
         run_dir: run_dir(&pid_file),
-        server_pid: if daemonizing != 0 { 0 } else { std::process::id() },
+        server_pid: if daemonizing != 0 {
+            0
+        } else {
+            std::process::id()
+        },
         server_uid: uid,
         server_gid: gid,
         groups,
@@ -79,10 +92,13 @@ pub unsafe extern "C" fn gateway_init_module(
     let exe = if config.groups.is_empty() {
         None
     } else {
-        match daemon::executable_beside(gateway_init_module as *const c_void) {
+        match daemon::executable_beside(gateway_init_module as *const () as usize) {
             Ok(exe) => Some(exe),
             Err(e) => {
-                let msg = format!("gateway_daemon: daemon mode needs its executable: {e} in {}", places[0]);
+                let msg = format!(
+                    "gateway_daemon: daemon mode needs its executable: {e} in {}",
+                    places[0]
+                );
                 // SAFETY: nginx passes its live cycle.
                 unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
                 return NGX_ERROR as ngx_int_t;
@@ -97,7 +113,13 @@ pub unsafe extern "C" fn gateway_init_module(
         };
         if let Err(e) = one.check() {
             // SAFETY: as above.
-            unsafe { log(cycle, NGX_LOG_EMERG, &format!("gateway_daemon: {e} in {at}")) };
+            unsafe {
+                log(
+                    cycle,
+                    NGX_LOG_EMERG,
+                    &format!("gateway_daemon: {e} in {at}"),
+                )
+            };
             ok = false;
         }
     }

@@ -15,8 +15,8 @@ use super::exchange::{Exchange, Piece};
 use super::ffi::*;
 use super::handoff::{content_length, Handoff};
 use super::runtime::{self, log_line};
-use crate::common::log::request_line;
 use crate::common::config::Mode;
+use crate::common::log::request_line;
 use crate::daemon::client::{self, Reply};
 use crate::daemon::Endpoint;
 use crate::python::{Header, ServerInfo};
@@ -245,7 +245,9 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     let mount = state.mount.clone();
     let exchange = state.exchange.clone();
     let job: runtime::Job = match state.daemon.clone() {
-        Some(endpoint) => Box::new(move |_: &ServerInfo| handoff.forward(&mount, &endpoint, exchange)),
+        Some(endpoint) => {
+            Box::new(move |_: &ServerInfo| handoff.forward(&mount, &endpoint, exchange))
+        }
         None => Box::new(move |info: &ServerInfo| handoff.run(&mount, exchange, info)),
     };
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
@@ -683,9 +685,12 @@ impl LoopState {
         match reply {
             Reply::Complete if self.header_only => ngx_int(NGX_OK as i32),
             // SAFETY: self.r is live while the state is not detached.
-            Reply::Complete => unsafe { ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t) },
+            Reply::Complete => unsafe {
+                ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t)
+            },
             Reply::Status(status) if !self.header_sent => ngx_int(i32::from(status)),
             Reply::Status(_) | Reply::Aborted => ngx_int(NGX_ERROR),
             Reply::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
         }
-    }}
+    }
+}
