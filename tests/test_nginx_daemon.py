@@ -167,7 +167,7 @@ def test_a_dead_supervisor_gives_503_with_the_reason_until_reload():
         assert resp.status == 503
         assert time.monotonic() - start < 1
         log = srv.log_text()
-        assert re.search(r"gateway: GET /who: .*answering 503", log), log[-2000:]
+        assert re.search(r"gateway: GET /who: daemon process group 'g' is not running \(no one listens on .*/g\.sock\); answering 503", log), log[-2000:]
         r = srv.nginx("-s", "reload")
         assert r.returncode == 0, r.stderr
         (after,) = wait_for_pids(title, 1)
