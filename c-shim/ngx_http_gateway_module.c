@@ -13,7 +13,8 @@
 
 /* Implemented in Rust: src/nginx/config.rs */
 void *gateway_create_main_conf(ngx_conf_t *cf);
-char *gateway_init_main_conf(ngx_conf_t *cf, void *conf);
+char *gateway_init_main_conf(ngx_conf_t *cf, void *conf, ngx_uid_t user,
+                             ngx_gid_t group);
 void *gateway_create_loc_conf(ngx_conf_t *cf);
 char *gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child,
                              void *mcf);
@@ -38,6 +39,7 @@ ngx_int_t gateway_handle_request(ngx_http_request_t *r, void *lcf);
 
 static char *ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_gateway_init_main_conf(ngx_conf_t *cf, void *conf);
 static char *ngx_http_gateway_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static ngx_int_t ngx_http_gateway_init_module(ngx_cycle_t *cycle);
@@ -98,7 +100,7 @@ static ngx_http_module_t  ngx_http_gateway_module_ctx = {
     NULL,                                  /* postconfiguration */
 
     gateway_create_main_conf,              /* create main configuration */
-    gateway_init_main_conf,                /* init main configuration */
+    ngx_http_gateway_init_main_conf,       /* init main configuration */
 
     NULL,                                  /* create server configuration */
     NULL,                                  /* merge server configuration */
@@ -150,6 +152,18 @@ ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     return gateway_conf_mode(cf, conf,
                ngx_http_conf_get_module_main_conf(cf, ngx_http_gateway_module));
+}
+
+
+/* End of the http block: check the daemon groups (for nginx -t and reloads). */
+static char *
+ngx_http_gateway_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_core_conf_t  *ccf;
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cf->cycle->conf_ctx, ngx_core_module);
+
+    return gateway_init_main_conf(cf, conf, ccf->user, ccf->group);
 }
 
 

@@ -93,6 +93,22 @@ def test_reload_under_load_fails_nothing_and_replaces_the_daemons():
         assert get_json(srv, "/slow?s=0")["pid"] in after
 
 
+def test_a_reload_with_a_broken_group_keeps_the_running_configuration():
+    title = f"gw-nbroken-{token()}"
+    srv = daemon_server([app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
+    with srv:
+        (pid,) = wait_for_pids(title, 1)
+        srv.settings.daemons["g"] += " user=no-such-user-here"
+        srv.write_config()
+        srv.reload()  # SIGHUP straight to the master, as `systemctl reload` does
+        log = srv.wait_for_log("user 'no-such-user-here' does not exist")
+        assert f"in {srv.conf}:{line_of(srv, 'no-such-user-here')}" in log
+        time.sleep(0.5)
+        os.kill(srv.pid(), 0)  # the master lives on
+        assert get_json(srv, "/who")["pid"] == pid
+        assert pids_by_title(title) == {pid}
+
+
 def test_no_orphans_after_kill_9_of_the_nginx_master():
     title = f"gw-norphan-{token()}"
     srv = daemon_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})

@@ -8,11 +8,15 @@ use std::sync::Arc;
 
 use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::daemon::supervisor::SupervisorConfig;
 
 /// Python threads per worker when `gateway_threads` is not set: enough that a few
 /// slow requests (sleeps, upstream calls) do not hold up the rest, few enough that
 /// CPU-bound applications do not spend their time handing the GIL around.
 pub const DEFAULT_THREADS: usize = 8;
+
+/// A placeholder worker uid/gid for checks made before nginx has read `user`.
+const NOBODY: u32 = 65534;
 
 /// The most threads `gateway_threads` accepts.
 pub const MAX_THREADS: usize = 1024;
@@ -102,6 +106,8 @@ pub unsafe extern "C" fn gateway_create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_
 pub unsafe extern "C" fn gateway_init_main_conf(
     cf: *mut ngx_conf_t,
     conf: *mut c_void,
+    user: libc::uid_t,
+    group: libc::gid_t,
 ) -> *mut c_char {
     // SAFETY: nginx passes the record made by gateway_create_main_conf.
     let mcf = unsafe { &*conf.cast::<MainConfig>() };
@@ -117,6 +123,25 @@ pub unsafe extern "C" fn gateway_init_main_conf(
             unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
             ok = false;
         }
+    }
+    // The groups' own problems (unknown user, missing python-home) fail here
+    // rather than in init_module, so that a reload with them keeps the running
+    // configuration instead of ending the master. Without `user` so far, the
+    // workers' user is not known yet: any user other than root will do here.
+    let unset = |id: u32| id == u32::MAX;
+    let config = SupervisorConfig {
+        server: "nginx".into(),
+        run_dir: PathBuf::new(),
+        server_pid: 0,
+        server_uid: if unset(user) { NOBODY } else { user },
+        server_gid: if unset(group) { NOBODY } else { group },
+        groups: mcf.daemons.clone(),
+    };
+    for problem in super::daemons::problems(&config, &mcf.daemons_at) {
+        let msg = CString::new(problem.replace('\0', "\\0")).unwrap_or_default();
+        // SAFETY: cf->log is the configuration's live log.
+        unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
+        ok = false;
     }
     if ok {
         std::ptr::null_mut()

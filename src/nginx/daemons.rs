@@ -89,51 +89,41 @@ pub unsafe extern "C" fn gateway_init_module(
         server_gid: gid,
         groups,
     };
-    let exe = if config.groups.is_empty() {
-        None
-    } else {
-        match daemon::executable_beside(gateway_init_module as *const () as usize) {
-            Ok(exe) => Some(exe),
-            Err(e) => {
-                let msg = format!(
-                    "gateway_daemon: daemon mode needs its executable: {e} in {}",
-                    places[0]
-                );
-                // SAFETY: nginx passes its live cycle.
-                unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
-                return NGX_ERROR as ngx_int_t;
-            }
+    // A reload (kill -HUP) must not end the master, which nginx does when
+    // init_module fails: it keeps the previous daemon groups instead.
+    let reload = test == 0 && STARTED.load(Ordering::Relaxed);
+    let problems = problems(&config, &places);
+    if !problems.is_empty() {
+        for problem in &problems {
+            let level = if reload { NGX_LOG_ALERT } else { NGX_LOG_EMERG };
+            // SAFETY: nginx passes its live cycle.
+            unsafe { log(cycle, level, problem) };
         }
-    };
-    let mut ok = true;
-    for (g, at) in config.groups.iter().zip(&places) {
-        let one = supervisor::SupervisorConfig {
-            groups: vec![g.clone()],
-            ..config.clone()
+        if !reload {
+            return NGX_ERROR as ngx_int_t;
+        }
+        // SAFETY: as above.
+        unsafe {
+            log(
+                cycle,
+                NGX_LOG_ALERT,
+                "gateway: the new daemon groups cannot start; the previous ones keep serving",
+            )
         };
-        if let Err(e) = one.check() {
-            // SAFETY: as above.
-            unsafe {
-                log(
-                    cycle,
-                    NGX_LOG_EMERG,
-                    &format!("gateway_daemon: {e} in {at}"),
-                )
-            };
-            ok = false;
-        }
-    }
-    if !ok {
-        return NGX_ERROR as ngx_int_t;
+        return NGX_OK as ngx_int_t;
     }
     if test != 0 {
         return NGX_OK as ngx_int_t;
     }
-    let reload = STARTED.swap(true, Ordering::Relaxed);
-    let lifeline = match exe {
-        None => None,
-        // SAFETY: nginx passes its live cycle.
-        Some(exe) => match unsafe { start_logging_to(cycle, &exe, &config) } {
+    STARTED.store(true, Ordering::Relaxed);
+    let lifeline = if config.groups.is_empty() {
+        None
+    } else {
+        let started = daemon::executable_beside(gateway_init_module as *const () as usize)
+            .map_err(std::io::Error::other)
+            // SAFETY: nginx passes its live cycle.
+            .and_then(|exe| unsafe { start_logging_to(cycle, &exe, &config) });
+        match started {
             Ok(lifeline) => Some(lifeline),
             Err(e) => {
                 let msg = format!("gateway: starting the daemon supervisor failed: {e}");
@@ -154,7 +144,7 @@ pub unsafe extern "C" fn gateway_init_module(
                 };
                 return NGX_OK as ngx_int_t;
             }
-        },
+        }
     };
     let fd = lifeline.map_or(-1, |l| l.into_raw_fd());
     // The new generation takes new connections now; the old one finishes its requests.
@@ -164,6 +154,30 @@ pub unsafe extern "C" fn gateway_init_module(
     }
     client::set_endpoints(config.endpoints());
     NGX_OK as ngx_int_t
+}
+
+/// What stops the daemon groups of `config` from starting, in words for
+/// `nginx -t`, each with the file and line of its `gateway_daemon` (`places`).
+pub fn problems(config: &supervisor::SupervisorConfig, places: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let (Some(first), Err(e)) = (
+        places.first(),
+        daemon::executable_beside(gateway_init_module as *const () as usize),
+    ) {
+        problems.push(format!(
+            "gateway_daemon: daemon mode needs its executable: {e} in {first}"
+        ));
+    }
+    for (g, at) in config.groups.iter().zip(places) {
+        let one = supervisor::SupervisorConfig {
+            groups: vec![g.clone()],
+            ..config.clone()
+        };
+        if let Err(e) = one.check() {
+            problems.push(format!("gateway_daemon: {e} in {at}"));
+        }
+    }
+    problems
 }
 
 /// Starts a supervisor whose standard output and error (where it and its
