@@ -10,6 +10,7 @@
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use super::config::MainConfig;
 use super::ffi::*;
@@ -33,10 +34,24 @@ unsafe fn log(cycle: *mut ngx_cycle_t, level: u32, msg: &str) {
     unsafe { gateway_ngx_log((*cycle).log, level as ngx_uint_t, msg.as_ptr()) };
 }
 
-/// The run directory: next to nginx's pid file, named for the process that starts it.
-fn run_dir(pid_file: &Path) -> PathBuf {
-    let dir = pid_file.parent().unwrap_or(Path::new("/run"));
-    dir.join(format!("gateway-{}", std::process::id()))
+/// The run directory of this master, once chosen. Every generation uses the
+/// same one: a new generation's sockets replace the old ones under the same
+/// names, so the old workers' last requests reach the new daemons.
+static RUN_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// The run directory: next to nginx's pid file, named for the process that
+/// first starts a supervisor (the master, or the process it forks from).
+fn run_dir(pid_file: &Path, test: bool) -> PathBuf {
+    let mut chosen = RUN_DIR.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = &*chosen {
+        return dir.clone();
+    }
+    let parent = pid_file.parent().unwrap_or(Path::new("/run"));
+    let dir = parent.join(format!("gateway-{}", std::process::id()));
+    if !test {
+        *chosen = Some(dir.clone());
+    }
+    dir
 }
 
 /// The init_module hook: checks the daemon groups (for `nginx -t` too) and, in a
@@ -79,7 +94,7 @@ pub unsafe extern "C" fn gateway_init_module(
         PathBuf::from(String::from_utf8_lossy(unsafe { str_bytes(&*pid_file) }).as_ref());
     let config = supervisor::SupervisorConfig {
         server: "nginx".into(),
-        run_dir: run_dir(&pid_file),
+        run_dir: run_dir(&pid_file, test != 0),
         server_pid: if daemonizing != 0 {
             0
         } else {
