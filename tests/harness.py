@@ -295,12 +295,13 @@ class Nginx(Server):
 
     name = "nginx"
 
-    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True):
+    def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True,
+                 **kw):
         self.workers = workers
         self.sendfile = sendfile
         self.threads = threads
         self.http_extra = http_extra
-        super().__init__(mounts, settings)
+        super().__init__(mounts, settings, **kw)
         self.h2_port = free_port() if http2 else None
         self.conf = self.dir / "nginx.conf"
 
