@@ -102,13 +102,20 @@ uninstall-apache:
 		$(DESTDIR)$(APACHE_CONFDIR)/gateway.load
 
 # Debian enables a module by linking its snippet into /etc/nginx/modules-enabled/.
-install-nginx: $(MODULES)/ngx_http_gateway_module.so
+# nginx refuses a module built for another version or build signature: ask it
+# first (NGINX names the binary that will load it).
+NGINX ?= $(shell command -v nginx || echo /usr/sbin/nginx)
+
+install-nginx: $(MODULES)/ngx_http_gateway_module.so $(MODULES)/gateway-daemon
+	tools/check-nginx-module $(MODULES)/ngx_http_gateway_module.so $(NGINX)
 	install -d $(DESTDIR)$(NGINX_MODDIR) $(DESTDIR)$(NGINX_CONFDIR)
 	install -m 644 $(MODULES)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so
+	install -m 755 $(MODULES)/gateway-daemon $(DESTDIR)$(NGINX_MODDIR)/gateway-daemon
 	printf '# Gateway: Python WSGI applications in nginx (embedded or daemon mode)\nload_module %s/ngx_http_gateway_module.so;\n' \
 		"$(NGINX_MODDIR)" > $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf
 	@echo "installed: enable with 'ln -s $(NGINX_CONFDIR)/mod-http-gateway.conf $(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf'"
 
 uninstall-nginx:
 	rm -f $(DESTDIR)$(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf
-	rm -f $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf
+	rm -f $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_MODDIR)/gateway-daemon \
+		$(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf

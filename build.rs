@@ -9,6 +9,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=APXS");
+    println!("cargo:rerun-if-env-changed=LIBCLANG_PATH");
     println!("cargo:rerun-if-env-changed=NGINX_SRC");
     let apache = env::var_os("CARGO_FEATURE_APACHE").is_some();
     let nginx = env::var_os("CARGO_FEATURE_NGINX").is_some();
@@ -16,6 +17,9 @@ fn main() {
         fail("features `apache` and `nginx` are exclusive: build each module separately (see the Makefile)");
     }
     link_python_for_executables();
+    if apache || nginx {
+        check_libclang();
+    }
     if apache {
         build_apache();
     }
@@ -55,25 +59,29 @@ fn query(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Stops the build unless libclang, which bindgen loads, can be found: in
+/// LIBCLANG_PATH when that is set, else in the usual Debian places.
 fn check_libclang() {
-    let found = env::var_os("LIBCLANG_PATH").is_some()
-        || [
+    let dirs: Vec<String> = match env::var("LIBCLANG_PATH") {
+        Ok(dir) => vec![dir],
+        Err(_) => [
             "/usr/lib/llvm-14/lib",
             "/usr/lib/llvm-15/lib",
             "/usr/lib/llvm-16/lib",
             "/usr/lib/x86_64-linux-gnu",
             "/usr/lib",
         ]
-        .iter()
-        .any(|d| {
-            std::fs::read_dir(d).is_ok_and(|mut entries| {
-                entries.any(|e| {
-                    e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libclang"))
-                })
-            })
-        });
+        .map(String::from)
+        .to_vec(),
+    };
+    let found = dirs.iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|mut entries| {
+            entries
+                .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libclang")))
+        })
+    });
     if !found {
-        fail("libclang is needed to generate the server bindings: install it (Debian: apt-get install libclang-dev) or set LIBCLANG_PATH");
+        fail("libclang is needed to generate the server bindings: install it (Debian: apt-get install libclang-dev) or set LIBCLANG_PATH to the directory that holds libclang.so");
     }
 }
 
@@ -113,8 +121,6 @@ fn build_apache() {
         cc.define(k, v);
     }
     cc.compile("gateway_apache_shim");
-
-    check_libclang();
     let mut bg = bindgen::Builder::default()
         .header_contents(
             "apache.h",
@@ -195,8 +201,6 @@ fn build_nginx() {
         cc.include(dir);
     }
     cc.compile("gateway_nginx_shim");
-
-    check_libclang();
     let mut bg = bindgen::Builder::default()
         .header_contents("nginx.h", "#include <ngx_config.h>\n#include <ngx_core.h>\n#include <ngx_http.h>\n")
         .allowlist_type(

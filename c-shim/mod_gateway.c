@@ -79,48 +79,52 @@ int gateway_ap_module_index(void)
     return gateway_module.module_index;
 }
 
+/* The request's output brigade, made on first use and reused for every pass. */
+static apr_bucket_brigade *request_brigade(request_rec *r, apr_bucket_brigade **bbp)
+{
+    if (*bbp == NULL)
+        *bbp = apr_brigade_create(r->pool, r->connection->bucket_alloc);
+    return *bbp;
+}
+
+/* Pass a filled brigade down the output filters; a client that left is an error. */
+static apr_status_t pass_brigade(request_rec *r, apr_bucket_brigade *bb)
+{
+    apr_status_t rv = ap_pass_brigade(r->output_filters, bb);
+
+    apr_brigade_cleanup(bb);
+    if (rv == APR_SUCCESS && r->connection->aborted)
+        rv = APR_ECONNABORTED;
+    return rv;
+}
+
 /*
- * Write a block and optionally flush it, with one brigade kept per request:
- * a transient bucket avoids a copy, the flush bucket pushes it to the client now.
+ * Write a block and optionally flush it: a transient bucket avoids a copy, the
+ * flush bucket pushes it to the client now.
  */
 apr_status_t gateway_ap_write(request_rec *r, apr_bucket_brigade **bbp,
                               const char *data, apr_size_t len, int flush)
 {
-    conn_rec *c = r->connection;
-    apr_bucket_brigade *bb = *bbp;
-    apr_status_t rv;
+    apr_bucket_alloc_t *ba = r->connection->bucket_alloc;
+    apr_bucket_brigade *bb = request_brigade(r, bbp);
 
-    if (bb == NULL)
-        bb = *bbp = apr_brigade_create(r->pool, c->bucket_alloc);
     if (len > 0)
-        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_transient_create(data, len, c->bucket_alloc));
+        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_transient_create(data, len, ba));
     if (flush)
-        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(c->bucket_alloc));
-    rv = ap_pass_brigade(r->output_filters, bb);
-    apr_brigade_cleanup(bb);
-    if (rv == APR_SUCCESS && c->aborted)
-        rv = APR_ECONNABORTED;
-    return rv;
+        APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(ba));
+    return pass_brigade(r, bb);
 }
 
 /* Send len bytes of an open file from offset through the core's sendfile path. */
 apr_status_t gateway_ap_send_file(request_rec *r, apr_bucket_brigade **bbp,
                                   apr_file_t *file, apr_off_t offset, apr_size_t len)
 {
-    conn_rec *c = r->connection;
-    apr_bucket_brigade *bb = *bbp;
-    apr_status_t rv;
+    apr_bucket_brigade *bb = request_brigade(r, bbp);
 
-    if (bb == NULL)
-        bb = *bbp = apr_brigade_create(r->pool, c->bucket_alloc);
     apr_brigade_insert_file(bb, file, offset, len, r->pool);
     /* The application closes its file when we return: send it all now. */
-    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(c->bucket_alloc));
-    rv = ap_pass_brigade(r->output_filters, bb);
-    apr_brigade_cleanup(bb);
-    if (rv == APR_SUCCESS && c->aborted)
-        rv = APR_ECONNABORTED;
-    return rv;
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(r->connection->bucket_alloc));
+    return pass_brigade(r, bb);
 }
 
 /*

@@ -103,3 +103,44 @@ def test_system_install_enables_with_a2enmod():
     assert not (APACHE_MODULES / "mod_gateway.so").exists()
     assert not Path("/etc/apache2/mods-enabled/gateway.load").exists()
     assert not Path("/etc/apache2/mods-available/gateway.load").exists()
+
+
+def build_script():
+    """The compiled build script (build.rs) of the newest module build."""
+    scripts = sorted(ROOT.glob("target/*/release/build/gateway-*/build-script-build"), key=lambda p: p.stat().st_mtime)
+    assert scripts, "build the modules first (make)"
+    return scripts[-1]
+
+
+@pytest.mark.parametrize("feature,env,message", [
+    ("APACHE", {"APXS": "/nonexistent/apxs"}, "Apache httpd headers not found: install them (Debian: apt-get install apache2-dev)"),
+    ("NGINX", {"NGINX_SRC": "/nonexistent/src"}, "nginx sources not found (/nonexistent/src/configure is missing): install them (Debian: apt-get install nginx-dev)"),
+    ("APACHE", {"LIBCLANG_PATH": "/nonexistent"}, "libclang is needed to generate the server bindings: install it (Debian: apt-get install libclang-dev)"),
+])
+def test_build_says_what_to_install(tmp_path, feature, env, message):
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("CARGO_FEATURE_")}
+    run_env.update({f"CARGO_FEATURE_{feature}": "1", "OUT_DIR": str(tmp_path)}, **env)
+    r = subprocess.run([str(build_script())], cwd=ROOT, env=run_env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+
+
+def test_build_refuses_a_python_without_shared_library():
+    r = make("check-python", "PYTHON=/bin/true")
+    assert r.returncode != 0
+    assert "has no shared libpython" in r.stderr and "python3-dev" in r.stderr, r.stderr
+
+
+def test_nginx_install_checks_the_module_fits_the_installed_nginx():
+    """nginx's own check refuses a module that is not built for it, before anything is installed."""
+    r = subprocess.run([str(ROOT / "tools" / "check-nginx-module"), str(MODULES / "mod_gateway.so")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "does not fit" in r.stderr and "Rebuild it against this nginx's sources" in r.stderr, r.stderr
+    if (MODULES / "ngx_http_gateway_module.so").exists():
+        r = subprocess.run([str(ROOT / "tools" / "check-nginx-module"), str(MODULES / "ngx_http_gateway_module.so")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "fits" in r.stdout, r.stdout + r.stderr
+        r = make("install-nginx", "NGINX=/nonexistent/nginx", "DESTDIR=/nonexistent-stage")
+        assert r.returncode != 0 and "/nonexistent/nginx not found" in r.stderr, r.stderr
+        assert not Path("/nonexistent-stage").exists()

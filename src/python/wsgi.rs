@@ -341,6 +341,14 @@ fn failure(
     }
 }
 
+/// The application returned (or iterated to its end) without a status.
+fn never_started(py: Python<'_>, responder: &Bound<'_, StartResponse>) -> Outcome {
+    let e = pyo3::exceptions::PyRuntimeError::new_err(
+        "the application returned without calling start_response()",
+    );
+    failure(py, responder, "invalid response", &e)
+}
+
 /// Sends the iterable an application returned.
 fn send_result(
     py: Python<'_>,
@@ -356,14 +364,10 @@ fn send_result(
     }
     if let Ok(wrapper) = result.cast::<FileWrapper>() {
         if let Some((fd, offset, available)) = sendable_file(py, &wrapper.borrow()) {
-            let mut r = responder.borrow_mut();
-            if !r.started() {
-                drop(r);
-                let e = pyo3::exceptions::PyRuntimeError::new_err(
-                    "the application returned without calling start_response()",
-                );
-                return failure(py, responder, "invalid response", &e);
+            if !responder.borrow().started() {
+                return never_started(py, responder);
             }
+            let mut r = responder.borrow_mut();
             let len = r.content_length().map_or(available, |cl| cl.min(available));
             let sent = r.send_file(py, fd, offset, len);
             drop(r);
@@ -413,14 +417,10 @@ fn send_result(
             return failure(py, responder, "the application's response failed", &e);
         }
     }
-    let mut r = responder.borrow_mut();
-    if !r.started() {
-        drop(r);
-        let e = pyo3::exceptions::PyRuntimeError::new_err(
-            "the application returned without calling start_response()",
-        );
-        return failure(py, responder, "invalid response", &e);
+    if !responder.borrow().started() {
+        return never_started(py, responder);
     }
+    let mut r = responder.borrow_mut();
     if !r.headers_sent() {
         if let Err(e) = r.send(py, &[], false) {
             drop(r);
