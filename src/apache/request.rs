@@ -105,7 +105,13 @@ impl RequestBody for ApacheBody {
 struct ApacheResponse {
     r: RequestPtr,
     brigade: *mut c_void,
+    /// Bytes passed down since the last flush: httpd's core output filter only
+    /// blocks on a flush or once about 64 KiB are pending (so does mod_http2).
+    unflushed: usize,
 }
+
+/// Below this much pending output a write cannot block, so the GIL is kept.
+const BUFFERED_WRITE_LIMIT: usize = 16 * 1024;
 
 // SAFETY: see RequestPtr; the brigade belongs to the same request.
 unsafe impl Send for ApacheResponse {}
@@ -162,7 +168,16 @@ impl ResponseChannel for ApacheResponse {
         Ok(())
     }
 
+    fn only_buffers(&self, len: usize, flush: bool) -> bool {
+        !flush && self.unflushed + len <= BUFFERED_WRITE_LIMIT
+    }
+
     fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
+        self.unflushed = if flush {
+            0
+        } else {
+            self.unflushed + data.len()
+        };
         // SAFETY: r is live; data stays valid during the call (transient bucket, passed at once).
         let rv = unsafe {
             gateway_ap_write(
@@ -261,6 +276,7 @@ fn response(r: *mut request_rec) -> ApacheResponse {
     ApacheResponse {
         r: RequestPtr(r),
         brigade: std::ptr::null_mut(),
+        unflushed: 0,
     }
 }
 
