@@ -32,6 +32,7 @@ def test_configtest_passes_on_a_valid_configuration():
     ("GatewayDaemon g threads=zero", "GatewayDaemon: daemon option 'threads' needs a whole number"),
     ("GatewayMode sometimes", "GatewayMode: expected 'embedded' or 'daemon NAME'"),
     ("GatewayPythonHome /nonexistent/venv", "GatewayPythonHome: '/nonexistent/venv' is not a directory"),
+    ("GatewayPythonHome {apps}/venv-py27", "was made by Python 2.7.18, but Gateway embeds Python 3."),
     ("<VirtualHost 127.0.0.1:1>\nGatewayPythonHome /usr\n</VirtualHost>", "GatewayPythonHome"),
 ])
 def test_configtest_fails_with_file_and_line(directive, message):
@@ -45,6 +46,18 @@ def test_configtest_fails_with_file_and_line(directive, message):
     assert result.returncode != 0, out
     assert message in out, out
     assert f"line {bad_line} of {conf}" in out or f"line {bad_line + 1} of {conf}" in out, out
+
+
+def test_configtest_refuses_a_daemon_virtualenv_of_another_python():
+    srv = Apache([Mount("/", "hello.py")], Settings())
+    srv.settings.extra = f"GatewayDaemon g python-home={srv.apps}/venv-py27"
+    conf = srv.write_config()
+    line = next(i for i, text in enumerate(conf.read_text().splitlines(), 1) if text.startswith("GatewayDaemon"))
+    result = srv.configtest()
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert (f"GatewayDaemon at {conf}:{line}: daemon group 'g': python-home: the virtualenv {srv.apps}/venv-py27 "
+            "was made by Python 2.7.18, but Gateway embeds Python 3.") in out, out
 
 
 @pytest.mark.parametrize("mpm", MPMS)

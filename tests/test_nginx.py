@@ -68,10 +68,13 @@ def line_of(srv, needle: str) -> int:
     ("gateway_threads many;", "got 'many'"),
     ("gateway_mode daemon;", "'daemon' needs the name of a daemon process group"),
     ("gateway_python_home /nonexistent/venv;", "'/nonexistent/venv' is not a directory"),
+    ("gateway_python_home {apps}/venv-py27;", "was made by Python 2.7.18, but Gateway embeds Python 3."),
     ("gateway_threads 4; gateway_threads 5;", "is duplicate"),
 ])
 def test_configtest_names_file_and_line_of_a_bad_directive(directive, message):
-    srv = make([Mount("/hello", "battery.py", "hello")], http_extra=directive)
+    srv = make([Mount("/hello", "battery.py", "hello")])
+    directive = directive.format(apps=srv.apps)
+    srv.http_extra = directive
     srv.settings.python_home = None
     r = srv.configtest()
     assert r.returncode != 0

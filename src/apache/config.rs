@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::python::interpreter;
 
 /// One `GatewayScriptAlias`.
 #[derive(Debug, Clone)]
@@ -308,12 +309,7 @@ pub unsafe extern "C" fn gateway_cmd_python_home(
     let r = (|| {
         unsafe { global_only(cmd) }?;
         let dir = PathBuf::from(unsafe { arg(dir) }?);
-        if !dir.is_dir() {
-            return Err(ConfigError(format!(
-                "'{}' is not a directory (expected a virtualenv or a Python prefix)",
-                dir.display()
-            )));
-        }
+        interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
         unsafe { server_config(cmd) }.python_home = Some(dir);
         Ok(())
     })();

@@ -135,6 +135,11 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
             Some(libc::EAGAIN) => format!(
                 "daemon process group '{group}' is overloaded: all its threads are busy and its queue of waiting connections is full"
             ),
+            Some(libc::EACCES) => format!(
+                "permission denied on {}: only the server's worker user may connect to daemon process group '{group}'; \
+                 was the server's User/Group (nginx: user) changed without a full restart?",
+                ep.socket.display()
+            ),
             Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => {
                 format!("daemon process group '{group}' is not running (no one listens on {})", ep.socket.display())
             }

@@ -28,6 +28,7 @@ use super::process::{self, describe_status};
 use super::protocol::{self, Decoder, Encoder, Kind};
 use super::{exit_record_path, socket_path, Endpoint, MAX_SOCKET_PATH};
 use crate::common::config::DaemonOptions;
+use crate::python::interpreter;
 
 /// Everything the supervisor needs, sent over the lifeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,13 +125,8 @@ impl SupervisorConfig {
             )
             .map_err(|e| format!("daemon group '{}': {e}", g.name))?;
             if let Some(home) = &g.python_home {
-                if !home.is_dir() {
-                    return Err(format!(
-                        "daemon group '{}': python-home '{}' is not a directory",
-                        g.name,
-                        home.display()
-                    ));
-                }
+                interpreter::check_home(home)
+                    .map_err(|e| format!("daemon group '{}': python-home: {e}", g.name))?;
             }
         }
         Ok(())

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
 use crate::daemon::supervisor::SupervisorConfig;
+use crate::python::interpreter;
 
 /// Python threads per worker when `gateway_threads` is not set: enough that a few
 /// slow requests (sleeps, upstream calls) do not hold up the rest, few enough that
@@ -378,12 +379,7 @@ pub unsafe extern "C" fn gateway_conf_python_home(
                 return Err(duplicate());
             }
             let dir = args.path(args.values[0]);
-            if !dir.is_dir() {
-                return Err(ConfigError(format!(
-                    "'{}' is not a directory (expected a virtualenv or a Python prefix)",
-                    dir.display()
-                )));
-            }
+            interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
             mcf.python_home = Some(dir);
             Ok(())
         })

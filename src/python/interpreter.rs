@@ -25,6 +25,12 @@ pub enum InitError {
     AlreadyInitialized,
     /// The configured home does not exist or is not a directory.
     BadHome(PathBuf),
+    /// The virtualenv was made by another Python version than the one embedded.
+    VenvVersion {
+        home: PathBuf,
+        venv: String,
+        embedded: String,
+    },
     /// Python itself refused the configuration.
     Python(String),
 }
@@ -37,8 +43,15 @@ impl fmt::Display for InitError {
                  Gateway needs the interpreter to itself: disable the other module",
             ),
             InitError::BadHome(home) => {
-                write!(f, "python home '{}' is not a directory (expected a virtualenv or a Python prefix)", home.display())
+                write!(f, "'{}' is not a directory (expected a virtualenv or a Python prefix)", home.display())
             }
+            InitError::VenvVersion { home, venv, embedded } => write!(
+                f,
+                "the virtualenv {} was made by Python {venv}, but Gateway embeds Python {embedded}: \
+                 recreate it with that Python (e.g. /usr/bin/python3 -m venv {}), or rebuild Gateway with PYTHON=",
+                home.display(),
+                home.display()
+            ),
             InitError::Python(msg) => write!(f, "starting Python failed: {msg}"),
         }
     }
@@ -59,9 +72,7 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
         return Err(InitError::AlreadyInitialized);
     }
     if let Some(home) = &settings.home {
-        if !home.is_dir() {
-            return Err(InitError::BadHome(home.clone()));
-        }
+        check_home(home)?;
     }
     // SAFETY: PyConfig is plain data, initialised by PyConfig_InitPythonConfig before use,
     // and every string set on it is a valid NUL-terminated buffer.
@@ -114,6 +125,53 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
             "setting up sys.path and the standard streams failed: {e}"
         ))
     })
+}
+
+/// The `major.minor` of a version string such as `3.11.2 (main, ...)`.
+fn major_minor(version: &str) -> Option<&str> {
+    let end = version
+        .match_indices('.')
+        .nth(1)
+        .map_or(version.len(), |(i, _)| i);
+    let mm = version[..end].trim();
+    (mm.contains('.') && mm.chars().all(|c| c.is_ascii_digit() || c == '.')).then_some(mm)
+}
+
+/// Checks a configured Python home before anything starts: it must be a
+/// directory, and a virtualenv must come from the Python version Gateway embeds.
+/// Configuration checks call this so that mistakes fail the configuration test.
+pub fn check_home(home: &Path) -> Result<(), InitError> {
+    if !home.is_dir() {
+        return Err(InitError::BadHome(home.to_path_buf()));
+    }
+    check_venv_version(home)
+}
+
+/// A virtualenv only works with the Python version that made it; a mismatch
+/// otherwise surfaces as an obscure failure to find the standard library.
+fn check_venv_version(home: &Path) -> Result<(), InitError> {
+    let Ok(cfg) = std::fs::read_to_string(home.join("pyvenv.cfg")) else {
+        return Ok(());
+    };
+    let venv = cfg.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        matches!(key.trim(), "version" | "version_info").then(|| value.trim().to_string())
+    });
+    // SAFETY: Py_GetVersion returns a static string and may be called before initialisation.
+    let embedded = unsafe { std::ffi::CStr::from_ptr(ffi::Py_GetVersion()) }
+        .to_string_lossy()
+        .into_owned();
+    match (
+        venv.as_deref().and_then(major_minor),
+        major_minor(&embedded),
+    ) {
+        (Some(v), Some(e)) if v != e => Err(InitError::VenvVersion {
+            home: home.to_path_buf(),
+            venv: venv.clone().unwrap_or_default(),
+            embedded: e.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Fails with Python's own message when a PyStatus is an error.
@@ -188,4 +246,36 @@ pub fn run_exit_handlers() {
             log::warn!("running atexit handlers failed: {e}");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_minor_of_version_strings() {
+        assert_eq!(major_minor("3.11.2 (main, Mar 13 2023)"), Some("3.11"));
+        assert_eq!(major_minor("3.12.1"), Some("3.12"));
+        assert_eq!(major_minor("3.13"), Some("3.13"));
+        assert_eq!(major_minor("garbage"), None);
+    }
+
+    #[test]
+    fn a_venv_of_another_python_version_is_refused() {
+        let dir = std::env::temp_dir().join(format!("gateway-venv-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("pyvenv.cfg"),
+            "home = /opt/python/bin\nversion = 2.7.18\n",
+        )
+        .unwrap();
+        let err = check_venv_version(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("was made by Python 2.7.18, but Gateway embeds Python 3."),
+            "{err}"
+        );
+        std::fs::write(dir.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        assert!(check_venv_version(&dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
