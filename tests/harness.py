@@ -90,7 +90,7 @@ class Server:
     def start(self):
         raise NotImplementedError
 
-    def stop(self):
+    def pid(self) -> int | None:
         raise NotImplementedError
 
     def configtest(self) -> subprocess.CompletedProcess:
@@ -114,6 +114,29 @@ class Server:
                 return text
             time.sleep(0.05)
         raise AssertionError(f"{needle!r} did not appear in the error log:\n{self.log_text()[-4000:]}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        """Signals the server's main process and waits for it to exit (SIGKILL after timeout)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+    def children(self) -> list[int]:
+        """Pids of the main process's children (the workers)."""
+        out = subprocess.run(["pgrep", "-P", str(self.pid())], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
 
     def marker(self, name: str) -> Path:
         return self.markers / name
@@ -264,29 +287,6 @@ class Apache(Server):
         except (FileNotFoundError, ValueError):
             return None
 
-    def stop(self):
-        pid = self.pid()
-        if pid is None:
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-
-    def children(self) -> list[int]:
-        """Pids of the worker children."""
-        pid = self.pid()
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
 
 class Nginx(Server):
     """Debian's nginx with ngx_http_gateway_module.so. Each Mount becomes a
@@ -395,26 +395,3 @@ class Nginx(Server):
 
     def reload(self):
         self.send_signal(signal.SIGHUP)
-
-    def stop(self, sig=signal.SIGTERM, timeout=15.0):
-        pid = self.pid()
-        if pid is None:
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-
-    def children(self) -> list[int]:
-        """Pids of the worker processes."""
-        pid = self.pid()
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]

@@ -35,22 +35,15 @@ def test_every_example_shows_a_request():
         assert tries(example.read_text()), f"{example.name} has no '# Try: curl ...' line"
 
 
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.name.startswith("apache-")], ids=lambda p: p.name)
-def test_apache_example(example):
-    srv = Apache([], Settings())
-    srv.settings.extra = localise(example.read_text(), srv)
-    result = srv.configtest()
-    assert result.returncode == 0, result.stdout + result.stderr
-    with srv:
-        for host, path in tries(example.read_text()):
-            resp, data = srv.get(path, host=host)
-            assert resp.status == 200, (host, path, resp.status, data[:300], srv.log_text()[-2000:])
+SERVERS = {"apache": Apache, "nginx": Nginx}
 
 
-@pytest.mark.skipif(not (MODULES / "ngx_http_gateway_module.so").exists(), reason="the nginx module is not built")
-@pytest.mark.parametrize("example", [e for e in EXAMPLES if e.name.startswith("nginx-")], ids=lambda p: p.name)
-def test_nginx_example(example):
-    srv = Nginx([], Settings())
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example(example):
+    kind = example.name.split("-", 1)[0]
+    if kind == "nginx" and not (MODULES / "ngx_http_gateway_module.so").exists():
+        pytest.skip("the nginx module is not built")
+    srv = SERVERS[kind]([], Settings())
     srv.settings.extra = localise(example.read_text(), srv)
     result = srv.configtest()
     assert result.returncode == 0, result.stdout + result.stderr
