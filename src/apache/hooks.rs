@@ -96,6 +96,13 @@ fn supervisor_config(run_dir: &str, groups: Vec<DaemonOptions>) -> supervisor::S
     }
 }
 
+/// Routes log lines without a request to `s`, the main server. Both configuration
+/// hooks do it, as either may be the first to log (configtest runs only check_config).
+fn adopt_main_server(s: *mut server_rec) {
+    MAIN_SERVER.store(s, Ordering::Relaxed);
+    crate::common::log::install(log_to_main_server);
+}
+
 /// Checks what needs the whole configuration: every group that `GatewayMode
 /// daemon` names exists, and the groups can start. Runs for `apachectl
 /// configtest` too (post_config does not); a failure stops httpd with the message.
@@ -106,8 +113,7 @@ pub unsafe extern "C" fn gateway_check_config(
     _ptemp: *mut apr_pool_t,
     s: *mut server_rec,
 ) -> c_int {
-    MAIN_SERVER.store(s, Ordering::Relaxed);
-    crate::common::log::install(log_to_main_server);
+    adopt_main_server(s);
     let parsed = parsed();
     let mut ok = true;
     for (name, at) in &parsed.refs {
@@ -239,8 +245,7 @@ pub unsafe extern "C" fn gateway_post_config(
     _ptemp: *mut apr_pool_t,
     s: *mut server_rec,
 ) -> c_int {
-    MAIN_SERVER.store(s, Ordering::Relaxed);
-    crate::common::log::install(log_to_main_server);
+    adopt_main_server(s);
     // httpd reads the configuration twice at start-up; act on the real pass only.
     if unsafe { ap_state_query(AP_SQ_MAIN_STATE as c_int) } == AP_SQ_MS_CREATE_PRE_CONFIG as c_int {
         return OK as c_int;

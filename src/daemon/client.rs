@@ -572,6 +572,11 @@ mod tests {
     }
 
     /// A fake daemon: greets, then runs `serve` for each request frame on one connection.
+    /// Forwards a GET without a body to the fake daemon at `ep`.
+    fn forward_bodiless(ep: &Endpoint, resp: &mut Recorded) -> Reply {
+        forward(ep, &app(), &head(), false, &mut Bytes(vec![], 0), resp)
+    }
+
     fn fake_daemon(
         listener: UnixListener,
         serve: impl Fn(&mut UnixStream, &[u8]) + Send + 'static,
@@ -645,14 +650,7 @@ mod tests {
     fn nothing_listening_is_a_503() {
         let dir = temp_dir("none");
         let mut resp = Recorded::default();
-        let reply = forward(
-            &endpoint(&dir),
-            &app(),
-            &head(),
-            false,
-            &mut Bytes(vec![], 0),
-            &mut resp,
-        );
+        let reply = forward_bodiless(&endpoint(&dir), &mut resp);
         assert_eq!(reply, Reply::Status(503));
         assert_eq!(resp.status, None);
     }
@@ -668,14 +666,7 @@ mod tests {
                 .unwrap();
         });
         let mut resp = Recorded::default();
-        let reply = forward(
-            &ep,
-            &app(),
-            &head(),
-            false,
-            &mut Bytes(vec![], 0),
-            &mut resp,
-        );
+        let reply = forward_bodiless(&ep, &mut resp);
         assert_eq!(reply, Reply::Status(502));
     }
 
@@ -690,14 +681,7 @@ mod tests {
             stream.shutdown(std::net::Shutdown::Both).unwrap();
         });
         let mut resp = Recorded::default();
-        let reply = forward(
-            &ep,
-            &app(),
-            &head(),
-            false,
-            &mut Bytes(vec![], 0),
-            &mut resp,
-        );
+        let reply = forward_bodiless(&ep, &mut resp);
         // The head went out already: the response is cut short rather than replaced.
         assert_eq!(reply, Reply::Aborted);
     }
