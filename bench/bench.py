@@ -411,6 +411,8 @@ class ApacheConfig(Config):
             "Timeout 60",
             "EnableSendfile On",
             f"DocumentRoot {e.static}",
+            # As Debian's apache2.conf does: no .htaccess search on every request.
+            "<Directory />\n    AllowOverride None\n</Directory>",
             f"<Directory {e.workdir}>\n    Require all granted\n</Directory>",
             *self.directives(),
         ]

@@ -128,6 +128,21 @@ apr_status_t gateway_ap_send_file(request_rec *r, apr_bucket_brigade **bbp,
 }
 
 /*
+ * End a complete response and push it out before the handler returns: httpd looks
+ * for the client's next request right after, and when it is already there serves
+ * it on this thread instead of handing the connection back to the MPM's listener.
+ */
+apr_status_t gateway_ap_finish(request_rec *r)
+{
+    apr_bucket_alloc_t *ba = r->connection->bucket_alloc;
+    apr_bucket_brigade *bb = apr_brigade_create(r->pool, ba);
+
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_eos_create(ba));
+    APR_BRIGADE_INSERT_TAIL(bb, apr_bucket_flush_create(ba));
+    return pass_brigade(r, bb);
+}
+
+/*
  * End a response that broke after its headers were sent: the error bucket tells
  * the chunk filter to omit the last-chunk and the connection to close, so the
  * client sees a truncated response instead of a complete-looking one.

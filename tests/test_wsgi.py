@@ -2,6 +2,7 @@
 real HTTP requests against every server kind (see conftest.SERVERS)."""
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -179,6 +180,39 @@ def test_unread_body_keeps_connection_usable(server):
     resp = conn.getresponse()
     assert resp.status == 200 and resp.read() == b"Hello, world!"
     conn.close()
+
+
+class _SharedReader(io.BufferedReader):
+    """One buffered reader of a socket that http.client may "close" after each of
+    several responses read from it."""
+
+    def close(self):
+        pass
+
+    def makefile(self, *args, **kwargs):
+        return self
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    """Requests sent back to back in one packet: a fixed-length response, one whose
+    unread body must be skipped, a chunked one, then the last one closes."""
+    import http.client
+    requests = (b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde"
+                b"GET /writer HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+        s.sendall(requests)
+        reader = _SharedReader(socket.SocketIO(s, "rb"))
+        bodies = []
+        for method in ("GET", "POST", "GET", "GET"):
+            resp = http.client.HTTPResponse(reader, method=method)
+            resp.begin()
+            assert resp.status == 200, server.log_text()[-2000:]
+            bodies.append(resp.read())
+        assert reader.read() == b""
+    assert bodies == [b"Hello, world!", b"Hello, world!", b"written by write()", b"Hello, world!"]
+
 
 
 # --- Responses ---

@@ -37,4 +37,5 @@ extern "C" {
         len: apr_size_t,
     ) -> apr_status_t;
     pub fn gateway_ap_abort_response(r: *mut request_rec);
+    pub fn gateway_ap_finish(r: *mut request_rec) -> apr_status_t;
 }

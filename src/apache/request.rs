@@ -280,6 +280,18 @@ fn response(r: *mut request_rec) -> ApacheResponse {
     }
 }
 
+/// Ends request `r` after its whole response was passed down the filters. What
+/// the application left unread of the body is skipped by httpd after the handler
+/// (ap_finalize_request_protocol), which keeps the connection usable.
+///
+/// # Safety
+/// `r` must be the live request of the running handler.
+unsafe fn finish(r: *mut request_rec) -> c_int {
+    // SAFETY: r is live; a client that went away shows in its connection, not here.
+    unsafe { gateway_ap_finish(r) };
+    OK as c_int
+}
+
 /// Serves request `r` with the application mounted at `mount`, in this process.
 ///
 /// # Safety
@@ -297,11 +309,7 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
     let outcome = wsgi::run(&mount.app, info, request);
     match outcome {
         Outcome::Failed => HTTP_INTERNAL_SERVER_ERROR as c_int,
-        Outcome::Complete => {
-            // Keep the connection usable when the application left part of the body unread.
-            unsafe { ap_discard_request_body(r) };
-            OK as c_int
-        }
+        Outcome::Complete => unsafe { finish(r) },
         Outcome::Aborted | Outcome::ClientGone => OK as c_int,
     }
 }
@@ -327,11 +335,7 @@ pub unsafe fn forward(r: *mut request_rec, mount: &Mount, endpoint: &Endpoint) -
         &mut response(r),
     );
     match reply {
-        Reply::Complete => {
-            // Keep the connection usable when the application left part of the body unread.
-            unsafe { ap_discard_request_body(r) };
-            OK as c_int
-        }
+        Reply::Complete => unsafe { finish(r) },
         Reply::Status(status) => c_int::from(status),
         Reply::Aborted | Reply::ClientGone => OK as c_int,
     }
