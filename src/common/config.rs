@@ -109,6 +109,11 @@ pub struct DaemonOptions {
     pub request_timeout: u64,
     pub graceful_timeout: u64,
     pub socket_timeout: u64,
+    /// Seconds a request may wait for a free daemon thread before it gets a 503;
+    /// 0 waits as long as `socket_timeout`.
+    pub queue_timeout: u64,
+    /// Connections the group's socket holds before new ones are refused (503).
+    pub listen_backlog: u32,
     pub display_name: Option<String>,
 }
 
@@ -124,6 +129,8 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "request-timeout",
     "graceful-timeout",
     "socket-timeout",
+    "queue-timeout",
+    "listen-backlog",
     "display-name",
 ];
 
@@ -150,6 +157,8 @@ impl DaemonOptions {
             request_timeout: 0,
             graceful_timeout: 15,
             socket_timeout: 75,
+            queue_timeout: 0,
+            listen_backlog: 256,
             display_name: None,
         };
         for option in options {
@@ -173,6 +182,8 @@ impl DaemonOptions {
                 "request-timeout" => d.request_timeout = number(0)?,
                 "graceful-timeout" => d.graceful_timeout = number(0)?,
                 "socket-timeout" => d.socket_timeout = number(1)?,
+                "queue-timeout" => d.queue_timeout = number(0)?,
+                "listen-backlog" => d.listen_backlog = number(1)?.min(65535) as u32,
                 "display-name" => d.display_name = Some(value.to_string()),
                 _ => {
                     return err(format!(
@@ -222,6 +233,10 @@ mod tests {
         let d =
             DaemonOptions::parse(&["g", "processes=2", "threads=4", "python-path=/a:/b"]).unwrap();
         assert_eq!((d.processes, d.threads, d.python_path.len()), (2, 4, 2));
+        assert_eq!((d.queue_timeout, d.listen_backlog), (0, 256));
+        let d = DaemonOptions::parse(&["g", "queue-timeout=5", "listen-backlog=10"]).unwrap();
+        assert_eq!((d.queue_timeout, d.listen_backlog), (5, 10));
+        assert!(DaemonOptions::parse(&["g", "listen-backlog=0"]).is_err());
         let e = DaemonOptions::parse(&["g", "colour=red"]).unwrap_err();
         assert!(e.0.contains("unknown daemon option 'colour'"), "{e}");
         assert!(DaemonOptions::parse(&["g", "processes=0"]).is_err());

@@ -147,9 +147,11 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
         }));
     }
     let stream = UnixStream::from(fd);
+    // Until a daemon process accepts, the connection waits in the group's queue.
+    let greeting_timeout = ep.queue_timeout.unwrap_or(ep.socket_timeout);
     let setup = stream
         .set_nonblocking(false)
-        .and_then(|_| stream.set_read_timeout(Some(ep.socket_timeout)))
+        .and_then(|_| stream.set_read_timeout(Some(greeting_timeout)))
         .and_then(|_| stream.set_write_timeout(Some(ep.socket_timeout)))
         .and_then(|_| stream.try_clone());
     let writer = setup.map_err(|e| {
@@ -162,6 +164,12 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
     match protocol::read_frame(&mut reader, &mut payload) {
         Ok(Some((Kind::Hello, _))) if payload.len() >= 4 => {
             let pid = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            if greeting_timeout != ep.socket_timeout {
+                reader
+                    .get_ref()
+                    .set_read_timeout(Some(ep.socket_timeout))
+                    .map_err(|e| Refused(format!("cannot set up the connection to daemon process group '{group}': {e}")))?;
+            }
             Ok(Conn {
                 reader,
                 writer,
@@ -180,10 +188,16 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
         Ok(_) => Err(Refused(format!(
             "daemon process group '{group}' closed the connection at once"
         ))),
-        Err(e) if is_timeout(&e) => Err(Refused(format!(
-            "no daemon process of group '{group}' took the connection within socket-timeout={}s",
-            ep.socket_timeout.as_secs()
-        ))),
+        Err(e) if is_timeout(&e) => Err(Refused(match ep.queue_timeout {
+            Some(t) => format!(
+                "no daemon process of group '{group}' took the request within queue-timeout={}s: all its threads are busy",
+                t.as_secs()
+            ),
+            None => format!(
+                "no daemon process of group '{group}' took the connection within socket-timeout={}s",
+                ep.socket_timeout.as_secs()
+            ),
+        })),
         Err(e) => Err(Refused(format!(
             "daemon process group '{group}' did not greet: {e}"
         ))),
@@ -247,7 +261,7 @@ pub fn forward(
     SCRATCH.with(|scratch| {
         let (out, payload) = &mut *scratch.borrow_mut();
         out.clear();
-        if let Err(e) = protocol::put_request(out, app, head, has_body) {
+        if let Err(e) = protocol::put_request(out, app, protocol::monotonic_us(), head, has_body) {
             log(resp, log::Level::Error, &format!("the request head cannot be sent to the daemon: {e}"));
             return Reply::Status(431);
         }
@@ -545,6 +559,7 @@ mod tests {
             socket: dir.join("t.sock"),
             run_dir: dir.to_path_buf(),
             socket_timeout: Duration::from_secs(5),
+            queue_timeout: None,
         }
     }
 
@@ -662,7 +677,7 @@ mod tests {
         fake_daemon(UnixListener::bind(&ep.socket).unwrap(), |stream, _| {
             // A response head whose status is out of range.
             stream
-                .write_all(&[1, 5, 0, 0, 0, 0, 0, 2, 0xff, 0xff])
+                .write_all(&[protocol::VERSION, 5, 0, 0, 0, 0, 0, 2, 0xff, 0xff])
                 .unwrap();
         });
         let mut resp = Recorded::default();

@@ -82,6 +82,8 @@ pub struct Endpoint {
     pub run_dir: PathBuf,
     /// How long to wait for the daemon to say anything (`socket-timeout`).
     pub socket_timeout: Duration,
+    /// How long a request may wait for a daemon thread (`queue-timeout`), if bounded.
+    pub queue_timeout: Option<Duration>,
 }
 
 /// The socket of `group` in `run_dir`.

@@ -3,7 +3,7 @@
 //! Every message is a frame: an 8-byte header, then the payload.
 //!
 //! ```text
-//! u8 version (1) | u8 kind | u16 flags (big-endian) | u32 payload length (big-endian)
+//! u8 version (2) | u8 kind | u16 flags (big-endian) | u32 payload length (big-endian)
 //! ```
 //!
 //! Payloads are bounded by [`MAX_FRAME`]; every read of a payload is bounds-checked,
@@ -33,7 +33,7 @@ use crate::python::{Header, Outcome};
 pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload either side accepts.
@@ -310,17 +310,30 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Encodes a `Request` frame: the application and the request head. `has_body`
-/// false tells the daemon not to pull a body at all.
+/// Microseconds on the system-wide monotonic clock, which the server and daemon
+/// processes share: how long a request waited for a daemon thread.
+pub fn monotonic_us() -> u64 {
+    // SAFETY: timespec is plain data; all zeroes is valid, clock_gettime overwrites it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: CLOCK_MONOTONIC always exists on Linux; ts is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// Encodes a `Request` frame: the application, when the server began to forward
+/// it ([`monotonic_us`]), and the request head. `has_body` false tells the daemon
+/// not to pull a body at all.
 pub fn put_request(
     out: &mut Vec<u8>,
     app: &AppSpec,
+    queued_at: u64,
     head: &RequestHead<'_>,
     has_body: bool,
 ) -> Result<(), ProtocolError> {
     put_with(out, Kind::Request, |e| {
         e.bytes(app.file.as_os_str().as_encoded_bytes());
         e.str(&app.callable);
+        e.u64(queued_at);
         e.u8(u8::from(has_body));
         e.bytes(head.method);
         e.bytes(head.script_name);
@@ -344,6 +357,8 @@ pub fn put_request(
 /// A decoded `Request` frame; the head borrows the frame's payload.
 pub struct DecodedRequest<'a> {
     pub app: AppSpec,
+    /// When the server began to forward the request ([`monotonic_us`]).
+    pub queued_at: u64,
     pub has_body: bool,
     pub head: RequestHead<'a>,
 }
@@ -362,6 +377,7 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedRequest<'_>, ProtocolErro
         file: PathBuf::from(OsStr::from_bytes(file)),
         callable: callable.to_string(),
     };
+    let queued_at = d.u64("queue time")?;
     let has_body = d.u8("body flag")? != 0;
     let head = RequestHead {
         method: d.bytes("method")?,
@@ -384,6 +400,7 @@ pub fn decode_request(payload: &[u8]) -> Result<DecodedRequest<'_>, ProtocolErro
     d.finish("the request head")?;
     Ok(DecodedRequest {
         app,
+        queued_at,
         has_body,
         head,
     })
@@ -484,6 +501,8 @@ pub fn put_options(e: &mut Encoder<'_>, d: &DaemonOptions) {
     e.u64(d.request_timeout);
     e.u64(d.graceful_timeout);
     e.u64(d.socket_timeout);
+    e.u64(d.queue_timeout);
+    e.u32(d.listen_backlog);
     e.opt(d.display_name.as_deref().map(str::as_bytes));
 }
 
@@ -517,6 +536,8 @@ pub fn decode_options(d: &mut Decoder<'_>) -> Result<DaemonOptions, ProtocolErro
         request_timeout: d.u64("request-timeout")?,
         graceful_timeout: d.u64("graceful-timeout")?,
         socket_timeout: d.u64("socket-timeout")?,
+        queue_timeout: d.u64("queue-timeout")?,
+        listen_backlog: d.u32("listen-backlog")?,
         display_name: text(d.opt("display-name")?)?,
     })
 }
@@ -556,12 +577,13 @@ mod tests {
     #[test]
     fn request_round_trips() {
         let mut out = Vec::new();
-        put_request(&mut out, &app(), &sample_head(), true).unwrap();
+        put_request(&mut out, &app(), 1234, &sample_head(), true).unwrap();
         let mut payload = Vec::new();
         let (kind, flags) = read_frame(&mut &out[..], &mut payload).unwrap().unwrap();
         assert_eq!((kind, flags), (Kind::Request, 0));
         let req = decode_request(&payload).unwrap();
         assert_eq!(req.app, app());
+        assert_eq!(req.queued_at, 1234);
         assert!(req.has_body);
         assert_eq!(format!("{:?}", req.head), format!("{:?}", sample_head()));
     }
@@ -597,6 +619,8 @@ mod tests {
             "processes=3",
             "python-path=/a:/b",
             "user=nobody",
+            "queue-timeout=7",
+            "listen-backlog=9",
             "display-name=x y",
         ])
         .unwrap();
@@ -611,35 +635,39 @@ mod tests {
     fn clean_eof_between_frames_is_none() {
         let mut payload = Vec::new();
         assert_eq!(read_frame(&mut &b""[..], &mut payload).unwrap(), None);
-        let err = read_frame(&mut &b"\x01\x06"[..], &mut payload).unwrap_err();
+        let err = read_frame(&mut &[VERSION, 6][..], &mut payload).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
     fn bad_headers_are_refused() {
+        // A daemon or module of another build speaks another version.
         assert_eq!(
-            parse_header(&[2, 6, 0, 0, 0, 0, 0, 0]),
-            Err(ProtocolError::Version(2))
+            parse_header(&[VERSION - 1, 6, 0, 0, 0, 0, 0, 0]),
+            Err(ProtocolError::Version(VERSION - 1))
         );
         assert_eq!(
-            parse_header(&[1, 99, 0, 0, 0, 0, 0, 0]),
+            parse_header(&[VERSION, 99, 0, 0, 0, 0, 0, 0]),
             Err(ProtocolError::Kind(99))
         );
         assert_eq!(
-            parse_header(&[1, 6, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            parse_header(&[VERSION, 6, 0, 0, 0xff, 0xff, 0xff, 0xff]),
             Err(ProtocolError::TooLarge(u32::MAX))
         );
         // A frame that promises more payload than arrives.
         let mut payload = Vec::new();
-        let err =
-            read_frame(&mut &[1u8, 6, 0, 0, 0, 0, 0, 10, 1, 2][..], &mut payload).unwrap_err();
+        let err = read_frame(
+            &mut &[VERSION, 6, 0, 0, 0, 0, 0, 10, 1, 2][..],
+            &mut payload,
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
     fn malformed_payloads_are_errors_not_panics() {
         let mut out = Vec::new();
-        put_request(&mut out, &app(), &sample_head(), false).unwrap();
+        put_request(&mut out, &app(), 1234, &sample_head(), false).unwrap();
         let payload = &out[HEADER_LEN..];
         // Every truncation of a valid payload fails cleanly.
         for n in 0..payload.len() {

@@ -95,6 +95,7 @@ impl SupervisorConfig {
                 socket: socket_path(&self.run_dir, &g.name),
                 run_dir: self.run_dir.clone(),
                 socket_timeout: Duration::from_secs(g.socket_timeout),
+                queue_timeout: (g.queue_timeout > 0).then(|| Duration::from_secs(g.queue_timeout)),
             })
             .collect()
     }
@@ -350,6 +351,7 @@ fn prepare_run_dir(config: &SupervisorConfig) -> io::Result<()> {
 fn bind_group_socket(
     config: &SupervisorConfig,
     name: &str,
+    backlog: u32,
 ) -> io::Result<(UnixListener, PathBuf, (u64, u64))> {
     let path = socket_path(&config.run_dir, name);
     let tmp = config
@@ -358,9 +360,10 @@ fn bind_group_socket(
     let _ = fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)
         .map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", tmp.display())))?;
-    // A deep queue: requests wait there while daemons start or restart.
+    // Requests wait there while daemons start, restart or are all busy; beyond
+    // it a connection is refused at once, which the server answers with a 503.
     // SAFETY: listen on our own socket.
-    unsafe { libc::listen(listener.as_raw_fd(), 256) };
+    unsafe { libc::listen(listener.as_raw_fd(), backlog as libc::c_int) };
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     std::os::unix::fs::chown(&tmp, Some(config.server_uid), Some(config.server_gid))?;
     fs::rename(&tmp, &path)?;
@@ -376,7 +379,8 @@ impl Supervisor {
         let exe = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
         let mut groups = Vec::new();
         for options in &config.groups {
-            let (listener, socket, inode) = bind_group_socket(&config, &options.name)?;
+            let (listener, socket, inode) =
+                bind_group_socket(&config, &options.name, options.listen_backlog)?;
             groups.push(Group {
                 options: options.clone(),
                 listener,

@@ -695,6 +695,21 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
             return false;
         }
     };
+    let waited = protocol::monotonic_us().saturating_sub(request.queued_at);
+    let limit = shared.options.queue_timeout;
+    if limit > 0 && waited > limit * 1_000_000 {
+        // Too late to be of use: the client has likely given up, and running it
+        // would only make the queue behind it longer.
+        let why = format!(
+            "the request waited {:.1}s for a thread of daemon process group '{}', longer than queue-timeout={limit}s",
+            waited as f64 / 1e6,
+            shared.options.name
+        );
+        let mut w = lock(&conn.io.writer);
+        let _ = protocol::put_with(&mut w.buf, Kind::Unavailable, |e| e.str(&why));
+        let _ = w.flush();
+        return false;
+    }
     *lock(&shared.slots[slot]) = Some(Running {
         started: Instant::now(),
         // SAFETY: pthread_self has no preconditions.

@@ -291,7 +291,11 @@ fn call_app(
         Err(e) => return failure(py, responder, "the application raised an exception", &e),
     };
     let outcome = send_result(py, &result, responder);
-    let closed = if result.hasattr(intern!(py, "close")).unwrap_or(false) {
+    // Lists and tuples, what most applications return, have no close(): looking it
+    // up would raise and catch an AttributeError on every request.
+    let closable =
+        !(result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>());
+    let closed = if closable && result.hasattr(intern!(py, "close")).unwrap_or(false) {
         result.call_method0(intern!(py, "close")).map(drop)
     } else {
         Ok(())

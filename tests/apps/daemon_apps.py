@@ -34,8 +34,13 @@ def whoami(environ, start_response):
 
 
 def slow(environ, start_response):
-    """Sleeps ?s= seconds, then says which process served it."""
-    time.sleep(float(query(environ).get("s", "1")))
+    """Sleeps ?s= seconds, then says which process served it. With ?token=, first
+    leaves that marker, so a test knows the request is running."""
+    q = query(environ)
+    if "token" in q:
+        with open(os.path.join(MARKERS, os.path.basename(q["token"])), "w") as f:
+            f.write("started")
+    time.sleep(float(q.get("s", "1")))
     return reply(start_response, {"pid": os.getpid()})
 
 
