@@ -82,6 +82,8 @@ class Server:
         for p in [self.dir, *self.dir.rglob("*")]:
             p.chmod(0o777 if p == self.markers else (0o755 if p.is_dir() else 0o644))
         self.error_log = self.dir / "error.log"
+        # Where the module makes the run directory (gateway-<pid>) of the daemons' sockets.
+        self.runtime_dir = self.dir
 
     # -- to implement per server
     def write_config(self) -> Path:
@@ -96,9 +98,25 @@ class Server:
     def configtest(self) -> subprocess.CompletedProcess:
         raise NotImplementedError
 
+    def graceful(self):
+        """Reloads gracefully through the server's own command line, which reads the
+        configuration before it signals the running server."""
+        raise NotImplementedError
+
     # -- shared helpers
     def script_path(self, script: str) -> str:
         return str(self.apps / script)
+
+    def save_config(self, lines: list[str]) -> Path:
+        """Writes the configuration, readable by the server's user."""
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.conf.chmod(0o644)
+        return self.conf
+
+    def line_of(self, needle: str) -> int:
+        """The number of the first line of the written configuration that holds `needle`."""
+        lines = self.conf.read_text().splitlines()
+        return next(i for i, line in enumerate(lines, 1) if needle in line)
 
     def log_text(self) -> str:
         try:
@@ -207,10 +225,12 @@ class Apache(Server):
         self.name = name or f"apache-{mpm}"
         self.mpm = mpm
         super().__init__(mounts, settings, **kw)
+        self.conf = self.dir / "httpd.conf"
+        self.runtime_dir = self.dir / "run"
 
     def write_config(self) -> Path:
         s = self.settings
-        (self.dir / "run").mkdir(exist_ok=True)
+        self.runtime_dir.mkdir(exist_ok=True)
         lines = [
             f"ServerRoot {self.dir}",
             f"PidFile {self.dir}/httpd.pid",
@@ -223,7 +243,7 @@ class Apache(Server):
             f"LoadModule alias_module {APACHE_MODULES}/mod_alias.so",
             f"LoadModule gateway_module {MODULES}/mod_gateway.so",
             f"ErrorLog {self.error_log}",
-            f"DefaultRuntimeDir {self.dir}/run",
+            f"DefaultRuntimeDir {self.runtime_dir}",
             "LogLevel info",
             "KeepAliveTimeout 5",
             "Timeout 30",
@@ -249,10 +269,7 @@ class Apache(Server):
             for host, ms in vhosts.items():
                 body = "\n".join("  " + self.mount_directive(m) for m in ms)
                 lines.append(f"<VirtualHost 127.0.0.1:{self.port}>\n  ServerName {host}\n{body}\n</VirtualHost>")
-        conf = self.dir / "httpd.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        conf.chmod(0o644)
-        return conf
+        return self.save_config(lines)
 
     def mount_directive(self, m: Mount) -> str:
         target = self.script_path(m.script)
@@ -263,13 +280,21 @@ class Apache(Server):
             directive += f"\n<Location {m.prefix}>\n  GatewayMode daemon {m.group}\n</Location>"
         return directive
 
+    def apache2(self, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(["apache2", "-f", str(self.conf), *args], capture_output=True, text=True, timeout=30)
+
     def configtest(self) -> subprocess.CompletedProcess:
-        conf = self.write_config()
-        return subprocess.run(["apache2", "-f", str(conf), "-t"], capture_output=True, text=True)
+        self.write_config()
+        return self.apache2("-t")
+
+    def graceful(self):
+        r = self.apache2("-k", "graceful")
+        if r.returncode != 0:
+            raise RuntimeError(f"apache2 -k graceful failed:\n{r.stdout}{r.stderr}")
 
     def start(self):
-        conf = self.write_config()
-        r = subprocess.run(["apache2", "-f", str(conf), "-k", "start"], capture_output=True, text=True)
+        self.write_config()
+        r = self.apache2("-k", "start")
         if r.returncode != 0:
             raise RuntimeError(f"apache2 failed to start:\n{r.stdout}{r.stderr}\n{self.log_text()}")
         # httpd detaches (and listens) before post_config, so neither its exit code nor
@@ -347,9 +372,7 @@ class Nginx(Server):
             "events {\n    worker_connections 1024;\n}",
             "http {\n" + "\n".join("  " + line for line in "\n".join(http).splitlines()) + "\n}",
         ]
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.conf.chmod(0o644)
-        return self.conf
+        return self.save_config(lines)
 
     def location(self, m: Mount) -> str:
         target = self.script_path(m.script)
@@ -365,6 +388,11 @@ class Nginx(Server):
     def configtest(self) -> subprocess.CompletedProcess:
         self.write_config()
         return self.nginx("-t")
+
+    def graceful(self):
+        r = self.nginx("-s", "reload")
+        if r.returncode != 0:
+            raise RuntimeError(f"nginx -s reload failed:\n{r.stdout}{r.stderr}")
 
     def start(self):
         self.write_config()

@@ -178,7 +178,7 @@ def test_graceful_restart_reloads_the_application():
     srv = Apache([Mount("/app", "battery.py", "threadlocal")], battery_settings())
     with srv:
         pids_before = {json.loads(srv.get("/app")[1])["pid"] for _ in range(10)}
-        subprocess.run(["apache2", "-f", str(srv.dir / "httpd.conf"), "-k", "graceful"], check=True)
+        srv.graceful()
         deadline = time.monotonic() + 20
         while srv.log_text().count("resuming normal operations") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -57,11 +57,6 @@ def test_configtest_passes_on_a_valid_configuration():
     assert "test is successful" in r.stderr
 
 
-def line_of(srv, needle: str) -> int:
-    lines = srv.conf.read_text().splitlines()
-    return next(i for i, line in enumerate(lines, 1) if needle in line)
-
-
 @pytest.mark.parametrize("directive,message", [
     ("gateway_daemon g colour=red;", "unknown daemon option 'colour'"),
     ("gateway_threads 0;", "needs a number of threads from 1 to 1024, got '0'"),
@@ -79,7 +74,7 @@ def test_configtest_names_file_and_line_of_a_bad_directive(directive, message):
     r = srv.configtest()
     assert r.returncode != 0
     name = directive.split()[0]
-    where = f"in {srv.conf}:{line_of(srv, directive)}"
+    where = f"in {srv.conf}:{srv.line_of(directive)}"
     assert any(f'"{name}" directive' in line and message in line and line.endswith(where)
                for line in r.stderr.splitlines()), r.stderr
 
@@ -89,7 +84,7 @@ def test_configtest_fails_on_an_unreadable_app_file():
     r = srv.configtest()
     assert r.returncode != 0
     assert "cannot read the WSGI script" in r.stderr and "no_such_app.py" in r.stderr, r.stderr
-    assert f"in {srv.conf}:{line_of(srv, 'no_such_app.py')}" in r.stderr, r.stderr
+    assert f"in {srv.conf}:{srv.line_of('no_such_app.py')}" in r.stderr, r.stderr
 
 
 def test_configtest_rejects_gateway_app_outside_a_location():
