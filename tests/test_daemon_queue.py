@@ -7,26 +7,20 @@ import time
 
 import pytest
 
-from harness import MODULES
-import test_daemon
-import test_nginx_daemon
-from test_daemon import app, token
+from test_daemon_common import app, daemon_server, skip_unless_built, timed_get, token
 
-SERVERS = {
-    "apache": (test_daemon.daemon_server, "mod_gateway.so", {"mpm": "event1"}),
-    "nginx": (test_nginx_daemon.daemon_server, "ngx_http_gateway_module.so", {"workers": 1}),
-}
+# One server process: its pool of connections to the daemons is the only one.
+SINGLE_PROCESS = {"apache": {"mpm": "event1"}, "nginx": {"workers": 1}}
 
 
-@pytest.fixture(params=sorted(SERVERS))
+@pytest.fixture(params=sorted(SINGLE_PROCESS))
 def make_server(request):
-    make, module, single_process = SERVERS[request.param]
-    if not (MODULES / module).exists() or not (MODULES / "gateway-daemon").exists():
-        pytest.skip(f"needs {module} and gateway-daemon")
+    kind = request.param
+    skip_unless_built(kind)
 
     def build(options):
-        # One server process: its pool of connections to the daemons is the only one.
-        return make([app("/slow", "slow"), app("/who", "whoami")], {"g": options}, **single_process)
+        return daemon_server(kind, [app("/slow", "slow"), app("/who", "whoami")], {"g": options},
+                             **SINGLE_PROCESS[kind])
 
     return build
 
@@ -36,9 +30,7 @@ def in_background(srv, path):
     result = []
 
     def run():
-        start = time.monotonic()
-        resp, _ = srv.get(path, timeout=30)
-        result.append((resp.status, time.monotonic() - start))
+        result.append(timed_get(srv, path, timeout=30))
 
     thread = threading.Thread(target=run)
     thread.start()

@@ -1,0 +1,334 @@
+"""Daemon mode where Apache and nginx behave alike: a killed daemon is replaced
+fast, graceful reloads fail nothing, nothing outlives the server, the sockets are
+private, daemons drop privileges, and groups are isolated. Every test runs on
+both servers; what differs lives in test_daemon.py and test_nginx_daemon.py."""
+
+import functools
+import json
+import os
+import pwd
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import VENV, battery_settings
+from harness import MODULES, Apache, Mount, Nginx
+
+WWW_DATA = pwd.getpwnam("www-data")
+NOBODY = pwd.getpwnam("nobody")
+
+# The module each server loads; both also need gateway-daemon.
+MODULE = {"apache": "mod_gateway.so", "nginx": "ngx_http_gateway_module.so"}
+
+
+def built(kind):
+    """Whether the module of `kind` ('apache' or 'nginx') and gateway-daemon are built."""
+    return (MODULES / MODULE[kind]).exists() and (MODULES / "gateway-daemon").exists()
+
+
+def skip_unless_built(kind):
+    if not built(kind):
+        pytest.skip(f"needs {MODULE[kind]} and gateway-daemon")
+
+
+def daemon_server(kind, mounts, daemons, **kw):
+    """An event-MPM Apache or an nginx whose `daemons` ({name: options}) get the
+    test virtualenv."""
+    if kind == "apache":
+        srv = Apache(mounts, battery_settings(), **kw)
+    else:
+        srv = Nginx(mounts, battery_settings(), name="nginx-daemon", **kw)
+    srv.settings.daemons = {
+        name: f"python-home={VENV} {options}".strip() for name, options in daemons.items()
+    }
+    return srv
+
+
+@pytest.fixture(params=sorted(MODULE))
+def make_server(request):
+    """daemon_server for each server that is built."""
+    skip_unless_built(request.param)
+    return functools.partial(daemon_server, request.param)
+
+
+def token():
+    return uuid.uuid4().hex[:12]
+
+
+def app(prefix, name, group="g", script="daemon_apps.py", vhost=None):
+    return Mount(prefix, script, name, mode="daemon", group=group, vhost=vhost)
+
+
+def pids_by_title(title):
+    """Pids of the processes whose command line is `title` (a daemon's display-name)."""
+    out = subprocess.run(["pgrep", "-fx", title], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def wait_for_pids(title, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = pids_by_title(title)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.02)
+    raise AssertionError(f"expected {count} processes titled {title!r}, found {pids_by_title(title)}")
+
+
+def parent_of(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^PPid:\s+(\d+)$", status, re.M).group(1))
+
+
+def get_json(srv, path, **kw):
+    resp, data = srv.get(path, **kw)
+    assert resp.status == 200, (resp.status, data[:500], srv.log_text()[-3000:])
+    return json.loads(data)
+
+
+def timed_get(srv, path, timeout):
+    """Requests `path`; returns the status and how many seconds the answer took."""
+    start = time.monotonic()
+    resp, _ = srv.get(path, timeout=timeout)
+    return resp.status, time.monotonic() - start
+
+
+def load(srv, path, clients, seconds, during=None):
+    """`clients` threads request `path` in a loop for `seconds`; `during` runs in
+    the middle. Returns the list of (status or exception name) of every request."""
+    results, lock = [], threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client():
+        while time.monotonic() < stop:
+            try:
+                resp, _ = srv.get(path, timeout=20)
+                outcome = resp.status
+            except Exception as e:  # a broken connection is a failure to count
+                outcome = type(e).__name__
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    if during:
+        time.sleep(seconds / 3)
+        during()
+    for t in threads:
+        t.join(timeout=seconds + 30)
+    return results
+
+
+def _connect_as(user, path):
+    code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
+            "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e:\n print(type(e).__name__)")
+    out = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                          "/usr/bin/python3", "-c", code, path], capture_output=True, text=True, timeout=10)
+    return out.stdout.strip()
+
+
+# --- Supervision ---
+
+def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_server):
+    """A daemon killed under load costs only its own requests, each with a 502 and a
+    log line, and is replaced within a second."""
+    title = f"gw-kill-{token()}"
+    srv = make_server([app("/slow", "slow"), app("/who", "whoami")],
+                      {"g": f"processes=2 threads=3 display-name={title}"})
+    with srv:
+        before = wait_for_pids(title, 2)
+        victim = min(before)
+        killed_at = []
+
+        def kill():
+            os.kill(victim, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+            # The replacement runs (and shows its title) within a second.
+            while len(pids_by_title(title) - before) < 1 and time.monotonic() - killed_at[0] < 5:
+                time.sleep(0.01)
+            killed_at.append(time.monotonic())
+
+        results = load(srv, "/slow?s=0.2", clients=8, seconds=4.5, during=kill)
+        replaced = wait_for_pids(title, 2, timeout=5)
+        assert victim not in replaced
+        assert killed_at[1] - killed_at[0] < 1.0, killed_at[1] - killed_at[0]
+        failures = [r for r in results if r != 200]
+        # Only the requests that victim was running (3 threads) or had accepted can fail.
+        assert len(results) > 60, len(results)
+        assert 1 <= len(failures) <= 6, (failures, len(results))
+        assert set(failures) == {502}, failures
+        log = srv.log_text()
+        died = [line for line in log.splitlines()
+                if f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL) while serving this request" in line]
+        assert len(died) == len(failures), log[-3000:]
+        assert all("gateway: GET /slow?s=0.2: " in line for line in died)
+        # Replaced within a second (the supervisor logs the replacement at once).
+        assert f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL); starting a replacement" in log
+        assert get_json(srv, "/who")["pid"] in replaced
+
+
+def test_graceful_reloads_under_load_fail_nothing_and_replace_the_daemons(make_server):
+    """Two graceful reloads under load fail no request, and a new generation of
+    daemons takes over."""
+    title = f"gw-graceful-{token()}"
+    srv = make_server([app("/slow", "slow")], {"g": f"processes=2 threads=4 display-name={title}"})
+    with srv:
+        before = wait_for_pids(title, 2)
+
+        def graceful():
+            # Twice: the second generation shares the first one's run directory.
+            for _ in range(2):
+                srv.graceful()
+                time.sleep(1.5)
+
+        results = load(srv, "/slow?s=0.3", clients=8, seconds=7, during=graceful)
+        assert len(results) > 50
+        assert [r for r in results if r != 200] == []
+        # A new generation of daemons serves; the old one drained and exited.
+        deadline = time.monotonic() + 15
+        while pids_by_title(title) & before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = pids_by_title(title)
+        assert len(after) == 2 and not after & before, (before, after)
+        assert get_json(srv, "/slow?s=0")["pid"] in after
+
+
+def test_503_at_once_when_the_group_cannot_start(make_server):
+    """A group whose daemons die at start-up answers 503 at once and says why; the
+    other groups serve on."""
+    srv = make_server([app("/who", "whoami", group="broken"), app("/ok", "whoami")],
+                      {"g": "processes=1 threads=1", "broken": "processes=1 threads=1"})
+    empty_home = srv.dir / "not-a-python"
+    empty_home.mkdir()
+    srv.settings.daemons["broken"] = f"processes=1 threads=1 python-home={empty_home}"
+    with srv:
+        srv.wait_for_log("before it was ready")
+        status, seconds = timed_get(srv, "/who", timeout=10)
+        assert status == 503
+        assert seconds < 1, seconds
+        log = srv.wait_for_log("gateway: GET /who: daemon process group 'broken' is down")
+        assert re.search(r"daemon process \d+ of group 'broken' exited with status \d+ before it was ready", log)
+        assert get_json(srv, "/ok")["group"] == "g"
+
+
+def test_socket_timeout_answers_504_when_the_daemon_says_nothing(make_server):
+    srv = make_server([app("/slow", "slow")], {"g": "processes=1 threads=2 socket-timeout=1"})
+    with srv:
+        status, seconds = timed_get(srv, "/slow?s=3", timeout=30)
+        assert status == 504
+        assert seconds < 2.5, seconds
+        log = srv.wait_for_log("sent nothing for socket-timeout=1s")
+        assert re.search(r"gateway: GET /slow\?s=3: daemon process \d+ of group 'g' sent nothing for socket-timeout=1s; answering 504", log)
+        assert get_json(srv, "/slow?s=0")["pid"]
+
+
+def test_no_orphans_after_kill_9_of_the_main_process(make_server):
+    """Killing the server's main process with SIGKILL takes the supervisor and
+    its daemons down too."""
+    title = f"gw-orphan-{token()}"
+    srv = make_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    srv.start()
+    children = []
+    try:
+        daemons = wait_for_pids(title, 2)
+        supervisors = {parent_of(pid) for pid in daemons}
+        assert len(supervisors) == 1
+        children = srv.children()
+        assert supervisors.isdisjoint(children)
+        os.kill(srv.pid(), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pids_by_title(title) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids_by_title(title) == set(), "daemon processes outlived the server"
+        for pid in daemons:
+            assert not Path(f"/proc/{pid}").exists()
+        while any(Path(f"/proc/{p}").exists() for p in supervisors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{p}").exists() for p in supervisors), "the supervisor outlived the server"
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_daemons_stop_with_the_server(make_server):
+    """Stopping the server stops the supervisor and its daemons and removes the
+    run directory."""
+    title = f"gw-stop-{token()}"
+    srv = make_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    with srv:
+        daemons = wait_for_pids(title, 2)
+        supervisor = parent_of(min(daemons))
+        run_dir = next(srv.runtime_dir.glob("gateway-*"))
+        assert get_json(srv, "/who")["pid"] in daemons
+    deadline = time.monotonic() + 5
+    while (pids_by_title(title) or Path(f"/proc/{supervisor}").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_by_title(title) == set()
+    assert not Path(f"/proc/{supervisor}").exists()
+    assert not run_dir.exists(), list(run_dir.iterdir())
+
+
+# --- Security ---
+
+def test_socket_reachable_only_by_the_server_user(make_server):
+    """A group's socket and its directory belong to the user of the server's
+    workers, and no other user can connect."""
+    srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=1"})
+    with srv:
+        sockets = list(srv.runtime_dir.glob("gateway-*/g.sock"))
+        assert len(sockets) == 1
+        sock = sockets[0]
+        st, dst = sock.stat(), sock.parent.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (WWW_DATA.pw_uid, 0o600)
+        assert (dst.st_uid, dst.st_mode & 0o777) == (WWW_DATA.pw_uid, 0o700)
+        assert _connect_as(NOBODY, str(sock)) == "PermissionError"
+        assert _connect_as(WWW_DATA, str(sock)) == "connected"
+
+
+def test_daemons_drop_privileges_and_show_their_display_name(make_server):
+    """user= and group= leave no trace of root in a daemon, and display-name= is
+    its command line."""
+    title = f"gw-who-{token()}"
+    srv = make_server([app("/nobody", "whoami", group="as_nobody"), app("/default", "whoami")],
+                      {"as_nobody": f"processes=1 threads=1 user=nobody group=nogroup display-name={title}",
+                       "g": "processes=1 threads=1"})
+    with srv:
+        me = get_json(srv, "/nobody")
+        assert (me["uid"], me["euid"], me["gid"]) == (NOBODY.pw_uid, NOBODY.pw_uid, 65534)
+        assert (me["mode"], me["group"]) == ("daemon", "as_nobody")
+        assert get_json(srv, "/default")["uid"] == WWW_DATA.pw_uid  # the workers' user by default
+        assert pids_by_title(title) == {me["pid"]}
+        ps = subprocess.run(["ps", "-o", "args=", "-p", str(me["pid"])], capture_output=True, text=True).stdout
+        assert ps.strip() == title
+        status = Path(f"/proc/{me['pid']}/status").read_text()
+        assert re.search(rf"^Uid:\s+{NOBODY.pw_uid}\s+{NOBODY.pw_uid}\s+{NOBODY.pw_uid}\s+{NOBODY.pw_uid}$", status, re.M)
+        groups = re.search(r"^Groups:(.*)$", status, re.M).group(1).split()
+        assert "0" not in groups
+
+
+# --- Isolation ---
+
+def test_two_groups_with_two_virtualenvs(make_server):
+    """Each group runs the Python of its own python-home, in its own processes."""
+    srv = make_server([app("/a", "whoami", group="a"), app("/b", "whoami", group="b")], {})
+    venv2 = srv.dir / "venv2"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv2)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(venv2)], check=True)
+    srv.settings.daemons = {"a": f"processes=1 threads=2 python-home={VENV}",
+                            "b": f"processes=1 threads=2 python-home={venv2}"}
+    with srv:
+        a, b = get_json(srv, "/a"), get_json(srv, "/b")
+        assert os.path.realpath(a["prefix"]) == os.path.realpath(VENV)
+        assert os.path.realpath(b["prefix"]) == os.path.realpath(venv2)
+        assert (a["group"], b["group"]) == ("a", "b")
+        assert a["pid"] != b["pid"]
