@@ -1,7 +1,9 @@
 """Daemon mode where Apache and nginx behave alike: a killed daemon is replaced
-fast, graceful reloads fail nothing, nothing outlives the server, the sockets are
-private, daemons drop privileges, and groups are isolated. Every test runs on
-both servers; what differs lives in test_daemon.py and test_nginx_daemon.py."""
+fast, graceful reloads fail nothing, max-requests and request-timeout recycle and
+time out without hurting other requests, nothing outlives the server, the sockets
+are private, daemons drop privileges, groups are isolated, and bodies stream both
+ways. Every test runs on both servers; what differs lives in test_daemon.py and
+test_nginx_daemon.py."""
 
 import functools
 import json
@@ -278,6 +280,100 @@ def test_daemons_stop_with_the_server(make_server):
     assert not run_dir.exists(), list(run_dir.iterdir())
 
 
+def test_max_requests_recycles_without_failing_a_request(make_server):
+    srv = make_server([app("/slow", "slow")], {"g": "processes=1 threads=2 max-requests=15"})
+    with srv:
+        results, pids, lock = [], set(), threading.Lock()
+
+        def client():
+            for _ in range(20):
+                resp, data = srv.get("/slow?s=0.01")
+                with lock:
+                    results.append(resp.status)
+                    if resp.status == 200:
+                        pids.add(json.loads(data)["pid"])
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [200] * 80, [r for r in results if r != 200]
+        assert len(pids) >= 5, pids  # 80 requests, 15 per process
+        assert "max-requests=15 reached" in srv.log_text()
+
+
+def test_request_timeout_answers_504_logs_the_stack_and_spares_other_requests(make_server):
+    srv = make_server([app("/stuck", "stuck"), app("/slow", "slow")],
+                        {"g": "processes=1 threads=4 request-timeout=2"})
+    with srv:
+        pid = get_json(srv, "/slow?s=0")["pid"]
+        t = token()
+        outcome = {}
+
+        def stuck():
+            start = time.monotonic()
+            resp, data = srv.get(f"/stuck?token={t}", timeout=30)
+            outcome["stuck"] = (resp.status, time.monotonic() - start)
+
+        def other():
+            resp, data = srv.get("/slow?s=1.5", timeout=30)
+            outcome["other"] = (resp.status, json.loads(data)["pid"] if resp.status == 200 else None)
+
+        threads = [threading.Thread(target=stuck), threading.Thread(target=other)]
+        for th in threads:
+            th.start()
+            time.sleep(0.2)
+        for th in threads:
+            th.join(timeout=30)
+        status, elapsed = outcome["stuck"]
+        assert status == 504
+        assert 1.9 < elapsed < 4, elapsed
+        # The other request of the same process finished normally.
+        assert outcome["other"] == (200, pid)
+        log = srv.wait_for_log("Stack of the stuck thread")
+        assert f"gateway: GET /stuck?token={t}: daemon process {pid} of group 'g': the request exceeded request-timeout=2s" in log
+        assert "in stuck" in log and "daemon_apps.py" in log
+        # Python raised TimeoutError in the stuck thread: it unwound, the process lives on.
+        deadline = time.monotonic() + 5
+        while not srv.marker(t).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.marker(t).read_text() == "TimeoutError"
+        assert get_json(srv, "/slow?s=0")["pid"] == pid
+
+
+def test_a_request_stuck_outside_python_recycles_the_process_gently(make_server):
+    title = f"gw-stuckc-{token()}"
+    srv = make_server([app("/sleeper", "sleeper"), app("/slow", "slow")],
+                        {"g": f"processes=1 threads=4 request-timeout=1 graceful-timeout=2 display-name={title}"})
+    with srv:
+        (pid,) = wait_for_pids(title, 1)
+        outcome = {}
+
+        def stuck():
+            start = time.monotonic()
+            resp, _ = srv.get("/sleeper?s=60", timeout=30)
+            outcome["stuck"] = (resp.status, time.monotonic() - start)
+
+        helper = threading.Thread(target=stuck)
+        helper.start()
+        # In flight when the process starts draining (at twice request-timeout).
+        time.sleep(1.7)
+        outcome["other"] = get_json(srv, "/slow?s=0.8", timeout=30)["pid"]
+        helper.join(timeout=30)
+        status, elapsed = outcome["stuck"]
+        assert status == 504 and elapsed < 3
+        # The process's other request was not cut; the stuck one made it recycle.
+        assert outcome["other"] == pid
+        log = srv.wait_for_log("is still stuck (outside Python code)")
+        assert f"daemon process {pid} of group 'g' draining: a request is stuck outside Python code" in log
+        deadline = time.monotonic() + 10
+        while pid in pids_by_title(title) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pid not in pids_by_title(title)
+        assert get_json(srv, "/slow?s=0")["pid"] != pid
+
+
 # --- Security ---
 
 def test_socket_reachable_only_by_the_server_user(make_server):
@@ -332,3 +428,33 @@ def test_two_groups_with_two_virtualenvs(make_server):
         assert os.path.realpath(b["prefix"]) == os.path.realpath(venv2)
         assert (a["group"], b["group"]) == ("a", "b")
         assert a["pid"] != b["pid"]
+
+
+# --- Streaming ---
+
+def test_large_upload_and_download_stream_through_a_daemon(make_server):
+    srv = make_server([app("/up", "upload"), app("/down", "download")], {"g": "processes=1 threads=2"})
+    with srv:
+        size = 256 << 20
+        block = os.urandom(1 << 20)
+
+        def body():
+            for _ in range(size >> 20):
+                yield block
+
+        conn = srv.connect(timeout=120)
+        conn.request("POST", "/up", body=body(), headers={"Content-Length": str(size)})
+        resp = conn.getresponse()
+        out = json.loads(resp.read())
+        conn.close()
+        assert out["length"] == size
+        # The daemon held the body a block at a time, not whole.
+        assert out["peak_kib"] < 120 * 1024, out
+        conn = srv.connect(timeout=120)
+        conn.request("GET", "/down?mb=256")
+        resp = conn.getresponse()
+        got = 0
+        while chunk := resp.read(1 << 20):
+            got += len(chunk)
+        conn.close()
+        assert got == 256 << 20

@@ -3,7 +3,6 @@ passes the server's configuration test and serves the request its `# Try:`
 line shows."""
 
 import re
-from pathlib import Path
 
 import pytest
 from conftest import VENV
