@@ -19,6 +19,7 @@ BATTERY = [
     "filewrapper_validated", "cookies", "status", "exc_info_before", "exc_info_after", "threadlocal",
     "slow", "extensions", "empty", "raise_before", "raise_after", "bad_status", "crlf_header",
     "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises", "single", "prints",
+    "framing",
 ]
 
 

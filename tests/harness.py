@@ -7,6 +7,7 @@ set of tests runs against all of them.
 """
 
 import http.client
+import io
 import os
 import shutil
 import signal
@@ -22,6 +23,40 @@ MODULES = ROOT / "target" / "modules"
 APPS = ROOT / "tests" / "apps"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 RUN_USER = "www-data"
+
+
+class SharedReader(io.BufferedReader):
+    """One buffered reader of a socket that http.client may "close" after each of
+    several responses read from it (pipelined requests)."""
+
+    def close(self):
+        pass
+
+    def makefile(self, *args, **kwargs):
+        return self
+
+
+def pipelined(port: int, raw: bytes, methods: list[str], timeout: float = 15.0):
+    """Sends raw requests back to back in one packet and reads one response per
+    method: (status, headers, body) each, or the exception reading it raised, then
+    what followed on the connection until it closed."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        reader = SharedReader(socket.SocketIO(s, "rb"))
+        for method in methods:
+            resp = http.client.HTTPResponse(reader, method=method)
+            try:
+                resp.begin()
+                out.append((resp.status, resp.headers, resp.read()))
+            except (http.client.HTTPException, OSError) as e:
+                out.append(e)
+                break
+        try:
+            rest = reader.read()
+        except OSError:
+            rest = b"<reset>"
+    return out, rest
 
 
 @dataclass

@@ -2,7 +2,6 @@
 real HTTP requests against every server kind (see conftest.SERVERS)."""
 
 import hashlib
-import io
 import json
 import os
 import socket
@@ -10,6 +9,8 @@ import time
 import uuid
 
 import pytest
+
+from harness import SharedReader
 
 
 def token():
@@ -182,17 +183,6 @@ def test_unread_body_keeps_connection_usable(server):
     conn.close()
 
 
-class _SharedReader(io.BufferedReader):
-    """One buffered reader of a socket that http.client may "close" after each of
-    several responses read from it."""
-
-    def close(self):
-        pass
-
-    def makefile(self, *args, **kwargs):
-        return self
-
-
 def test_pipelined_requests_are_answered_in_order(server):
     """Requests sent back to back in one packet: a fixed-length response, one whose
     unread body must be skipped, a chunked one, then the last one closes."""
@@ -203,7 +193,7 @@ def test_pipelined_requests_are_answered_in_order(server):
                 b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
         s.sendall(requests)
-        reader = _SharedReader(socket.SocketIO(s, "rb"))
+        reader = SharedReader(socket.SocketIO(s, "rb"))
         bodies = []
         for method in ("GET", "POST", "GET", "GET"):
             resp = http.client.HTTPResponse(reader, method=method)
@@ -401,7 +391,7 @@ BROKEN = [
     ("/raise_before", "boom before start_response", True),
     ("/raise_after", "boom after start_response", True),
     ("/bad_status", "status must be a str", True),
-    ("/crlf_header", "CR, LF or NUL", True),
+    ("/crlf_header", "CR, LF, NUL or another control character", True),
     ("/str_body", "chunks must be bytes, got str", False),
     ("/no_start_response", "before calling start_response", False),
     ("/returns_none", "is not iterable", False),

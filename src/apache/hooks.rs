@@ -48,7 +48,7 @@ pub fn aplog_level(level: log::Level) -> c_int {
 
 fn log_to_main_server(level: log::Level, line: &str) {
     let s = MAIN_SERVER.load(Ordering::Relaxed);
-    let line = CString::new(line.replace('\0', "\\0")).unwrap_or_default();
+    let line = crate::common::log::c_line(line);
     // SAFETY: s is the main server_rec (or NULL, which ap_log_error accepts) and line is NUL-terminated.
     unsafe { gateway_ap_log(s, std::ptr::null(), aplog_level(level), line.as_ptr()) };
 }

@@ -1,6 +1,6 @@
 //! One embedded request: the CGI view of a `request_rec`, its body, and its response.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::io;
 use std::os::fd::RawFd;
 
@@ -8,6 +8,7 @@ use super::config::Mount;
 use super::ffi::*;
 use super::hooks::aplog_level;
 use crate::common::cgi::RequestHead;
+use crate::common::framing;
 use crate::common::log::request_line;
 use crate::daemon::client::{self, Reply};
 use crate::daemon::Endpoint;
@@ -56,7 +57,7 @@ pub fn log(r: *const request_rec, level: log::Level, msg: &str) {
 }
 
 fn log_line(r: *const request_rec, level: log::Level, line: &str) {
-    let line = CString::new(line.replace('\0', "\\0")).unwrap_or_default();
+    let line = crate::common::log::c_line(line);
     // SAFETY: r is a live request and line is NUL-terminated.
     unsafe { gateway_ap_log(std::ptr::null(), r, aplog_level(level), line.as_ptr()) };
 }
@@ -136,6 +137,8 @@ impl ApacheResponse {
 impl ResponseChannel for ApacheResponse {
     fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()> {
         let r = self.r.0;
+        let declared = framing::declared_length(headers)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         // SAFETY: r is live; every string stored in it is copied into its pool.
         unsafe {
             (*r).status = c_int::from(status);
@@ -144,18 +147,7 @@ impl ResponseChannel for ApacheResponse {
                 if name.eq_ignore_ascii_case("content-type") {
                     ap_set_content_type(r, self.pstr(value));
                 } else if name.eq_ignore_ascii_case("content-length") {
-                    match std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<apr_off_t>().ok())
-                    {
-                        Some(n) => ap_set_content_length(r, n),
-                        None => {
-                            return Err(io::Error::other(format!(
-                                "invalid Content-Length {:?}",
-                                String::from_utf8_lossy(value)
-                            )))
-                        }
-                    }
+                    ap_set_content_length(r, declared.unwrap_or(0) as apr_off_t);
                 } else {
                     apr_table_add(
                         (*r).headers_out,

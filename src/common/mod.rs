@@ -2,6 +2,7 @@
 
 pub mod cgi;
 pub mod config;
+pub mod framing;
 pub mod log;
 
 /// The version reported as `gateway.version` and in log lines.

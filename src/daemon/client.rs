@@ -21,6 +21,7 @@ use super::protocol::{self, Kind, HEADER_LEN, MAX_FRAME};
 use super::{exit_record_path, Endpoint};
 use crate::common::cgi::RequestHead;
 use crate::common::config::AppSpec;
+use crate::common::framing::{self, BodyFraming};
 use crate::common::log::request_line;
 use crate::python::{Outcome, RequestBody, ResponseChannel};
 
@@ -278,7 +279,15 @@ pub fn forward(
                     }
                 },
             };
-            let mut exchange = Exchange { ep, conn, payload, started: false, pulled: false, heard: false };
+            let mut exchange = Exchange {
+                ep,
+                conn,
+                payload,
+                framing: None,
+                head_request: head.method == b"HEAD",
+                pulled: false,
+                heard: false,
+            };
             match exchange.run(out, body, resp, &log) {
                 Step::Done(reply, reusable) => {
                     if reusable {
@@ -308,7 +317,9 @@ struct Exchange<'a> {
     ep: &'a Endpoint,
     conn: Conn,
     payload: &'a mut Vec<u8>,
-    started: bool,
+    /// Set once the response head went out: how much body it allows.
+    framing: Option<BodyFraming>,
+    head_request: bool,
     pulled: bool,
     heard: bool,
 }
@@ -385,30 +396,25 @@ impl Exchange<'_> {
                     }
                 }
                 Kind::Start => {
-                    let (status, line, headers) = match protocol::decode_start(self.payload) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            return self.fail(
-                                resp,
-                                log,
-                                502,
-                                &format!("malformed response head from the daemon: {e}"),
-                            )
-                        }
-                    };
-                    self.started = true;
-                    if let Err(e) = resp.start(status, &line, &headers) {
-                        log(
-                            resp,
-                            log::Level::Error,
-                            &format!("the daemon's response head was refused: {e}"),
-                        );
-                        return Step::Done(Reply::Status(502), false);
+                    if let Err(step) = self.start(resp, log) {
+                        return step;
                     }
                 }
                 Kind::Data => {
+                    let Some(framing) = self.framing.as_mut() else {
+                        return self.fail(
+                            resp,
+                            log,
+                            502,
+                            "the daemon sent body data before the response head",
+                        );
+                    };
+                    let n = framing.admit(self.payload.len());
+                    if let Some(limit) = framing.first_excess(self.payload.len() - n) {
+                        log(resp, log::Level::Error, &format!("daemon process {} sent more than the Content-Length of {limit} bytes; the excess was dropped", self.conn.pid));
+                    }
                     if resp
-                        .write(self.payload, flags & protocol::FLAG_FLUSH != 0)
+                        .write(&self.payload[..n], flags & protocol::FLAG_FLUSH != 0)
                         .is_err()
                     {
                         // Closing the connection tells the daemon: its next write fails.
@@ -424,8 +430,8 @@ impl Exchange<'_> {
                 }
                 Kind::End => {
                     let reply = match protocol::decode_outcome(self.payload) {
-                        Ok(Outcome::Complete) => Reply::Complete,
-                        Ok(Outcome::Failed) if !self.started => Reply::Status(500),
+                        Ok(Outcome::Complete) => return self.complete(resp, log),
+                        Ok(Outcome::Failed) if self.framing.is_none() => Reply::Status(500),
                         Ok(Outcome::Failed | Outcome::Aborted) => Reply::Aborted,
                         Ok(Outcome::ClientGone) => Reply::ClientGone,
                         Err(e) => {
@@ -473,7 +479,7 @@ impl Exchange<'_> {
         status: u16,
         msg: &str,
     ) -> Step {
-        if self.started {
+        if self.framing.is_some() {
             log(
                 resp,
                 log::Level::Error,
@@ -488,6 +494,50 @@ impl Exchange<'_> {
                 &format!("{msg}; answering {status}"),
             );
             Step::Done(Reply::Status(status), false)
+        }
+    }
+
+    /// Sends the response head of a `Start` frame, checked as an application's
+    /// own head is: a daemon must not be able to split or mis-frame a response.
+    fn start(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Result<(), Step> {
+        if self.framing.is_some() {
+            return Err(self.fail(resp, log, 502, "the daemon sent a second response head"));
+        }
+        let checked = protocol::decode_start(self.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|(status, line, headers)| {
+                let framing = framing::check_head(&line, &headers, self.head_request)
+                    .map_err(|e| e.to_string())?;
+                Ok((status, line, headers, framing))
+            });
+        let (status, line, headers, framing) = match checked {
+            Ok(head) => head,
+            Err(e) => {
+                let msg = format!(
+                    "daemon process {} sent an invalid response head: {e}",
+                    self.conn.pid
+                );
+                return Err(self.fail(resp, log, 502, &msg));
+            }
+        };
+        if let Err(e) = resp.start(status, &line, &headers) {
+            let msg = format!("the daemon's response head was refused: {e}");
+            return Err(self.fail(resp, log, 502, &msg));
+        }
+        self.framing = Some(framing);
+        Ok(())
+    }
+
+    /// The daemon says the response is complete: it is, unless its body is
+    /// shorter than its Content-Length (then the connection must close).
+    fn complete(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Step {
+        let short = self.framing.as_ref().and_then(BodyFraming::shortfall);
+        match short {
+            None => Step::Done(Reply::Complete, true),
+            Some((declared, sent)) => {
+                let msg = format!("daemon process {} ended the response after {sent} of the {declared} bytes its Content-Length declared", self.conn.pid);
+                self.fail(resp, log, 502, &msg)
+            }
         }
     }
 
@@ -699,5 +749,82 @@ mod tests {
         let reply = forward_bodiless(&ep, &mut resp);
         // The head went out already: the response is cut short rather than replaced.
         assert_eq!(reply, Reply::Aborted);
+    }
+
+    /// A fake daemon that answers every request with `frames`.
+    fn forged(name: &str, frames: Vec<u8>) -> (Reply, Recorded) {
+        let dir = temp_dir(name);
+        let ep = endpoint(&dir);
+        fake_daemon(UnixListener::bind(&ep.socket).unwrap(), move |stream, _| {
+            stream.write_all(&frames).unwrap();
+        });
+        let mut resp = Recorded::default();
+        let reply = forward_bodiless(&ep, &mut resp);
+        (reply, resp)
+    }
+
+    fn start(status: u16, line: &str, headers: &[(&str, &[u8])]) -> Vec<u8> {
+        let headers: Vec<Header> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect();
+        let mut out = Vec::new();
+        protocol::put_start(&mut out, status, line, &headers).unwrap();
+        out
+    }
+
+    fn then(mut frames: Vec<u8>, kind: Kind, payload: &[u8]) -> Vec<u8> {
+        protocol::put_frame(&mut frames, kind, 0, payload);
+        frames
+    }
+
+    #[test]
+    fn forged_response_heads_are_a_502() {
+        let forgeries = [
+            start(200, "200 OK\r\nSet-Cookie: x=1", &[]),
+            start(200, "200 OK", &[("X-A", b"1\r\nSet-Cookie: x=1")]),
+            start(200, "200 OK", &[("X-A", b"\x0b")]),
+            start(200, "200 OK", &[("Bad Name", b"1")]),
+            start(200, "200 OK", &[("Content-Length", b"5, 6")]),
+            start(103, "103 Early Hints", &[]),
+        ];
+        for (i, head) in forgeries.into_iter().enumerate() {
+            let (reply, resp) = forged(&format!("forged-{i}"), then(head, Kind::End, &[0]));
+            assert_eq!(
+                (reply, resp.status),
+                (Reply::Status(502), None),
+                "forgery {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_data_before_the_head_is_a_502() {
+        let frames = then(
+            then(Vec::new(), Kind::Data, b"HTTP/1.1 200 OK\r\n\r\n"),
+            Kind::End,
+            &[0],
+        );
+        let (reply, resp) = forged("data-first", frames);
+        assert_eq!((reply, resp.body.len()), (Reply::Status(502), 0));
+    }
+
+    #[test]
+    fn daemon_bodies_are_framed_by_their_content_length() {
+        let long = start(200, "200 OK", &[("Content-Length", b"5")]);
+        let long = then(
+            then(long, Kind::Data, b"HelloHTTP/1.1 200 OK\r\n"),
+            Kind::End,
+            &[0],
+        );
+        let (reply, resp) = forged("long", long);
+        assert_eq!(
+            (reply, resp.body.as_slice()),
+            (Reply::Complete, &b"Hello"[..])
+        );
+        let short = start(200, "200 OK", &[("Content-Length", b"10")]);
+        let short = then(then(short, Kind::Data, b"abc"), Kind::End, &[0]);
+        let (reply, resp) = forged("short", short);
+        assert_eq!((reply, resp.body.as_slice()), (Reply::Aborted, &b"abc"[..]));
     }
 }

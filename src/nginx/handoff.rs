@@ -13,6 +13,7 @@ use super::exchange::{Exchange, Piece};
 use super::ffi::*;
 use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
+use crate::common::framing;
 use crate::daemon::client::{self, Reply};
 use crate::daemon::Endpoint;
 use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
@@ -332,14 +333,8 @@ struct NginxResponse {
 
 impl ResponseChannel for NginxResponse {
     fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()> {
-        for (name, value) in headers {
-            if name.eq_ignore_ascii_case("content-length") && content_length(value).is_none() {
-                return Err(io::Error::other(format!(
-                    "invalid Content-Length {:?}",
-                    String::from_utf8_lossy(value)
-                )));
-            }
-        }
+        framing::declared_length(headers)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         let piece = Piece::Start {
             status,
             status_line: status_line.to_string(),

@@ -16,6 +16,7 @@ use super::ffi::*;
 use super::handoff::{content_length, Handoff};
 use super::runtime::{self, log_line};
 use crate::common::config::Mode;
+use crate::common::framing;
 use crate::common::log::request_line;
 use crate::daemon::client::{self, Reply};
 use crate::daemon::Endpoint;
@@ -605,6 +606,15 @@ impl LoopState {
                     out.date = h;
                 } else if name.eq_ignore_ascii_case("server") {
                     out.server = h;
+                }
+            }
+            // The status line is the application's, so nginx's header filter does not
+            // recognise 204 and 304 itself: without header_only it would frame a body
+            // (a chunked terminator) that the client reads as the next response.
+            if framing::status_has_no_body(status) {
+                (*r).set_header_only(1);
+                if status == 204 {
+                    out.content_length_n = -1;
                 }
             }
             self.header_sent = true;

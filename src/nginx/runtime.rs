@@ -2,7 +2,6 @@
 //! the eventfd through which those threads wake the event loop. The loop never
 //! runs Python; the threads never call nginx.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,7 +69,7 @@ fn ngx_level(level: log::Level) -> ngx_uint_t {
 /// Writes a finished line to the worker's error log. Safe from any thread: the
 /// cycle's log has no request context to read.
 pub fn log_line(level: log::Level, line: &str) {
-    let line = CString::new(line.replace('\0', "\\0")).unwrap_or_default();
+    let line = crate::common::log::c_line(line);
     // SAFETY: ngx_cycle is set for the worker's life; its log writes with a stack buffer.
     unsafe {
         let cycle = ngx_cycle;

@@ -8,10 +8,10 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString, PyTuple};
 
+use crate::common::framing::{self, BodyFraming, HeadError};
 use crate::common::log::request_line;
 
-/// A response header: a token name and a latin-1 value without CR/LF.
-pub type Header = (String, Vec<u8>);
+pub use crate::common::framing::Header;
 
 /// Sends one response to the server's client. I/O methods are called without the GIL.
 pub trait ResponseChannel: Send + Sync {
@@ -55,6 +55,8 @@ pub struct StartResponse {
     channel: Option<Box<dyn ResponseChannel>>,
     status: Option<(u16, String)>,
     headers: Vec<Header>,
+    /// How much body the head allows (set with the status).
+    framing: BodyFraming,
     headers_sent: bool,
     client_gone: bool,
     method: Vec<u8>,
@@ -67,6 +69,7 @@ impl StartResponse {
             channel: Some(channel),
             status: None,
             headers: Vec::new(),
+            framing: BodyFraming::new(200, None, false),
             headers_sent: false,
             client_gone: false,
             method: method.to_vec(),
@@ -89,21 +92,20 @@ impl StartResponse {
         self.status.is_some()
     }
 
-    /// The Content-Length the application declared, if any.
-    pub fn content_length(&self) -> Option<u64> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse().ok())
-    }
-
     /// Declares the body's length when the application did not, so the server
     /// need not chunk a body it already has whole.
     pub fn set_content_length(&mut self, len: usize) {
-        if !self.headers_sent && self.content_length().is_none() {
+        if !self.headers_sent && framing::declared_length(&self.headers) == Ok(None) {
             self.headers
                 .push(("Content-Length".to_string(), len.to_string().into_bytes()));
+            self.framing.declare(len as u64);
         }
+    }
+
+    /// At the end of the body: the declared Content-Length and the bytes sent,
+    /// when fewer were sent.
+    pub fn shortfall(&self) -> Option<(u64, u64)> {
+        self.framing.shortfall()
     }
 
     /// Logs a line about this request.
@@ -124,12 +126,23 @@ impl StartResponse {
     }
 
     /// Sends body bytes, sending the headers first if they have not gone yet.
+    /// Bytes beyond the declared Content-Length (or any, for HEAD, 204 and 304)
+    /// are dropped: on a keep-alive connection the client would read them as
+    /// the next response.
     pub fn send(&mut self, py: Python<'_>, data: &[u8], flush: bool) -> PyResult<()> {
         if self.status.is_none() {
             return Err(PyRuntimeError::new_err(
                 "the application sent body data before calling start_response()",
             ));
         }
+        let admitted = self.framing.admit(data.len());
+        if let Some(limit) = self.framing.first_excess(data.len() - admitted) {
+            self.log(
+                log::Level::Error,
+                &format!("the application sent more than its Content-Length of {limit} bytes; the excess was dropped"),
+            );
+        }
+        let data = &data[..admitted];
         let StartResponse {
             channel,
             status,
@@ -142,7 +155,6 @@ impl StartResponse {
         };
         let (code, line) = status.as_ref().expect("checked above");
         let start = !*headers_sent;
-        *headers_sent = true;
         let only_buffers = channel.only_buffers(data.len(), flush);
         let mut send = || {
             if start {
@@ -158,15 +170,29 @@ impl StartResponse {
         } else {
             py.detach(send)
         };
-        result.map_err(|e| {
-            self.client_gone = true;
-            PyOSError::new_err(format!("client closed the connection: {e}"))
-        })
+        *headers_sent = true;
+        result.map_err(|e| self.send_error(start, e))
     }
 
-    /// Sends the headers and a file through the server's file path.
+    /// The exception for a failed send: the server refused the head (nothing
+    /// went out: the request fails with a 500), or the client went away.
+    fn send_error(&mut self, starting: bool, e: std::io::Error) -> PyErr {
+        if starting && e.kind() == std::io::ErrorKind::InvalidData {
+            self.headers_sent = false;
+            return PyValueError::new_err(format!("the response head was refused: {e}"));
+        }
+        self.client_gone = true;
+        PyOSError::new_err(format!("client closed the connection: {e}"))
+    }
+
+    /// Sends the headers, then up to `len` bytes of an open file (no more than the
+    /// declared Content-Length) through the server's file path.
     pub fn send_file(&mut self, py: Python<'_>, fd: RawFd, offset: u64, len: u64) -> PyResult<()> {
         self.send(py, &[], false)?;
+        let len = self.framing.admit(len as usize) as u64;
+        if len == 0 {
+            return Ok(());
+        }
         let channel = self.channel.as_mut().expect("send checked the channel");
         let result = py.detach(|| channel.send_file(fd, offset, len));
         result.map_err(|e| {
@@ -219,6 +245,8 @@ impl StartResponse {
                 &format!("dropped hop-by-hop response header '{name}'"),
             )
         })?;
+        let head_request = slf.method == b"HEAD";
+        slf.framing = framing::check_head(&status.1, &headers, head_request).map_err(head_error)?;
         slf.status = Some(status);
         slf.headers = headers;
         let py = slf.py();
@@ -251,25 +279,13 @@ fn parse_status(status: &Bound<'_, PyAny>) -> PyResult<(u16, String)> {
             ))
         })?
         .to_str()?;
-    let b = s.as_bytes();
-    let valid = b.len() >= 3
-        && b[..3].iter().all(u8::is_ascii_digit)
-        && b[0] != b'0'
-        && (b.len() == 3 || b[3] == b' ')
-        && !b.iter().any(|&c| c < 0x20 || c == 0x7f);
-    if !valid {
-        return Err(PyValueError::new_err(format!(
-            "status must look like '200 OK', got {s:?}"
-        )));
-    }
-    Ok((s[..3].parse().expect("three digits"), s.to_string()))
+    let code = framing::check_status(s).map_err(head_error)?;
+    Ok((code, s.to_string()))
 }
 
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+/// A refused response head, as the exception start_response raises.
+fn head_error(e: HeadError) -> PyErr {
+    PyValueError::new_err(e.to_string())
 }
 
 fn parse_headers(
@@ -304,16 +320,8 @@ fn parse_headers(
         };
         let name = name.to_str()?;
         let value = value.to_str()?;
-        if !is_token(name) {
-            return Err(PyValueError::new_err(format!(
-                "invalid response header name {name:?}"
-            )));
-        }
-        if value.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
-            return Err(PyValueError::new_err(format!(
-                "response header {name} contains CR, LF or NUL, refused (header injection): {value:?}"
-            )));
-        }
+        framing::check_header(name, value.as_bytes())
+            .map_err(|e| PyValueError::new_err(format!("{e}: {value:?}")))?;
         let Some(value) = value
             .chars()
             .map(|c| u8::try_from(c as u32).ok())

@@ -371,12 +371,9 @@ fn send_result(
             if !responder.borrow().started() {
                 return never_started(py, responder);
             }
-            let mut r = responder.borrow_mut();
-            let len = r.content_length().map_or(available, |cl| cl.min(available));
-            let sent = r.send_file(py, fd, offset, len);
-            drop(r);
+            let sent = responder.borrow_mut().send_file(py, fd, offset, available);
             return match sent {
-                Ok(()) => Outcome::Complete,
+                Ok(()) => complete(py, responder),
                 Err(e) => failure(py, responder, "sending the file failed", &e),
             };
         }
@@ -431,5 +428,22 @@ fn send_result(
             return failure(py, responder, "sending the response failed", &e);
         }
     }
-    Outcome::Complete
+    drop(r);
+    complete(py, responder)
+}
+
+/// The body is over: complete, unless it is shorter than its Content-Length
+/// said. Then the client would wait for the rest, or take the next response
+/// for it: the response is cut short, which closes the connection.
+fn complete(py: Python<'_>, responder: &Bound<'_, StartResponse>) -> Outcome {
+    let mut r = responder.borrow_mut();
+    let Some((declared, sent)) = r.shortfall() else {
+        return Outcome::Complete;
+    };
+    r.log(
+        log::Level::Error,
+        &format!("the response ended after {sent} of the {declared} bytes its Content-Length declared; closing the connection"),
+    );
+    r.abort(py);
+    Outcome::Aborted
 }

@@ -359,3 +359,43 @@ def prints(environ, start_response):
     environ["wsgi.errors"].write(f"wsgi.errors says {tag}\n")
     environ["wsgi.errors"].flush()
     return plain(start_response, b"printed")
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+
+
+def framing(environ, start_response):
+    """Responses whose head and body disagree, or that no client may receive (not
+    validated: they break PEP 3333 on purpose). ?case= picks one."""
+    case = query(environ).get("case", "")
+    if case == "long":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"Hello", SMUGGLED]
+    if case == "long_text":
+        # The common real trigger: len() of a str counts characters, not bytes.
+        text = "caf\u00e9 cr\u00e8me"
+        start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(text)))])
+        return [text.encode()]
+    if case == "short":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "10")])
+        return [b"abc"]
+    if case.isdigit():
+        start_response(f"{case} Whatever", [("Content-Type", "text/plain"), ("Content-Length", str(len(SMUGGLED)))])
+        return [SMUGGLED]
+    if case == "bad_length":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "12abc")])
+        return [b"hello"]
+    if case == "huge_head":
+        start_response("200 OK", [(f"X-H{i}", "v" * 100) for i in range(10_000)])
+        return [b"too big"]
+    if case in ("vt", "ff", "del"):
+        ctl = {"vt": "\x0b", "ff": "\x0c", "del": "\x7f"}[case]
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-Ctl", f"a{ctl}b")])
+        return [b"control"]
+    if case == "log":
+        environ["wsgi.errors"].write("errors: \x1b[31mred\rforged line\n")
+        print("stdout: \x1b]0;title\x07 done", flush=True)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "6")])
+        return [b"logged"]
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"unknown case"]
