@@ -374,6 +374,32 @@ def test_a_request_stuck_outside_python_recycles_the_process_gently(make_server)
         assert get_json(srv, "/slow?s=0")["pid"] != pid
 
 
+def test_a_request_holding_the_gil_in_c_gets_its_504_and_spares_the_next_requests(make_server):
+    """A catastrophic regex holds the GIL in C code for longer than request-timeout
+    and then writes its response: the stuck request gets its 504 at
+    request-timeout, the requests after it are answered within request-timeout
+    (by this process once it recovers, or by its replacement)."""
+    title = f"gw-redos-{token()}"
+    srv = make_server([app("/redos", "redos"), app("/slow", "slow")],
+                      {"g": f"processes=1 threads=4 request-timeout=2 graceful-timeout=3 display-name={title}"})
+    with srv:
+        (pid,) = wait_for_pids(title, 1)
+        status, elapsed = timed_get(srv, "/redos?n=28", timeout=60)
+        assert status == 504 and elapsed < 5, (status, elapsed)
+        # Requests that reach the process while the regex holds the GIL get their
+        # own 504 at request-timeout; then the process is replaced (or recovers).
+        later = []
+        deadline = time.monotonic() + 30
+        while [s for s, _ in later[-3:]] != [200] * 3 and time.monotonic() < deadline:
+            later.append(timed_get(srv, "/slow?s=0", timeout=60))
+        assert [s for s, _ in later[-3:]] == [200] * 3, later
+        assert all(s in (200, 504) and t < 5 for s, t in later), later
+        log = srv.log_text()
+        assert f"GET /redos?n=28: daemon process {pid} of group 'g': the request exceeded request-timeout=2s" in log
+        assert "GET /redos?n=28: the thread of this request is still stuck (outside Python code)" in log
+        assert get_json(srv, "/slow?s=0")["pid"] in pids_by_title(title)
+
+
 # --- Security ---
 
 def test_socket_reachable_only_by_the_server_user(make_server):

@@ -486,7 +486,7 @@ impl Daemon {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("gateway-watchdog".into())
-                .spawn(move || watchdog(&shared))?;
+                .spawn(move || watchdog(shared))?;
         }
         Ok(Daemon { shared, signals })
     }
@@ -853,104 +853,134 @@ impl ResponseChannel for DaemonResponse {
     }
 }
 
-/// Enforces `request-timeout`: logs the Python stack of a stuck request's thread,
-/// answers the server (which sends a 504), and raises TimeoutError in that thread
-/// so it unwinds as soon as it runs Python code again; the other requests of the
-/// process go on.
-fn watchdog(shared: &Shared) {
+/// Enforces `request-timeout`: answers the server for a stuck request (which
+/// sends a 504), then has [`gil_reports`] log the request's Python stack and
+/// raise TimeoutError in its thread, so it unwinds as soon as it runs Python
+/// code again; the other requests of the process go on. The watchdog itself
+/// never waits for the GIL: a request holding it in C code (a catastrophic
+/// regex, a heavy C call) must not stop the 504s of the process's other requests.
+fn watchdog(shared: Arc<Shared>) {
     let limit = Duration::from_secs(shared.options.request_timeout);
+    let (reports, queue) = std::sync::mpsc::channel();
+    let reporter = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("gateway-stacks".into())
+        .spawn(move || gil_reports(&reporter, queue));
+    if let Err(e) = spawned {
+        log::error!("cannot start the thread that logs stuck requests' stacks: {e}");
+    }
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        for slot in &shared.slots {
+        for (index, slot) in shared.slots.iter().enumerate() {
             let mut slot = lock(slot);
             if slot.as_ref().is_some_and(|r| r.stuck_outside_python(limit)) {
-                // TimeoutError only fires when the thread runs Python code again: it is
-                // stuck in C (a long sleep, a blocking call). Replace the process the
-                // gentle way: its other requests finish, the stuck one is abandoned
-                // after graceful-timeout.
-                let (method, uri) = &slot.as_ref().expect("checked").line;
-                let msg = format!(
-                    "the thread of this request is still stuck (outside Python code) {}s after request-timeout; recycling daemon process {}",
-                    limit.as_secs(),
-                    std::process::id()
-                );
-                log::error!(
-                    "{}",
-                    request_line(method, uri, &msg).trim_start_matches("gateway: ")
-                );
-                slot.take();
-                shared.request_drain("a request is stuck outside Python code".into());
-                continue;
-            }
-            let Some(running) = slot
+                recycle_for(&shared, slot.take().expect("checked"), limit);
+            } else if let Some(running) = slot
                 .as_mut()
                 .filter(|r| !r.timed_out && r.started.elapsed() > limit)
-            else {
-                continue;
+            {
+                if answer_timeout(&shared, running) {
+                    let _ = reports.send((index, running.started));
+                }
+            }
+        }
+    }
+}
+
+/// TimeoutError only fires when the thread runs Python code again: it is stuck
+/// in C (a long sleep, a blocking call, a regex holding the GIL). Replace the
+/// process the gentle way: its other requests finish, the stuck one is abandoned
+/// after graceful-timeout.
+fn recycle_for(shared: &Shared, running: Running, limit: Duration) {
+    let (method, uri) = &running.line;
+    let msg = format!(
+        "the thread of this request is still stuck (outside Python code) {}s after request-timeout; recycling daemon process {}",
+        limit.as_secs(),
+        std::process::id()
+    );
+    log::error!(
+        "{}",
+        request_line(method, uri, &msg).trim_start_matches("gateway: ")
+    );
+    shared.request_drain("a request is stuck outside Python code".into());
+}
+
+/// Sends the server the Timeout frame of a request past request-timeout and
+/// closes its response; false when the request thread holds the writer (blocked
+/// on a slow server): the watchdog tries again later.
+fn answer_timeout(shared: &Shared, running: &mut Running) -> bool {
+    let Ok(mut w) = running.io.writer.try_lock() else {
+        return false;
+    };
+    running.timed_out = true;
+    let msg = format!(
+        "daemon process {} of group '{}': the request exceeded request-timeout={}s; its thread's Python stack follows once it can be read",
+        std::process::id(),
+        shared.options.name,
+        shared.options.request_timeout
+    );
+    let (method, uri) = &running.line;
+    log::error!(
+        "{}",
+        request_line(method, uri, &msg).trim_start_matches("gateway: ")
+    );
+    let _ = protocol::put_with(&mut w.buf, Kind::Timeout, |e| e.str(&msg));
+    let _ = w.flush();
+    w.poisoned = true;
+    true
+}
+
+/// Logs the Python stack of each timed-out request and raises TimeoutError in
+/// its thread, when the GIL comes free. The GIL is taken before a slot's lock,
+/// never the other way round, and the request is checked to be the same one
+/// (its start time) so that a thread which moved on is left alone.
+fn gil_reports(shared: &Shared, queue: std::sync::mpsc::Receiver<(usize, Instant)>) {
+    for (index, started) in queue {
+        interpreter::with_gil(|py| {
+            let slot = lock(&shared.slots[index]);
+            let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
+                return;
             };
-            // The request thread may hold the writer while blocked on a slow server: try later.
-            let Ok(mut w) = running.io.writer.try_lock() else {
-                continue;
-            };
-            running.timed_out = true;
             let (method, uri) = &running.line;
-            let msg = format!(
-                "daemon process {} of group '{}': the request exceeded request-timeout={}s; its thread's Python stack is in the error log",
-                std::process::id(),
-                shared.options.name,
-                shared.options.request_timeout
-            );
-            log::error!(
-                "{}",
-                request_line(method, uri, &msg).trim_start_matches("gateway: ")
-            );
-            for line in python_stack(running.thread).lines() {
+            for line in python_stack(py, running.thread).lines() {
                 log::error!(
                     "{}",
                     request_line(method, uri, line).trim_start_matches("gateway: ")
                 );
             }
-            let _ = protocol::put_with(&mut w.buf, Kind::Timeout, |e| e.str(&msg));
-            let _ = w.flush();
-            w.poisoned = true;
-            drop(w);
-            interrupt(running.thread);
-        }
+            // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
+            unsafe {
+                pyo3::ffi::PyThreadState_SetAsyncExc(
+                    running.thread as _,
+                    pyo3::ffi::PyExc_TimeoutError,
+                )
+            };
+        });
     }
 }
 
 /// The Python stack of a thread, formatted like a traceback.
-fn python_stack(thread: libc::pthread_t) -> String {
-    interpreter::with_gil(|py| {
-        let stack = (|| -> pyo3::PyResult<String> {
-            use pyo3::prelude::*;
-            let frames = py.import("sys")?.call_method0("_current_frames")?;
-            let Some(frame) = frames
-                .call_method1("get", (thread,))
-                .ok()
-                .filter(|f| !f.is_none())
-            else {
-                return Ok("(the thread is not running Python code)".into());
-            };
-            let lines: Vec<String> = py
-                .import("traceback")?
-                .call_method1("format_stack", (frame,))?
-                .extract()?;
-            Ok(format!(
-                "Stack of the stuck thread (most recent call last):\n{}",
-                lines.concat()
-            ))
-        })();
-        stack.unwrap_or_else(|e| format!("(cannot read the Python stack: {e})"))
-    })
-}
-
-/// Raises TimeoutError in a Python thread at its next bytecode.
-fn interrupt(thread: libc::pthread_t) {
-    interpreter::with_gil(|_py| {
-        // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
-        unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(thread as _, pyo3::ffi::PyExc_TimeoutError) };
-    });
+fn python_stack(py: pyo3::Python<'_>, thread: libc::pthread_t) -> String {
+    use pyo3::prelude::*;
+    let stack = (|| -> PyResult<String> {
+        let frames = py.import("sys")?.call_method0("_current_frames")?;
+        let Some(frame) = frames
+            .call_method1("get", (thread,))
+            .ok()
+            .filter(|f| !f.is_none())
+        else {
+            return Ok("(the thread is not running Python code)".into());
+        };
+        let lines: Vec<String> = py
+            .import("traceback")?
+            .call_method1("format_stack", (frame,))?
+            .extract()?;
+        Ok(format!(
+            "Stack of the stuck thread (most recent call last):\n{}",
+            lines.concat()
+        ))
+    })();
+    stack.unwrap_or_else(|e| format!("(cannot read the Python stack: {e})"))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@ slow and stuck requests, big streamed bodies."""
 
 import json
 import os
+import re
 import sys
 import time
 from urllib.parse import parse_qs
@@ -87,3 +88,11 @@ def sleeper(environ, start_response):
     another thread cannot interrupt."""
     time.sleep(float(query(environ).get("s", "30")))
     return reply(start_response, {"pid": os.getpid()})
+
+
+def redos(environ, start_response):
+    """A catastrophic regex: ?n= characters keep the GIL inside C code for
+    seconds (each one more doubles it), then the response is written."""
+    n = int(query(environ).get("n", "28"))
+    matched = re.match(r"(a+)+$", "a" * n + "b")
+    return reply(start_response, {"matched": bool(matched), "pid": os.getpid()})
