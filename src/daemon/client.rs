@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use once_cell::sync::Lazy;
 
+#[cfg(fuzzing)]
+pub mod fuzzing;
+
 use super::protocol::{self, Kind, HEADER_LEN, MAX_FRAME};
 use super::{exit_record_path, Endpoint};
 use crate::common::cgi::RequestHead;
