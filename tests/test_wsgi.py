@@ -465,9 +465,14 @@ def test_django_app(server):
 def test_output_streams_go_to_the_error_log(server):
     tag = token()
     assert server.get(f"/prints?tag={tag}")[1] == b"printed"
-    for stream in ("wsgi.errors", "stderr", "stdout"):
+    for stream in ("wsgi.errors", "stderr", "stdout", "stdout.buffer", "stderr.buffer"):
         server.wait_for_log(f"{stream} says {tag}")
     lines = [line for line in server.log_text().splitlines() if tag in line]
     assert any(f"gateway: GET /prints?tag={tag}: wsgi.errors says {tag}" in line for line in lines), lines
     assert any(f"gateway: python stderr: stderr says {tag}" in line for line in lines), lines
     assert any(f"gateway: python stdout: stdout says {tag}" in line for line in lines), lines
+    # The split character arrives whole (Apache's own log escapes non-ASCII bytes).
+    euro = ("\u20ac", "\\xe2\\x82\\xac")
+    assert any(f"gateway: python stdout: stdout.buffer says {tag} {e}" in line
+               for line in lines for e in euro), lines
+    assert any(f"gateway: python stderr: stderr.buffer says {tag}" in line for line in lines), lines

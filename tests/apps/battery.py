@@ -356,6 +356,12 @@ def prints(environ, start_response):
     tag = query(environ)["tag"]
     print(f"stdout says {tag}")
     sys.stderr.write(f"stderr says {tag}\n")
+    # Bytes, as Mercurial writes them, with a character split across two writes.
+    euro = "\u20ac".encode()
+    sys.stdout.buffer.write(f"stdout.buffer says {tag} ".encode() + euro[:1])
+    sys.stdout.buffer.write(euro[1:] + b"\n")
+    sys.stderr.buffer.write(f"stderr.buffer says {tag}\n".encode())
+    sys.stderr.buffer.flush()
     environ["wsgi.errors"].write(f"wsgi.errors says {tag}\n")
     environ["wsgi.errors"].flush()
     return plain(start_response, b"printed")
