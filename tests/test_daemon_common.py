@@ -403,8 +403,8 @@ def test_a_request_holding_the_gil_in_c_gets_its_504_and_spares_the_next_request
 # --- Security ---
 
 def test_socket_reachable_only_by_the_server_user(make_server):
-    """A group's socket and its directory belong to the user of the server's
-    workers, and no other user can connect."""
+    """A group's socket belongs to the user of the server's workers, its directory
+    to root and their group (issue 10, item 1), and no other user can connect."""
     srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=1"})
     with srv:
         sockets = list(srv.runtime_dir.glob("gateway-*/g.sock"))
@@ -412,7 +412,7 @@ def test_socket_reachable_only_by_the_server_user(make_server):
         sock = sockets[0]
         st, dst = sock.stat(), sock.parent.stat()
         assert (st.st_uid, st.st_mode & 0o777) == (WWW_DATA.pw_uid, 0o600)
-        assert (dst.st_uid, dst.st_mode & 0o777) == (WWW_DATA.pw_uid, 0o700)
+        assert (dst.st_uid, dst.st_gid, dst.st_mode & 0o777) == (0, WWW_DATA.pw_gid, 0o710)
         assert _connect_as(NOBODY, str(sock)) == "PermissionError"
         assert _connect_as(WWW_DATA, str(sock)) == "connected"
 

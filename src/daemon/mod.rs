@@ -27,12 +27,14 @@
 //! Parts: [`protocol`] (the wire format), [`client`] (the server side: a
 //! connection pool and request forwarding), [`supervisor`] (spawns, restarts and
 //! stops daemon processes), [`worker`] (a daemon process: Python, threads, the
-//! request loop), [`process`] (privileges, titles, signals). The supervisor and
+//! request loop), [`process`] (privileges, titles, signals), [`rundir`] (the
+//! directory of the sockets, which only root may change). The supervisor and
 //! worker run in the `gateway-daemon` executable.
 
 pub mod client;
 pub mod process;
 pub mod protocol;
+pub mod rundir;
 pub mod supervisor;
 pub mod worker;
 
@@ -86,14 +88,27 @@ pub struct Endpoint {
     pub queue_timeout: Option<Duration>,
 }
 
+/// The file name of `group`'s socket in the run directory.
+pub fn socket_name(group: &str) -> String {
+    format!("{group}.sock")
+}
+
 /// The socket of `group` in `run_dir`.
 pub fn socket_path(run_dir: &Path, group: &str) -> PathBuf {
-    run_dir.join(format!("{group}.sock"))
+    run_dir.join(socket_name(group))
+}
+
+/// The prefix of the supervisor's exit records in the run directory.
+pub const EXIT_RECORD_PREFIX: &str = "exit-";
+
+/// The file name of the record of how daemon process `pid` ended.
+pub fn exit_record_name(pid: u32) -> String {
+    format!("{EXIT_RECORD_PREFIX}{pid}")
 }
 
 /// Where the supervisor records how daemon process `pid` ended.
 pub fn exit_record_path(run_dir: &Path, pid: u32) -> PathBuf {
-    run_dir.join(format!("exit-{pid}"))
+    run_dir.join(exit_record_name(pid))
 }
 
 /// The longest path a Unix socket address holds (sun_path less its NUL).

@@ -8,10 +8,11 @@
 //! over" (a stop, a reload, or the master died, even by `kill -9`).
 //!
 //! The supervisor creates each group's listening socket (owned by the server's
-//! worker user, mode 0600, in a directory only that user may enter), forks and
-//! execs the group's daemon processes with the socket as fd 3, restarts any that
-//! die, starts a replacement as soon as one begins to drain (max-requests), and,
-//! at end of file, lets its daemons finish their requests (graceful-timeout)
+//! worker user, mode 0600, in a run directory that only root may change: see
+//! [`super::rundir`]), forks and execs the group's daemon processes with the
+//! socket as fd 3, restarts any that die, starts a replacement as soon as one
+//! begins to drain (max-requests), listens anew when a socket file is removed,
+//! and, at end of file, lets its daemons finish their requests (graceful-timeout)
 //! while the next generation's supervisor has already taken over the socket path.
 
 use std::collections::HashMap;
@@ -19,14 +20,16 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::process::{self, describe_status};
 use super::protocol::{self, Decoder, Encoder, Kind};
-use super::{exit_record_path, socket_path, Endpoint, MAX_SOCKET_PATH};
+use super::rundir::RunDir;
+use super::{
+    exit_record_name, socket_name, socket_path, Endpoint, EXIT_RECORD_PREFIX, MAX_SOCKET_PATH,
+};
 use crate::common::config::DaemonOptions;
 use crate::python::interpreter;
 
@@ -256,6 +259,8 @@ struct Group {
     listener: UnixListener,
     socket: PathBuf,
     inode: (u64, u64),
+    /// Whether the socket file was removed and making it again failed (logged once).
+    unbound: bool,
     /// Why the group cannot serve, when its daemons fail to start.
     down: Option<String>,
     next_start: Instant,
@@ -264,6 +269,7 @@ struct Group {
 
 struct Supervisor {
     config: SupervisorConfig,
+    run_dir: RunDir,
     exe: CString,
     groups: Vec<Group>,
     children: HashMap<i32, Child>,
@@ -325,67 +331,56 @@ fn own_fd(fd: RawFd) -> io::Result<OwnedFd> {
     }
 }
 
-/// Creates the run directory: owned by the server's user, mode 0700.
-fn prepare_run_dir(config: &SupervisorConfig) -> io::Result<()> {
-    let dir = &config.run_dir;
-    if let Some(parent) = dir.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(io::Error::other(format!(
-                "cannot create {}: {e}",
-                dir.display()
-            )))
-        }
-    }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    std::os::unix::fs::chown(dir, Some(config.server_uid), Some(config.server_gid))
-}
-
-/// Binds a group's socket under a temporary name, sets its owner and mode, then
-/// renames it into place: a previous generation's daemons keep their own socket
-/// until they drain, and new connections reach this generation at once.
+/// Binds a group's socket under a temporary name, gives it to the server's
+/// worker user, then renames it into place: a previous generation's daemons keep
+/// their own socket until they drain, and new connections reach this generation
+/// at once. Returns the listener and which file the socket path now is.
 fn bind_group_socket(
+    run_dir: &RunDir,
     config: &SupervisorConfig,
     name: &str,
     backlog: u32,
-) -> io::Result<(UnixListener, PathBuf, (u64, u64))> {
-    let path = socket_path(&config.run_dir, name);
-    let tmp = config
-        .run_dir
-        .join(format!(".{name}.{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp)
-        .map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", tmp.display())))?;
+) -> io::Result<(UnixListener, (u64, u64))> {
+    let tmp = format!(".{name}.{}", std::process::id());
+    run_dir.remove(&tmp)?;
+    let listener = bind_private(&run_dir.path().join(&tmp))?;
     // Requests wait there while daemons start, restart or are all busy; beyond
     // it a connection is refused at once, which the server answers with a 503.
     // SAFETY: listen on our own socket.
     unsafe { libc::listen(listener.as_raw_fd(), backlog as libc::c_int) };
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    std::os::unix::fs::chown(&tmp, Some(config.server_uid), Some(config.server_gid))?;
-    fs::rename(&tmp, &path)?;
-    let meta = fs::metadata(&path)?;
+    run_dir.set_owner(&tmp, config.server_uid, config.server_gid)?;
+    run_dir.rename(&tmp, &socket_name(name))?;
+    let inode = run_dir.entry(&socket_name(name))?.id;
     listener.set_nonblocking(true)?;
-    Ok((listener, path, (meta.dev(), meta.ino())))
+    Ok((listener, inode))
+}
+
+/// Binds a Unix socket whose file is mode 0600 from the start, so that nobody
+/// but its owner can connect before it is handed over.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's mask; the supervisor is single-threaded.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the mask the daemons inherit.
+    unsafe { libc::umask(previous) };
+    bound.map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", path.display())))
 }
 
 impl Supervisor {
     fn new(config: SupervisorConfig) -> io::Result<Supervisor> {
-        prepare_run_dir(&config)?;
+        let run_dir = RunDir::prepare(&config.run_dir, config.server_gid)?;
         let exe = std::env::current_exe()?;
         let exe = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
         let mut groups = Vec::new();
         for options in &config.groups {
-            let (listener, socket, inode) =
-                bind_group_socket(&config, &options.name, options.listen_backlog)?;
+            let (listener, inode) =
+                bind_group_socket(&run_dir, &config, &options.name, options.listen_backlog)?;
             groups.push(Group {
                 options: options.clone(),
                 listener,
-                socket,
+                socket: socket_path(&config.run_dir, &options.name),
                 inode,
+                unbound: false,
                 down: None,
                 next_start: Instant::now(),
                 failures: 0,
@@ -399,6 +394,7 @@ impl Supervisor {
         let (status_read, status_write) = (own_fd(fds[0])?, own_fd(fds[1])?);
         Ok(Supervisor {
             config,
+            run_dir,
             exe,
             groups,
             children: HashMap::new(),
@@ -421,7 +417,7 @@ impl Supervisor {
             self.groups.len(),
             self.config.run_dir.display()
         );
-        let mut last_master_check = Instant::now();
+        let mut last_check = Instant::now();
         loop {
             if self.stopping.is_none() {
                 self.start_missing();
@@ -492,22 +488,88 @@ impl Supervisor {
                     self.refuse_while_down(i);
                 }
             }
-            if self.config.server_pid != 0 && last_master_check.elapsed() > Duration::from_secs(1) {
-                last_master_check = Instant::now();
-                // SAFETY: kill with signal 0 only checks that the process exists.
-                let gone = unsafe { libc::kill(self.config.server_pid as i32, 0) } != 0
-                    && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-                if gone && self.stopping.is_none() {
-                    self.stop(&format!(
-                        "the server's master process {} is gone",
-                        self.config.server_pid
-                    ));
-                }
+            if last_check.elapsed() > Duration::from_secs(1) && self.stopping.is_none() {
+                last_check = Instant::now();
+                self.check_master();
+                self.restore_sockets();
             }
         }
         self.cleanup();
         log::info!("daemon supervisor for {} stopped", self.config.server);
         Ok(())
+    }
+
+    /// Stops when the server's master is gone (if its pid is known).
+    fn check_master(&mut self) {
+        if self.config.server_pid == 0 {
+            return;
+        }
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(self.config.server_pid as i32, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            self.stop(&format!(
+                "the server's master process {} is gone",
+                self.config.server_pid
+            ));
+        }
+    }
+
+    /// Listens anew for each group whose socket file was removed (a tmp cleaner,
+    /// an operator): nobody could connect to it any more. A path that names
+    /// another socket is left alone: a newer generation took it over.
+    fn restore_sockets(&mut self) {
+        if self.run_dir.is_removed() {
+            // A failure shows in each group's attempt to listen anew.
+            if let Ok(dir) = RunDir::prepare(&self.config.run_dir, self.config.server_gid) {
+                log::warn!(
+                    "the run directory {} was removed; made it again",
+                    dir.path().display()
+                );
+                self.run_dir = dir;
+            }
+        }
+        for i in 0..self.groups.len() {
+            let missing = self
+                .run_dir
+                .entry(&socket_name(&self.groups[i].options.name))
+                .is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+            if missing {
+                self.rebind(i);
+            }
+        }
+    }
+
+    /// Gives group `i` a new socket and replaces its daemon processes, which
+    /// listen on the old one: they drain while new ones start on the new socket.
+    fn rebind(&mut self, i: usize) {
+        let group = &self.groups[i];
+        let name = &group.options.name;
+        let socket = group.socket.display();
+        match bind_group_socket(
+            &self.run_dir,
+            &self.config,
+            name,
+            group.options.listen_backlog,
+        ) {
+            Ok((listener, inode)) => {
+                log::warn!("the socket of daemon group '{name}' ({socket}) was removed; listening on a new one and replacing the group's daemon processes");
+                let group = &mut self.groups[i];
+                group.listener = listener;
+                group.inode = inode;
+                group.unbound = false;
+                for (&pid, child) in self.children.iter_mut().filter(|(_, c)| c.group == i) {
+                    child.draining = true;
+                    // SAFETY: signals our own child: it finishes its requests and exits.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                }
+            }
+            Err(e) if !group.unbound => {
+                log::error!("the socket of daemon group '{name}' ({socket}) was removed and cannot be made again: {e}; retrying every second");
+                self.groups[i].unbound = true;
+            }
+            Err(_) => {}
+        }
     }
 
     fn grace(&self) -> Duration {
@@ -667,9 +729,14 @@ impl Supervisor {
             };
             let how = describe_status(status);
             self.prune_exit_records();
-            let record = exit_record_path(&self.config.run_dir, pid as u32);
-            if fs::write(&record, &how).is_ok() {
-                let _ = fs::set_permissions(&record, fs::Permissions::from_mode(0o644));
+            if let Err(e) = self
+                .run_dir
+                .write_new(&exit_record_name(pid as u32), how.as_bytes())
+            {
+                log::warn!(
+                    "cannot record how daemon process {pid} ended in {}: {e}",
+                    self.run_dir.path().display()
+                );
             }
             let group = &mut self.groups[child.group];
             let name = &group.options.name;
@@ -692,16 +759,14 @@ impl Supervisor {
     /// Removes exit records old enough that no client still waits for them (a
     /// long-lived server recycles processes without end).
     fn prune_exit_records(&self) {
-        let Ok(entries) = fs::read_dir(&self.config.run_dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
-            if old && e.file_name().to_string_lossy().starts_with("exit-") {
-                let _ = fs::remove_file(e.path());
+        for name in self.run_dir.names_starting(EXIT_RECORD_PREFIX) {
+            let old = self.run_dir.entry(&name).is_ok_and(|e| {
+                e.modified
+                    .elapsed()
+                    .is_ok_and(|age| age > Duration::from_secs(60))
+            });
+            if old {
+                let _ = self.run_dir.remove(&name);
             }
         }
     }
@@ -723,8 +788,9 @@ impl Supervisor {
     /// supervisor may have replaced it already).
     fn remove_own_sockets(&self) {
         for g in &self.groups {
-            if fs::metadata(&g.socket).is_ok_and(|m| (m.dev(), m.ino()) == g.inode) {
-                let _ = fs::remove_file(&g.socket);
+            let name = socket_name(&g.options.name);
+            if self.run_dir.entry(&name).is_ok_and(|e| e.id == g.inode) {
+                let _ = self.run_dir.remove(&name);
             }
         }
     }
@@ -732,15 +798,10 @@ impl Supervisor {
     fn cleanup(&self) {
         // Exit records are kept briefly for clients still reporting a death.
         std::thread::sleep(Duration::from_millis(200));
-        if let Ok(entries) = fs::read_dir(&self.config.run_dir) {
-            for e in entries.flatten() {
-                let name = e.file_name();
-                if name.to_string_lossy().starts_with("exit-") {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
+        for name in self.run_dir.names_starting(EXIT_RECORD_PREFIX) {
+            let _ = self.run_dir.remove(&name);
         }
-        let _ = fs::remove_dir(&self.config.run_dir);
+        let _ = fs::remove_dir(self.run_dir.path());
     }
 }
 
