@@ -2,6 +2,7 @@
 Python threads inside each worker, temp-file bodies, HTTP/2, backpressure
 towards slow clients, reload and graceful quit."""
 
+import gzip
 import hashlib
 import json
 import os
@@ -12,13 +13,14 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 
-from conftest import battery_settings
+from conftest import VENV, battery_settings
 from harness import MODULES, ROOT, Mount, Nginx, Settings
 
 pytestmark = pytest.mark.skipif(not (MODULES / "ngx_http_gateway_module.so").exists(),
@@ -46,6 +48,31 @@ def rss_kib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+# --- Filters by type ---
+
+@pytest.mark.parametrize("mode", ["embedded", "daemon"])
+def test_type_filters_see_the_media_type_of_a_type_with_a_charset(mode):
+    """gzip_types (like charset_types, sub_filter_types, ssi_types) matches the
+    media type alone: `text/html; charset=utf-8` from the application is
+    compressed, and the client gets the Content-Type as the application sent it."""
+    group = "g" if mode == "daemon" else None
+    srv = make([Mount("/typed", "battery.py", "typed", mode=mode, group=group)],
+               http_extra="gzip on; gzip_types text/html text/css;")
+    if group:
+        srv.settings.daemons = {"g": f"python-home={VENV}"}
+    with srv:
+        for ctype in ("text/html; charset=utf-8", 'text/css;charset="UTF-8"', "text/html"):
+            resp, data = srv.request("GET", f"/typed?type={quote(ctype)}",
+                                     headers={"Accept-Encoding": "gzip"})
+            assert resp.status == 200
+            assert resp.getheader("Content-Type") == ctype
+            assert resp.getheader("Content-Encoding") == "gzip", (ctype, resp.getheaders())
+            assert gzip.decompress(data).startswith(b"<p>gateway ")
+        resp, _ = srv.request("GET", f"/typed?type={quote('text/plain; charset=utf-8')}",
+                              headers={"Accept-Encoding": "gzip"})
+        assert resp.getheader("Content-Encoding") is None
 
 
 # --- Configuration test ---

@@ -150,6 +150,30 @@ pub fn status_has_no_body(status: u16) -> bool {
     status < 200 || status == 204 || status == 304
 }
 
+/// A `Content-Type` value split as servers' type filters see it: the length
+/// of the media type, and where the `charset` parameter's value is. As nginx's
+/// upstream module does, the type is cut short only when a charset follows it,
+/// and quotes around the charset are dropped.
+pub fn content_type_parts(value: &[u8]) -> (usize, Option<std::ops::Range<usize>>) {
+    let mut semicolons = value.iter().enumerate().filter(|(_, &b)| b == b';');
+    for (at, _) in semicolons.by_ref() {
+        let start = at + 1 + value[at + 1..].iter().take_while(|&&b| b == b' ').count();
+        let param = &value[start..];
+        if param.len() < 8 || !param[..8].eq_ignore_ascii_case(b"charset=") {
+            continue;
+        }
+        let mut range = start + 8..value.len();
+        if value.get(range.start) == Some(&b'"') {
+            range.start += 1;
+        }
+        if range.end > range.start && value[range.end - 1] == b'"' {
+            range.end -= 1;
+        }
+        return (at, Some(range));
+    }
+    (value.len(), None)
+}
+
 /// Counts a response's body against what its head declared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyFraming {
@@ -217,6 +241,35 @@ impl BodyFraming {
 
 #[cfg(test)]
 mod tests {
+    use super::content_type_parts;
+
+    #[test]
+    fn a_charset_is_split_from_the_media_type() {
+        fn parts(v: &str) -> (&str, Option<&str>) {
+            let (len, charset) = content_type_parts(v.as_bytes());
+            (&v[..len], charset.map(|r| &v[r]))
+        }
+        assert_eq!(parts("text/html"), ("text/html", None));
+        assert_eq!(
+            parts("text/html; charset=utf-8"),
+            ("text/html", Some("utf-8"))
+        );
+        assert_eq!(
+            parts("text/html;charset=\"UTF-8\""),
+            ("text/html", Some("UTF-8"))
+        );
+        assert_eq!(
+            parts("text/plain; format=flowed; Charset=latin1"),
+            ("text/plain; format=flowed", Some("latin1"))
+        );
+        assert_eq!(
+            parts("text/plain; format=flowed"),
+            ("text/plain; format=flowed", None)
+        );
+        assert_eq!(parts("text/plain; charset="), ("text/plain", Some("")));
+        assert_eq!(parts("a; charset=\""), ("a", Some("")));
+    }
+
     use super::*;
 
     fn h(name: &str, value: &str) -> Header {

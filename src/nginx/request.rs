@@ -578,9 +578,18 @@ impl LoopState {
                     let Some(v) = self.pool_str(value) else {
                         return error;
                     };
+                    // The *_types directives (gzip, charset, sub_filter, ssi) match
+                    // the media type alone, as for a proxied response.
+                    let (type_len, charset) = framing::content_type_parts(value);
                     out.content_type = v;
-                    out.content_type_len = v.len;
+                    out.content_type_len = type_len;
                     out.content_type_lowcase = std::ptr::null_mut();
+                    if let Some(range) = charset {
+                        out.charset = ngx_str_t {
+                            len: range.len(),
+                            data: v.data.add(range.start),
+                        };
+                    }
                     continue;
                 }
                 if name.eq_ignore_ascii_case("content-length") {

@@ -367,6 +367,14 @@ def prints(environ, start_response):
     return plain(start_response, b"printed")
 
 
+@validator
+def typed(environ, start_response):
+    """A page of 4 KiB with the Content-Type given in ?type=."""
+    body = b"<p>" + b"gateway " * 512 + b"</p>"
+    start_response("200 OK", [("Content-Type", query(environ)["type"])])
+    return [body]
+
+
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 
 
