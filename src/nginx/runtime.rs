@@ -15,6 +15,7 @@ use super::config::{MainConfig, DEFAULT_THREADS, MAX_THREADS};
 use super::daemons;
 use super::exchange::Exchange;
 use super::ffi::*;
+use super::inherit;
 use super::request;
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
@@ -117,6 +118,9 @@ unsafe fn start(
     // A worker whose applications all run in daemon groups only forwards: no Python.
     let python = cfg.embedded > 0;
     if python {
+        // Applications may start processes: they must not inherit nginx's sockets.
+        // SAFETY: init_process, on the loop thread, before it accepts connections.
+        unsafe { inherit::protect(cycle) };
         let settings = PythonSettings {
             home: cfg.python_home.clone(),
             path: cfg.python_path.clone(),
