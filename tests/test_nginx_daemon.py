@@ -1,17 +1,15 @@
 """Daemon mode under nginx: a reload with a broken group keeps the running
-configuration, a dead supervisor answers 503 until a reload, workers that only
-forward start no Python, and configuration errors name file and line. What Apache
-and nginx do alike is in test_daemon_common.py."""
+configuration, workers that only forward start no Python, and configuration
+errors name file and line (a dead supervisor's keeper: test_supervisor_restart.py).
+What Apache and nginx do alike is in test_daemon_common.py."""
 
 import os
-import re
-import signal
 import time
 
 import pytest
 
 from harness import Mount
-from test_daemon_common import app, built, daemon_server, get_json, parent_of, pids_by_title, timed_get, token, wait_for_pids
+from test_daemon_common import app, built, daemon_server, get_json, pids_by_title, token, wait_for_pids
 
 pytestmark = pytest.mark.skipif(
     not built("nginx"), reason="needs ngx_http_gateway_module.so and gateway-daemon (make nginx)",
@@ -34,31 +32,6 @@ def test_a_reload_with_a_broken_group_keeps_the_running_configuration():
         os.kill(srv.pid(), 0)  # the master lives on
         assert get_json(srv, "/who")["pid"] == pid
         assert pids_by_title(title) == {pid}
-
-
-def test_a_dead_supervisor_gives_503_with_the_reason_until_reload():
-    # nginx's master has no periodic hook to start a new supervisor: its groups
-    # answer 503 with a clear reason, and a reload brings them back.
-    title = f"gw-nsuper-{token()}"
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
-    with srv:
-        (pid,) = wait_for_pids(title, 1)
-        os.kill(parent_of(pid), signal.SIGKILL)
-        wait_for_pids(title, 0)
-        status, seconds = timed_get(srv, "/who", timeout=10)
-        assert status == 503
-        assert seconds < 1, seconds
-        log = srv.log_text()
-        assert re.search(r"gateway: GET /who: daemon process group 'g' is not running \(no one listens on .*/g\.sock\); answering 503", log), log[-2000:]
-        srv.graceful()
-        (after,) = wait_for_pids(title, 1)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            resp, _ = srv.get("/who")
-            if resp.status == 200:
-                break
-            time.sleep(0.1)
-        assert get_json(srv, "/who")["pid"] == after
 
 
 # --- Embedded and daemon side by side ---

@@ -174,10 +174,29 @@ const STARTED_FD: RawFd = 3;
 /// (not once the daemons are ready: requests that arrive before wait in the
 /// sockets' queues).
 pub fn start(exe: &Path, config: &SupervisorConfig) -> io::Result<Lifeline> {
+    start_with(exe, config, None)
+}
+
+/// [`start`] for a server that cannot restart a supervisor that dies (nginx):
+/// the supervisor gets a keeper that does (see [`keep`]).
+pub fn start_kept(exe: &Path, config: &SupervisorConfig) -> io::Result<Lifeline> {
+    start_with(exe, config, Some(KEPT))
+}
+
+fn start_with(
+    exe: &Path,
+    config: &SupervisorConfig,
+    flag: Option<&std::ffi::CStr>,
+) -> io::Result<Lifeline> {
     config.check().map_err(io::Error::other)?;
     let exe_c = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     let role = c"supervisor";
-    let argv = [exe_c.as_ptr(), role.as_ptr(), std::ptr::null()];
+    let argv = [
+        exe_c.as_ptr(),
+        role.as_ptr(),
+        flag.map_or(std::ptr::null(), |f| f.as_ptr()),
+        std::ptr::null(),
+    ];
     let (read_end, write_end) = pipe()?;
     let (started_read, started_write) = pipe()?;
     // SAFETY: fork in the (single-threaded) master; the children only call
@@ -299,6 +318,9 @@ pub fn run() -> ! {
         }
     };
     report_started(&Ok(()));
+    if std::env::args().nth(2).as_deref() == KEPT.to_str().ok() {
+        supervisor = keep(supervisor);
+    }
     match supervisor.run() {
         Ok(()) => std::process::exit(0),
         Err(e) => {
@@ -802,6 +824,88 @@ impl Supervisor {
             let _ = self.run_dir.remove(&name);
         }
         let _ = fs::remove_dir(self.run_dir.path());
+    }
+}
+
+/// The argument that gives a supervisor a keeper.
+const KEPT: &std::ffi::CStr = c"kept";
+
+/// The keeper of a supervisor whose server cannot restart it: this process
+/// forks the supervisor and, whenever it dies while the lifeline is still open
+/// (a crash, `kill -9`), starts a new one; once the lifeline is closed (a stop,
+/// a reload, the master's death), it exits with its supervisor. Returns in the
+/// child that is to supervise. The keeper holds none of the group sockets.
+fn keep(first: Supervisor) -> Supervisor {
+    let config = first.config.clone();
+    let mut next = Some(first);
+    loop {
+        let supervisor = match next.take() {
+            Some(s) => s,
+            None => match Supervisor::new(config.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!(
+                        "restarting the daemon supervisor failed (next try in a second): {e}"
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
+                    exit_if_lifeline_closed();
+                    continue;
+                }
+            },
+        };
+        // SAFETY: this process is single-threaded; the child goes on as the supervisor.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            return supervisor;
+        }
+        drop(supervisor);
+        if pid < 0 {
+            log::error!(
+                "cannot fork the daemon supervisor (next try in a second): {}",
+                io::Error::last_os_error()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            exit_if_lifeline_closed();
+            continue;
+        }
+        process::set_title(None, "gateway-keeper");
+        let started = Instant::now();
+        let status = wait_for(pid);
+        exit_if_lifeline_closed();
+        log::error!(
+            "the daemon supervisor {pid} {}; starting a new one",
+            describe_status(status)
+        );
+        // One that dies at once is not restarted in a busy loop.
+        if started.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Waits for child `pid` to end; its wait status.
+fn wait_for(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: waits for our own child, writing its status into a local.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    status
+}
+
+/// Ends the keeper once the server has closed the lifeline (fd 0).
+fn exit_if_lifeline_closed() {
+    let mut polled = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls our own descriptor without waiting.
+    let n = unsafe { libc::poll(&mut polled, 1, 0) };
+    if n > 0 && polled.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        std::process::exit(0);
     }
 }
 

@@ -2,10 +2,9 @@
 //! daemon supervisor (see [`crate::daemon`]) before its workers fork, and lets
 //! the previous generation drain. Nothing Python runs in the master.
 //!
-//! nginx has no hook that runs in the master later on, so a supervisor that
-//! dies is not restarted: its groups' requests get a 503 naming the missing
-//! socket until the next reload or restart. Daemon processes that die are
-//! replaced by the supervisor itself.
+//! nginx has no hook that runs in the master later on, so the supervisor is
+//! started with a keeper ([`supervisor::start_kept`]) that starts a new one if it
+//! dies. Daemon processes that die are replaced by the supervisor itself.
 
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
@@ -217,7 +216,7 @@ unsafe fn start_logging_to(
         }
     };
     if log_fd < 0 || log_fd == libc::STDERR_FILENO {
-        return supervisor::start(exe, config);
+        return supervisor::start_kept(exe, config);
     }
     let std = [libc::STDOUT_FILENO, libc::STDERR_FILENO];
     // SAFETY: fds 1 and 2 are swapped for the log only while the supervisor forks, then
@@ -227,7 +226,7 @@ unsafe fn start_logging_to(
         for fd in std {
             libc::dup2(log_fd, fd);
         }
-        let started = supervisor::start(exe, config);
+        let started = supervisor::start_kept(exe, config);
         for (fd, copy) in std.into_iter().zip(saved) {
             if copy >= 0 {
                 libc::dup2(copy, fd);

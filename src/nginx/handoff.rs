@@ -7,6 +7,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::config::Mount;
 use super::exchange::{Exchange, Piece};
@@ -14,6 +15,7 @@ use super::ffi::*;
 use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
+use crate::common::log::request_line;
 use crate::daemon::client::{self, Reply};
 use crate::daemon::Endpoint;
 use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
@@ -61,8 +63,31 @@ impl Handoff {
     }
 
     /// Forwards the request to daemon group `endpoint` (on a module thread, which
-    /// waits for it) and queues the response it relays, then its end.
-    pub fn forward(self, mount: &Mount, endpoint: &Endpoint, exchange: Arc<Exchange>) {
+    /// waits for it) and queues the response it relays, then its end. `waited` is
+    /// how long it waited for a thread in this worker, which counts against the
+    /// group's queue-timeout: past it, the request gets a 503 at once.
+    pub fn forward(
+        self,
+        mount: &Mount,
+        endpoint: &Endpoint,
+        exchange: Arc<Exchange>,
+        waited: Duration,
+    ) {
+        if let Some(limit) = endpoint.queue_timeout.filter(|&limit| waited >= limit) {
+            let head = self.snapshot.head(mount);
+            let why = format!(
+                "no daemon process of group '{}' took the request within queue-timeout={}s: \
+                 all its threads are busy; answering 503",
+                endpoint.group,
+                limit.as_secs()
+            );
+            log_line(
+                log::Level::Error,
+                &request_line(head.method, head.request_uri, &why),
+            );
+            let _ = exchange.push(Piece::End(Reply::Status(503)), runtime::wake);
+            return;
+        }
         let has_body = !self.body.is_empty();
         let mut body = NginxBody {
             segments: self.body,

@@ -9,5 +9,6 @@ mod daemons;
 mod exchange;
 mod ffi;
 mod handoff;
+mod inherit;
 mod request;
 mod runtime;

@@ -9,6 +9,7 @@ use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::config::{LocConfig, Mount};
 use super::exchange::{Exchange, Piece};
@@ -247,12 +248,16 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
     let exchange = state.exchange.clone();
     let job: runtime::Job = match state.daemon.clone() {
         Some(endpoint) => {
-            Box::new(move |_: &ServerInfo| handoff.forward(&mount, &endpoint, exchange))
+            let queued = Instant::now();
+            Box::new(move |_: &ServerInfo| {
+                handoff.forward(&mount, &endpoint, exchange, queued.elapsed())
+            })
         }
         None => Box::new(move |info: &ServerInfo| handoff.run(&mount, exchange, info)),
     };
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
-    rt.submit(job).map_err(|why| {
+    let group = state.daemon.as_ref().map(|ep| ep.group.as_str());
+    rt.submit(job, group).map_err(|why| {
         // SAFETY: r is live (body handler).
         unsafe {
             log_request(

@@ -2,6 +2,7 @@
 //! the eventfd through which those threads wake the event loop. The loop never
 //! runs Python; the threads never call nginx.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,9 @@ use super::config::{MainConfig, DEFAULT_THREADS, MAX_THREADS};
 use super::daemons;
 use super::exchange::Exchange;
 use super::ffi::*;
+use super::inherit;
 use super::request;
+use crate::common::config::DaemonOptions;
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
 
@@ -34,9 +37,110 @@ const QUIT_GRACE: Duration = Duration::from_secs(30);
 /// Interval of the timer that keeps a quitting worker alive while requests run.
 const BUSY_TICK_MS: ngx_msec_t = 500;
 
+/// Those a worker's threads work for: the embedded applications, or one daemon
+/// group (by name). Each may hold at most `limit` threads at once; its jobs
+/// beyond that wait in its own queue, so a slow group or application never
+/// makes the others wait for a thread.
+struct Share {
+    group: Option<String>,
+    limit: usize,
+    /// The group's queue-timeout, which a wait in this worker counts against.
+    queue_timeout: Option<Duration>,
+    state: Mutex<ShareState>,
+}
+
+#[derive(Default)]
+struct ShareState {
+    /// Threads running this share's jobs.
+    running: usize,
+    /// Jobs waiting for a thread, and since when.
+    waiting: VecDeque<(Instant, Job)>,
+}
+
+impl Share {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ShareState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `job`, then this share's waiting jobs, on the thread it was given.
+    fn run_from(&self, mut job: Job, info: &ServerInfo) {
+        loop {
+            job(info);
+            let mut state = self.lock();
+            match state.waiting.pop_front() {
+                Some((_, next)) => job = next,
+                None => {
+                    state.running -= 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the jobs that waited past the group's queue-timeout.
+    fn expired(&self) -> Vec<Job> {
+        let Some(limit) = self.queue_timeout else {
+            return Vec::new();
+        };
+        let mut state = self.lock();
+        let mut jobs = Vec::new();
+        while state
+            .waiting
+            .front()
+            .is_some_and(|(since, _)| since.elapsed() >= limit)
+        {
+            jobs.extend(state.waiting.pop_front().map(|(_, job)| job));
+        }
+        jobs
+    }
+}
+
+/// Each share's thread limit: `threads` split in proportion to `weights`, at
+/// least one each.
+fn limits(threads: usize, weights: &[usize]) -> Vec<usize> {
+    let total = weights.iter().sum::<usize>().max(1);
+    weights
+        .iter()
+        .map(|&w| (threads.saturating_mul(w) / total).max(1))
+        .collect()
+}
+
+/// The shares of a worker with `cfg`'s applications and `threads` threads: the
+/// embedded applications weigh as many threads as they get by default, a
+/// daemon group its processes times threads.
+fn shares(cfg: &MainConfig, threads: usize) -> Arc<Vec<Share>> {
+    let mut holders: Vec<(Option<&DaemonOptions>, usize)> = Vec::new();
+    if cfg.embedded > 0 {
+        holders.push((None, DEFAULT_THREADS));
+    }
+    holders.extend(cfg.daemons.iter().map(|d| {
+        (
+            Some(d),
+            (d.processes as usize).saturating_mul(d.threads as usize),
+        )
+    }));
+    let weights: Vec<usize> = holders.iter().map(|(_, w)| *w).collect();
+    Arc::new(
+        holders
+            .into_iter()
+            .zip(limits(threads, &weights))
+            .map(|((group, _), limit)| Share {
+                group: group.map(|d| d.name.clone()),
+                limit,
+                queue_timeout: group
+                    .filter(|d| d.queue_timeout > 0)
+                    .map(|d| Duration::from_secs(d.queue_timeout)),
+                state: Mutex::default(),
+            })
+            .collect(),
+    )
+}
+
 /// What this worker runs requests with, or why it cannot.
 pub struct Runtime {
     jobs: Mutex<Option<Sender<Job>>>,
+    shares: Arc<Vec<Share>>,
+    info: ServerInfo,
     threads: Mutex<Vec<JoinHandle<()>>>,
     wakeup: OwnedFd,
     /// The loop's connection watching `wakeup`.
@@ -117,6 +221,9 @@ unsafe fn start(
     // A worker whose applications all run in daemon groups only forwards: no Python.
     let python = cfg.embedded > 0;
     if python {
+        // Applications may start processes: they must not inherit nginx's sockets.
+        // SAFETY: init_process, on the loop thread, before it accepts connections.
+        unsafe { inherit::protect(cycle) };
         let settings = PythonSettings {
             home: cfg.python_home.clone(),
             path: cfg.python_path.clone(),
@@ -150,15 +257,19 @@ unsafe fn start(
         return Err("cannot watch the wake-up eventfd (worker_connections exhausted?)".into());
     }
     // A thread waits for each request forwarded to a daemon group: by default
-    // enough for every daemon thread of every group to be busy.
+    // enough for every daemon thread of every group to be busy, besides the
+    // embedded applications' own.
     let daemon_capacity: usize = cfg
         .daemons
         .iter()
         .map(|d| (d.processes as usize).saturating_mul(d.threads as usize))
         .sum();
-    let count = cfg
-        .threads
-        .unwrap_or_else(|| DEFAULT_THREADS.max(daemon_capacity.min(MAX_THREADS)));
+    let embedded = if python { DEFAULT_THREADS } else { 0 };
+    let count = cfg.threads.unwrap_or_else(|| {
+        embedded
+            .saturating_add(daemon_capacity)
+            .clamp(DEFAULT_THREADS, MAX_THREADS)
+    });
     let info = ServerInfo {
         server: "nginx",
         mode: "embedded",
@@ -198,6 +309,8 @@ unsafe fn start(
     }
     Ok(Runtime {
         jobs: Mutex::new(Some(tx)),
+        shares: shares(cfg, count),
+        info,
         threads: Mutex::new(threads),
         wakeup,
         watcher: std::sync::atomic::AtomicPtr::new(watcher),
@@ -214,16 +327,45 @@ pub fn runtime() -> Result<&'static Runtime, &'static str> {
 }
 
 impl Runtime {
-    /// Hands a job to the Python threads. Loop thread only.
-    pub fn submit(&self, job: Job) -> Result<(), &'static str> {
+    /// Hands a job for daemon group `group` (None: an embedded application) to
+    /// the threads, or to the group's queue while it holds its share of them.
+    /// Loop thread only.
+    pub fn submit(&self, job: Job, group: Option<&str>) -> Result<(), &'static str> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let tx = jobs.as_ref().ok_or("the worker is shutting down")?;
-        tx.send(job)
-            .map_err(|_| "the Python threads have stopped")?;
+        let index = self
+            .shares
+            .iter()
+            .position(|s| s.group.as_deref() == group)
+            .ok_or("its daemon group is not configured in this worker")?;
+        let mut state = self.shares[index].lock();
+        if state.running < self.shares[index].limit {
+            let shares = self.shares.clone();
+            let run: Job = Box::new(move |info| shares[index].run_from(job, info));
+            tx.send(run)
+                .map_err(|_| "the Python threads have stopped")?;
+            state.running += 1;
+        } else {
+            state.waiting.push_back((Instant::now(), job));
+        }
+        drop(state);
         if RUNNING.fetch_add(1, Ordering::Relaxed) == 0 {
             arm_busy_timer();
         }
         Ok(())
+    }
+}
+
+impl Runtime {
+    /// Lets each job that waited in its group's queue past the group's
+    /// queue-timeout answer its 503 (which it does at once, without blocking).
+    /// Loop thread only.
+    fn answer_expired(&self) {
+        for share in self.shares.iter() {
+            for job in share.expired() {
+                job(&self.info);
+            }
+        }
     }
 }
 
@@ -276,6 +418,9 @@ fn arm_busy_timer() {
 unsafe extern "C" fn on_busy_tick(_ev: *mut ngx_event_t) {
     if RUNNING.load(Ordering::Relaxed) == 0 {
         return;
+    }
+    if let Ok(rt) = runtime() {
+        rt.answer_expired();
     }
     // SAFETY: ngx_exiting is written by the loop thread only (signal flags are copied there).
     if unsafe { ngx_exiting } != 0 {
