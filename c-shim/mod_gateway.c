@@ -13,6 +13,11 @@
 #include "http_protocol.h"
 #include "http_request.h"
 #include "mpm_common.h"
+#include "ap_listen.h"
+#include "apr_portable.h"
+
+#include <pthread.h>
+#include <unistd.h>
 #include "apr_buckets.h"
 
 module AP_MODULE_DECLARE_DATA gateway_module;
@@ -159,17 +164,37 @@ void gateway_ap_abort_response(request_rec *r)
     c->keepalive = AP_CONN_CLOSE;
 }
 
+/* A child that an application forks without exec must not keep the listening
+ * sockets: it would hold the port after httpd stops. (They are close-on-exec.) */
+static void gateway_close_listeners(void)
+{
+    ap_listen_rec *lr;
+    apr_os_sock_t fd;
+
+    for (lr = ap_listeners; lr != NULL; lr = lr->next) {
+        if (lr->sd != NULL && apr_os_sock_get(&fd, lr->sd) == APR_SUCCESS && fd >= 0) {
+            close(fd);
+        }
+    }
+}
+
+void gateway_ap_close_listeners_at_fork(void)
+{
+    pthread_atfork(NULL, NULL, gateway_close_listeners);
+}
+
 static void gateway_register_hooks(apr_pool_t *p)
 {
-    /* Before mod_alias, so a GatewayScriptAlias wins over an Alias of the same path. */
-    static const char *const before_alias[] = {"mod_alias.c", NULL};
+    /* After mod_alias, as mod_wsgi: an Alias (say /static/ beside an application
+     * mounted at /) serves its files; GatewayScriptAlias takes the rest. */
+    static const char *const after_alias[] = {"mod_alias.c", NULL};
 
     ap_hook_pre_config(gateway_pre_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_check_config(gateway_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(gateway_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(gateway_child_init, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_monitor(gateway_monitor, NULL, NULL, APR_HOOK_MIDDLE);
-    ap_hook_translate_name(gateway_translate_name, NULL, before_alias, APR_HOOK_MIDDLE);
+    ap_hook_translate_name(gateway_translate_name, after_alias, NULL, APR_HOOK_MIDDLE);
     ap_hook_handler(gateway_handler, NULL, NULL, APR_HOOK_MIDDLE);
 }
 

@@ -76,11 +76,7 @@ def test_the_client_sees_the_end_of_the_response_while_the_child_runs(make_serve
 
 
 @pytest.mark.parametrize("app", ["spawn", "fork"])
-def test_a_stopped_server_leaves_no_listening_socket_to_the_child(make_server, app, request):
-    if app == "fork" and "apache" in request.node.name:
-        # Apache's listeners are close-on-exec (APR), but a forked child that does
-        # not exec keeps them: closing them there is left to the Apache side.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Apache: os.fork() child keeps the listeners"))
+def test_a_stopped_server_leaves_no_listening_socket_to_the_child(make_server, app):
     srv = make_server(app)
     with srv:
         data, _ = request_until_eof(srv.port)

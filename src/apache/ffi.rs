@@ -38,4 +38,6 @@ extern "C" {
     ) -> apr_status_t;
     pub fn gateway_ap_abort_response(r: *mut request_rec);
     pub fn gateway_ap_finish(r: *mut request_rec) -> apr_status_t;
+    /// Closes httpd's listening sockets in every child forked from now on.
+    pub fn gateway_ap_close_listeners_at_fork();
 }

@@ -115,7 +115,7 @@ pub unsafe extern "C" fn gateway_check_config(
 ) -> c_int {
     adopt_main_server(s);
     let parsed = parsed();
-    let mut ok = true;
+    let mut ok = no_other_python_module();
     for (name, at) in &parsed.refs {
         if !parsed.groups.iter().any(|(g, _)| &g.name == name) {
             log::error!(
@@ -142,6 +142,22 @@ pub unsafe extern "C" fn gateway_check_config(
     } else {
         HTTP_INTERNAL_SERVER_ERROR as c_int
     }
+}
+
+/// Two embedders cannot share one interpreter; whichever starts Python second
+/// breaks. Checked with the configuration, so that configtest fails too.
+fn no_other_python_module() -> bool {
+    for (other, module) in [(c"mod_wsgi.c", "wsgi"), (c"mod_python.c", "python")] {
+        // SAFETY: looks a module up by name in httpd's list of loaded modules.
+        if !unsafe { ap_find_linked_module(other.as_ptr()) }.is_null() {
+            log::error!(
+                "mod_{module} is loaded too: it and Gateway would share one Python interpreter, which neither supports. \
+                 Disable one of them ('a2dismod {module}'), or run the other's applications in a Gateway daemon group"
+            );
+            return false;
+        }
+    }
+    true
 }
 
 /// The lifeline slot in the process pool.
@@ -250,17 +266,6 @@ pub unsafe extern "C" fn gateway_post_config(
     if unsafe { ap_state_query(AP_SQ_MAIN_STATE as c_int) } == AP_SQ_MS_CREATE_PRE_CONFIG as c_int {
         return OK as c_int;
     }
-    // Two embedders cannot share one interpreter; whichever starts Python second breaks.
-    for other in [c"mod_wsgi.c", c"mod_python.c"] {
-        if !unsafe { ap_find_linked_module(other.as_ptr()) }.is_null() {
-            log::error!(
-                "{} is loaded too: it and Gateway would share one Python interpreter, which neither supports. \
-                 Unload one of them (a2dismod), or run the other's applications in a Gateway daemon group",
-                other.to_string_lossy().trim_end_matches(".c")
-            );
-            return HTTP_INTERNAL_SERVER_ERROR as c_int;
-        }
-    }
     let mounts: usize = servers(s)
         .map(|s| unsafe { server_config(s) }.map_or(0, |c| c.mounts.len()))
         .sum();
@@ -296,6 +301,8 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
         interpreter::run_exit_handlers();
         APR_SUCCESS as apr_status_t
     }
+    // SAFETY: registers a fork handler that only closes httpd's listening sockets.
+    unsafe { gateway_ap_close_listeners_at_fork() };
     // SAFETY: pchild lives until the child exits, when the cleanup runs atexit handlers.
     unsafe {
         apr_pool_cleanup_register(
