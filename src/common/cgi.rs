@@ -33,9 +33,14 @@ pub struct RequestHead<'a> {
 
 /// The environ key for a request header, or None when the header must not reach
 /// the application: names with `_` (they could pose as `Remote-User` and other
-/// variables set by the server) and `Proxy` (httpoxy).
+/// variables set by the server), `Proxy` (httpoxy), and `Transfer-Encoding`.
+///
+/// The servers de-chunk the body before `wsgi.input` (which says so with
+/// `wsgi.input_terminated`): the hop-by-hop `Transfer-Encoding` no longer
+/// describes it, and applications that see `chunked` there (dulwich) would
+/// de-chunk it a second time.
 pub fn header_key(name: &[u8]) -> Option<Cow<'static, str>> {
-    if name.contains(&b'_') || name.is_empty() {
+    if name.contains(&b'_') || name.is_empty() || name.eq_ignore_ascii_case(b"transfer-encoding") {
         return None;
     }
     if name.eq_ignore_ascii_case(b"content-type") {
@@ -99,6 +104,13 @@ mod tests {
         assert_eq!(header_key(b"Proxy"), None);
         assert_eq!(header_key(b"bad header"), None);
         assert_eq!(header_key(b""), None);
+    }
+
+    #[test]
+    fn the_body_is_not_described_as_still_chunked() {
+        assert_eq!(header_key(b"Transfer-Encoding"), None);
+        assert_eq!(header_key(b"transfer-encoding"), None);
+        assert_eq!(header_key(b"TE").as_deref(), Some("HTTP_TE"));
     }
 
     #[test]

@@ -184,6 +184,85 @@ pub fn daemon_identity(
     Ok(id)
 }
 
+/// A user's name and home directory, from the password database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: Vec<u8>,
+    pub home: Vec<u8>,
+}
+
+/// The password database entry of `uid`, if there is one.
+pub fn account(uid: u32) -> Option<Account> {
+    // SAFETY: passwd is plain data; all zeroes is a valid value that getpwuid_r overwrites.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r fills pw from buf, both owned here; on success its strings point
+    // into buf, which outlives their copies below.
+    unsafe {
+        libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result);
+        if result.is_null() || pw.pw_name.is_null() || pw.pw_dir.is_null() {
+            return None;
+        }
+        Some(Account {
+            name: std::ffi::CStr::from_ptr(pw.pw_name).to_bytes().to_vec(),
+            home: std::ffi::CStr::from_ptr(pw.pw_dir).to_bytes().to_vec(),
+        })
+    }
+}
+
+/// The search path of a daemon process whose server passed none (nginx keeps only
+/// `TZ` unless told otherwise): an unprivileged user's usual one.
+const DEFAULT_PATH: &[u8] = b"/usr/local/bin:/usr/bin:/bin";
+
+/// The variables identifying a daemon's user, always set from its account.
+const IDENTITY_VARS: [&[u8]; 4] = [b"HOME", b"USER", b"USERNAME", b"LOGNAME"];
+
+/// Whether Apache's process environment passes `name` on to daemon processes: the
+/// locale, the time zone, the search path and Apache's own settings (`APACHE_*`,
+/// from envvars or systemd). The rest belongs to whoever started Apache: a root
+/// shell's `HOME`, `OLDPWD`, `SUDO_*`, tokens.
+fn apache_passes(name: &[u8]) -> bool {
+    matches!(name, b"PATH" | b"TZ" | b"LANG" | b"LANGUAGE")
+        || name.starts_with(b"LC_")
+        || name.starts_with(b"APACHE_")
+}
+
+/// The environment of a daemon process that runs as the user of `account`:
+/// what the server passes on purpose from `inherited` (under nginx the
+/// supervisor already has only what nginx's `env` directives keep; under Apache
+/// [`apache_passes`] chooses), a default `PATH` if there is none, and `HOME`,
+/// `USER`, `USERNAME` and `LOGNAME` of the user, as mod_wsgi sets them (none of
+/// them for a user without an account).
+pub fn daemon_environment(
+    server: &str,
+    inherited: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    account: Option<&Account>,
+) -> Vec<CString> {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = inherited
+        .into_iter()
+        .map(|(k, v)| (k.into_encoded_bytes(), v.into_encoded_bytes()))
+        .filter(|(k, _)| !IDENTITY_VARS.contains(&k.as_slice()))
+        .filter(|(k, _)| server != "apache" || apache_passes(k))
+        .collect();
+    if !env.iter().any(|(k, _)| k == b"PATH") {
+        env.push((b"PATH".to_vec(), DEFAULT_PATH.to_vec()));
+    }
+    if let Some(a) = account {
+        env.push((b"HOME".to_vec(), a.home.clone()));
+        for var in &IDENTITY_VARS[1..] {
+            env.push((var.to_vec(), a.name.clone()));
+        }
+    }
+    env.into_iter()
+        .filter_map(|(mut k, v)| {
+            k.push(b'=');
+            k.extend_from_slice(&v);
+            CString::new(k).ok()
+        })
+        .collect()
+}
+
 /// Switches this process to `id` for good. Must run before any thread starts.
 pub fn drop_privileges(id: &Identity) -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
@@ -365,6 +444,66 @@ mod tests {
     fn statuses_read_like_sentences() {
         assert_eq!(describe_status(9), "was killed by signal 9 (SIGKILL)");
         assert_eq!(describe_status(3 << 8), "exited with status 3");
+    }
+
+    fn environment(
+        server: &str,
+        inherited: &[(&str, &str)],
+        account: Option<&Account>,
+    ) -> Vec<String> {
+        let inherited = inherited.iter().map(|(k, v)| (k.into(), v.into()));
+        daemon_environment(server, inherited, account)
+            .into_iter()
+            .map(|v| v.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn daemons_get_their_users_identity_and_not_the_shells() {
+        let www = Account {
+            name: b"www-data".to_vec(),
+            home: b"/var/www".to_vec(),
+        };
+        let shell = [
+            ("HOME", "/root"),
+            ("USER", "root"),
+            ("OLDPWD", "/x"),
+            ("SECRET_TOKEN", "y"),
+            ("LANG", "C.UTF-8"),
+            ("LC_ALL", "C"),
+            ("TZ", "UTC"),
+            ("APACHE_RUN_USER", "www-data"),
+            ("PATH", "/sbin:/bin"),
+        ];
+        assert_eq!(
+            environment("apache", &shell, Some(&www)),
+            [
+                "LANG=C.UTF-8",
+                "LC_ALL=C",
+                "TZ=UTC",
+                "APACHE_RUN_USER=www-data",
+                "PATH=/sbin:/bin",
+                "HOME=/var/www",
+                "USER=www-data",
+                "USERNAME=www-data",
+                "LOGNAME=www-data",
+            ]
+        );
+        // nginx's own `env` directives chose the supervisor's variables already.
+        let kept = environment(
+            "nginx",
+            &[("TZ", "UTC"), ("KEPT", "1"), ("HOME", "/root")],
+            None,
+        );
+        assert_eq!(
+            kept,
+            ["TZ=UTC", "KEPT=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
+        );
+    }
+
+    #[test]
+    fn accounts_come_from_the_password_database() {
+        assert_eq!(account(0).unwrap().name, b"root");
     }
 
     #[test]

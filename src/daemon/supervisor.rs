@@ -676,6 +676,24 @@ impl Supervisor {
             padding.as_ptr(),
             std::ptr::null(),
         ];
+        // A user that does not exist is the daemon's to report, as it exits.
+        let uid = process::daemon_identity(
+            group.options.user.as_deref(),
+            group.options.group.as_deref(),
+            self.config.server_uid,
+            self.config.server_gid,
+        )
+        .map_or(self.config.server_uid, |id| id.uid);
+        let env = process::daemon_environment(
+            &self.config.server,
+            std::env::vars_os(),
+            process::account(uid).as_ref(),
+        );
+        let envp: Vec<*const libc::c_char> = env
+            .iter()
+            .map(|var| var.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
         // SAFETY: the supervisor is single-threaded; the child calls only
         // async-signal-safe functions before exec.
         let pid = unsafe { libc::fork() };
@@ -690,7 +708,7 @@ impl Supervisor {
                 process::move_fd(group.listener.as_raw_fd(), LISTEN_FD);
                 process::move_fd(self.status_write.as_raw_fd(), STATUS_FD);
                 process::close_from(STATUS_FD + 1);
-                libc::execv(self.exe.as_ptr(), argv.as_ptr());
+                libc::execve(self.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
                 libc::_exit(127);
             }
         }

@@ -6,7 +6,7 @@
 //! started with a keeper ([`supervisor::start_kept`]) that starts a new one if it
 //! dies. Daemon processes that die are replaced by the supervisor itself.
 
-use std::ffi::{c_void, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -135,8 +135,10 @@ pub unsafe extern "C" fn gateway_init_module(
     } else {
         let started = daemon::executable_beside(gateway_init_module as *const () as usize)
             .map_err(std::io::Error::other)
-            // SAFETY: nginx passes its live cycle.
-            .and_then(|exe| unsafe { start_logging_to(cycle, &exe, &config) });
+            // SAFETY: nginx passes its live cycle, in its single-threaded master.
+            .and_then(|exe| unsafe {
+                with_worker_environment(cycle, || start_logging_to(cycle, &exe, &config))
+            });
         match started {
             Ok(lifeline) => Some(lifeline),
             Err(e) => {
@@ -192,6 +194,44 @@ pub fn problems(config: &supervisor::SupervisorConfig, places: &[String]) -> Vec
         }
     }
     problems
+}
+
+extern "C" {
+    /// nginx's own: the environment its `env` directives keep (`TZ` and the
+    /// variables listed) as a new array, which the caller frees; with `last` not
+    /// NULL it leaves `environ` alone.
+    fn ngx_set_environment(cycle: *mut ngx_cycle_t, last: *mut ngx_uint_t) -> *mut *mut c_char;
+    static mut environ: *mut *mut c_char;
+}
+
+/// Runs `start` with the environment nginx gives its workers, so that the
+/// supervisor and its daemon processes get what nginx's `env` directives keep
+/// (as embedded applications do), not the shell nginx was started from.
+///
+/// # Safety
+/// `cycle` must be the live cycle being initialized, in the single-threaded master.
+unsafe fn with_worker_environment<T>(
+    cycle: *mut ngx_cycle_t,
+    start: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let mut extra: ngx_uint_t = 0;
+    // SAFETY: the caller passes the live cycle; with `extra` given nginx only builds a copy.
+    let env = unsafe { ngx_set_environment(cycle, &mut extra) };
+    if env.is_null() {
+        return Err(std::io::Error::other(
+            "cannot build the environment of nginx's env directives (out of memory)",
+        ));
+    }
+    // SAFETY: no other thread runs in the master to read `environ` while it is swapped;
+    // it is restored before the array nginx allocated is freed.
+    unsafe {
+        let saved = environ;
+        environ = env;
+        let started = start();
+        environ = saved;
+        libc::free(env.cast());
+        started
+    }
 }
 
 /// Starts a supervisor whose standard output and error (where it and its

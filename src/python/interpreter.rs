@@ -30,6 +30,8 @@ pub enum InitError {
         home: PathBuf,
         venv: String,
         embedded: String,
+        /// The interpreter that made the virtualenv, to build Gateway for.
+        python: String,
     },
     /// Python itself refused the configuration.
     Python(String),
@@ -45,10 +47,11 @@ impl fmt::Display for InitError {
             InitError::BadHome(home) => {
                 write!(f, "'{}' is not a directory (expected a virtualenv or a Python prefix)", home.display())
             }
-            InitError::VenvVersion { home, venv, embedded } => write!(
+            InitError::VenvVersion { home, venv, embedded, python } => write!(
                 f,
                 "the virtualenv {} was made by Python {venv}, but Gateway embeds Python {embedded}: \
-                 recreate it with that Python (e.g. /usr/bin/python3 -m venv {}), or rebuild Gateway with PYTHON=",
+                 recreate it with that Python (e.g. /usr/bin/python3 -m venv {}), or rebuild Gateway \
+                 for the virtualenv's Python {venv} with `make PYTHON={python}`",
                 home.display(),
                 home.display()
             ),
@@ -153,10 +156,13 @@ fn check_venv_version(home: &Path) -> Result<(), InitError> {
     let Ok(cfg) = std::fs::read_to_string(home.join("pyvenv.cfg")) else {
         return Ok(());
     };
-    let venv = cfg.lines().find_map(|line| {
-        let (key, value) = line.split_once('=')?;
-        matches!(key.trim(), "version" | "version_info").then(|| value.trim().to_string())
-    });
+    let value_of = |keys: &[&str]| {
+        cfg.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            keys.contains(&key.trim()).then(|| value.trim().to_string())
+        })
+    };
+    let venv = value_of(&["version", "version_info"]);
     // SAFETY: Py_GetVersion returns a static string and may be called before initialisation.
     let embedded = unsafe { std::ffi::CStr::from_ptr(ffi::Py_GetVersion()) }
         .to_string_lossy()
@@ -169,6 +175,12 @@ fn check_venv_version(home: &Path) -> Result<(), InitError> {
             home: home.to_path_buf(),
             venv: venv.clone().unwrap_or_default(),
             embedded: e.to_string(),
+            // pyvenv.cfg names the Python that made the virtualenv (`executable`, since
+            // Python 3.11) or its directory (`home`).
+            python: value_of(&["executable"]).unwrap_or_else(|| {
+                let dir = value_of(&["home"]).unwrap_or_else(|| "/path/to".into());
+                format!("{dir}/python{v}")
+            }),
         }),
         _ => Ok(()),
     }
@@ -272,6 +284,20 @@ mod tests {
         let err = check_venv_version(&dir).unwrap_err().to_string();
         assert!(
             err.contains("was made by Python 2.7.18, but Gateway embeds Python 3."),
+            "{err}"
+        );
+        assert!(
+            err.contains("rebuild Gateway for the virtualenv's Python 2.7.18 with `make PYTHON=/opt/python/bin/python2.7`"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.join("pyvenv.cfg"),
+            "home = /opt/bin\nversion = 3.99.0\nexecutable = /opt/python3.99/bin/python3.99\n",
+        )
+        .unwrap();
+        let err = check_venv_version(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("`make PYTHON=/opt/python3.99/bin/python3.99`"),
             "{err}"
         );
         std::fs::write(dir.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
