@@ -530,6 +530,10 @@ impl Exchange<'_> {
             .and_then(|(status, line, headers)| {
                 let framing = framing::check_head(&line, &headers, self.head_request)
                     .map_err(|e| e.to_string())?;
+                // The server sends the code, the framing follows the line: they must agree.
+                if framing::check_status(&line) != Ok(status) {
+                    return Err(format!("status {status} with the status line {line:?}"));
+                }
                 Ok((status, line, headers, framing))
             });
         let (status, line, headers, framing) = match checked {
@@ -836,6 +840,7 @@ mod tests {
             start(200, "200 OK", &[("Bad Name", b"1")]),
             start(200, "200 OK", &[("Content-Length", b"5, 6")]),
             start(103, "103 Early Hints", &[]),
+            start(204, "200 OK", &[]),
         ];
         for (i, head) in forgeries.into_iter().enumerate() {
             let (reply, resp) = forged(&format!("forged-{i}"), then(head, Kind::End, &[0]));
