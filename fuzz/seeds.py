@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VERSION = int(re.search(r"pub const VERSION: u8 = (\d+);",
                         (HERE.parent / "src/daemon/protocol.rs").read_text()).group(1))
-HELLO, REQUEST, BODY, PULL, START, DATA, ABORT, END, LOG, TIMEOUT, UNAVAILABLE = range(1, 12)
+HELLO, REQUEST, BODY, PULL, START, DATA, ABORT, END, LOG, TIMEOUT, UNAVAILABLE, AUTH = range(1, 13)
 
 
 def frame(kind, payload=b"", flags=0):
@@ -51,7 +51,8 @@ def server_side():
 
 def daemon_side():
     """What a server sends on a daemon connection."""
-    yield frame(REQUEST, b"\0" * 64) + frame(BODY, b"abc") + frame(BODY)
+    yield frame(AUTH, b"\7" * 32) + frame(REQUEST, b"\0" * 64) + frame(BODY, b"abc") + frame(BODY)
+    yield frame(HELLO, struct.pack(">I", 1) + s("g"))
 
 
 def write(target, inputs):

@@ -60,11 +60,16 @@ pub struct Parsed {
     pub groups: Vec<(DaemonOptions, String)>,
     /// `GatewayMode daemon NAME`: the name and where it was written.
     pub refs: Vec<(String, String)>,
+    /// `GatewayMode daemon NAME` inside a `<Directory>`, `<Location>` or the like:
+    /// the name and the server record (as an address) of the section, whose
+    /// mounts the section may send to the group.
+    pub sections: Vec<(String, usize)>,
 }
 
 static PARSED: Mutex<Parsed> = Mutex::new(Parsed {
     groups: Vec::new(),
     refs: Vec::new(),
+    sections: Vec::new(),
 });
 
 /// What the configuration read so far defines and references.
@@ -260,12 +265,19 @@ pub unsafe extern "C" fn gateway_cmd_mode(
 ) -> *const c_char {
     let r = (|| {
         let mode = Mode::parse(&unsafe { argv(argc, argv_) }?)?;
-        if let Mode::Daemon(name) = &mode {
-            // Checked once the whole configuration is read: the group may be defined later.
-            parsed().refs.push((name.clone(), unsafe { origin(cmd) }));
-        }
         // Inside <Directory>/<Location> cmd->path is set and dcfg is that section's record.
-        if unsafe { (*cmd).path }.is_null() {
+        let in_section = !unsafe { (*cmd).path }.is_null();
+        if let Mode::Daemon(name) = &mode {
+            let mut parsed = parsed();
+            // Checked once the whole configuration is read: the group may be defined later.
+            parsed.refs.push((name.clone(), unsafe { origin(cmd) }));
+            if in_section {
+                parsed
+                    .sections
+                    .push((name.clone(), unsafe { (*cmd).server } as usize));
+            }
+        }
+        if !in_section {
             unsafe { server_config(cmd) }.mode = Some(mode);
         } else {
             unsafe { &mut *dcfg.cast::<DirConfig>() }.mode = Some(mode);

@@ -2,6 +2,7 @@
 //! content handler.
 
 use std::ffi::{c_int, c_void, CStr, CString};
+use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -13,6 +14,8 @@ use super::config::{module_config, parsed, reset_parsed, DirConfig, Mount, Serve
 use super::ffi::*;
 use super::request;
 use crate::common::config::{DaemonOptions, Mode};
+use crate::daemon::auth::Generation;
+use crate::daemon::protocol::{Decoder, Encoder};
 use crate::daemon::{self, client, supervisor};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
@@ -83,7 +86,12 @@ fn daemon_executable() -> Result<PathBuf, String> {
 }
 
 /// The supervisor configuration of this server for `groups`.
-fn supervisor_config(run_dir: &str, groups: Vec<DaemonOptions>) -> supervisor::SupervisorConfig {
+fn supervisor_config(
+    run_dir: &str,
+    groups: Vec<DaemonOptions>,
+    generation: Generation,
+    previous: Option<Generation>,
+) -> supervisor::SupervisorConfig {
     // SAFETY: mod_unixd fills ap_unixd_config while reading User/Group; only read here.
     let (uid, gid) = unsafe { (ap_unixd_config.user_id, ap_unixd_config.group_id) };
     supervisor::SupervisorConfig {
@@ -93,7 +101,109 @@ fn supervisor_config(run_dir: &str, groups: Vec<DaemonOptions>) -> supervisor::S
         server_uid: uid,
         server_gid: gid,
         groups,
+        generation,
+        previous,
     }
+}
+
+/// A new configuration generation for `groups`: a fresh secret, and each
+/// group's applications: the mounts of every server whose `GatewayMode` names
+/// the group, and, for a group a `<Directory>`/`<Location>` section names, every
+/// mount that section may apply to (one of the main server applies to every
+/// virtual host too).
+///
+/// # Safety
+/// `s` must be the main server record of this configuration.
+unsafe fn new_generation(s: *mut server_rec, groups: &[DaemonOptions]) -> io::Result<Generation> {
+    let main = s as usize;
+    let sections = parsed().sections.clone();
+    let mut mounts = Vec::new();
+    for server in servers(s) {
+        // SAFETY: server is a record of this configuration.
+        let Some(cfg) = (unsafe { server_config(server) }) else {
+            continue;
+        };
+        let from_server = match &cfg.mode {
+            Some(Mode::Daemon(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let from_sections = sections
+            .iter()
+            .filter(|(_, at)| *at == server as usize || *at == main)
+            .map(|(name, _)| name.as_str());
+        for group in from_server.into_iter().chain(from_sections) {
+            mounts.extend(cfg.mounts.iter().map(|m| (group, &m.app)));
+        }
+    }
+    Generation::new(groups, mounts)
+}
+
+/// The key, in the process pool, of the current generation's encoding: the
+/// next generation's daemons also serve this one's server processes, which
+/// finish their requests after a restart.
+const GENERATION_KEY: &CStr = c"gateway-daemon-generation";
+
+/// The slot of the current generation's encoding in the process pool: a
+/// malloc'd buffer of a big-endian u32 length and the bytes, or NULL.
+///
+/// # Safety
+/// `s` must be a live server record, in the parent's single thread.
+unsafe fn generation_slot(s: *mut server_rec) -> *mut *mut u8 {
+    // SAFETY: s->process->pool lives as long as the httpd process; the slot is a pointer in it.
+    unsafe {
+        let pool = (*(*s).process).pool;
+        let mut data: *mut c_void = std::ptr::null_mut();
+        apr_pool_userdata_get(&mut data, GENERATION_KEY.as_ptr(), pool);
+        if data.is_null() {
+            data = apr_palloc(pool, std::mem::size_of::<*mut u8>() as apr_size_t);
+            *data.cast::<*mut u8>() = std::ptr::null_mut();
+            apr_pool_userdata_set(data, GENERATION_KEY.as_ptr(), None, pool);
+        }
+        data.cast()
+    }
+}
+
+/// Takes the generation stored by [`store_generation`], if any (the module's
+/// own memory does not outlive a restart, the process pool does).
+///
+/// # Safety
+/// As [`generation_slot`].
+unsafe fn take_generation(s: *mut server_rec) -> Option<Generation> {
+    // SAFETY: guaranteed by the caller; the buffer is ours, made by store_generation.
+    unsafe {
+        let slot = generation_slot(s);
+        let buf = std::ptr::replace(slot, std::ptr::null_mut());
+        if buf.is_null() {
+            return None;
+        }
+        let len = u32::from_be_bytes(*buf.cast::<[u8; 4]>()) as usize;
+        let bytes = std::slice::from_raw_parts_mut(buf.add(4), len);
+        let generation = Generation::decode(&mut Decoder::new(bytes)).ok();
+        // The secret does not stay behind in freed memory.
+        bytes.fill(0);
+        libc::free(buf.cast());
+        generation
+    }
+}
+
+/// Keeps `generation` in the process pool for the next restart.
+///
+/// # Safety
+/// As [`generation_slot`].
+unsafe fn store_generation(s: *mut server_rec, generation: &Generation) {
+    let mut bytes = Vec::new();
+    generation.encode(&mut Encoder(&mut bytes));
+    // SAFETY: guaranteed by the caller; the buffer holds the length and the bytes.
+    unsafe {
+        drop(take_generation(s));
+        let buf = libc::malloc(4 + bytes.len()).cast::<u8>();
+        if !buf.is_null() {
+            std::ptr::copy_nonoverlapping((bytes.len() as u32).to_be_bytes().as_ptr(), buf, 4);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.add(4), bytes.len());
+            *generation_slot(s) = buf;
+        }
+    }
+    bytes.fill(0);
 }
 
 /// Routes log lines without a request to `s`, the main server. Both configuration
@@ -131,8 +241,16 @@ pub unsafe extern "C" fn gateway_check_config(
             ok = false;
         }
     }
+    let generation = match Generation::new(&[], []) {
+        Ok(g) => g,
+        Err(e) => {
+            log::error!("daemon mode cannot start: {e}");
+            return HTTP_INTERNAL_SERVER_ERROR as c_int;
+        }
+    };
     for (group, at) in &parsed.groups {
-        if let Err(e) = supervisor_config("", vec![group.clone()]).check() {
+        let config = supervisor_config("", vec![group.clone()], generation.clone(), None);
+        if let Err(e) = config.check() {
             log::error!("GatewayDaemon at {at}: {e}");
             ok = false;
         }
@@ -192,6 +310,9 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
     let slot = unsafe { lifeline_slot(s) };
     let previous = unsafe { *slot };
     unsafe { *slot = -1 };
+    // The previous generation's server processes still finish their requests.
+    // SAFETY: as above.
+    let previous_generation = unsafe { take_generation(s) }.filter(|_| previous >= 0);
     if groups.is_empty() {
         client::set_endpoints(Vec::new());
         *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -199,12 +320,22 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
         let name = CString::new(format!("gateway-{}", std::process::id())).expect("no NUL");
         // SAFETY: returns a NUL-terminated path allocated in pconf.
         let run_dir = unsafe { CStr::from_ptr(ap_runtime_dir_relative(pconf, name.as_ptr())) };
-        let config = supervisor_config(&run_dir.to_string_lossy(), groups);
+        // SAFETY: s is the live main server.
+        let generation = unsafe { new_generation(s, &groups) }.map_err(|e| e.to_string())?;
+        let config = supervisor_config(
+            &run_dir.to_string_lossy(),
+            groups,
+            generation,
+            previous_generation,
+        );
         let exe = daemon_executable()?;
         let lifeline = supervisor::start(&exe, &config)
             .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
         // SAFETY: as above.
-        unsafe { *slot = lifeline.into_raw_fd() };
+        unsafe {
+            *slot = lifeline.into_raw_fd();
+            store_generation(s, &config.generation);
+        }
         client::set_endpoints(config.endpoints());
         *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some((exe, config));
     }

@@ -166,14 +166,24 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut payload = Vec::new();
     match protocol::read_frame(&mut reader, &mut payload) {
-        Ok(Some((Kind::Hello, _))) if payload.len() >= 4 => {
-            let pid = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-            if greeting_timeout != ep.socket_timeout {
+        Ok(Some((Kind::Hello, _))) => {
+            let (pid, _) = protocol::decode_hello(&payload).map_err(|e| {
+                Refused(format!(
+                    "daemon process group '{group}' sent a malformed greeting: {e}"
+                ))
+            })?;
+            let mut auth = Vec::new();
+            protocol::put_auth(&mut auth, &ep.access.secret);
+            let set_up = (&writer).write_all(&auth).and_then(|_| {
                 reader
                     .get_ref()
                     .set_read_timeout(Some(ep.socket_timeout))
-                    .map_err(|e| Refused(format!("cannot set up the connection to daemon process group '{group}': {e}")))?;
-            }
+            });
+            set_up.map_err(|e| {
+                Refused(format!(
+                    "cannot set up the connection to daemon process group '{group}': {e}"
+                ))
+            })?;
             Ok(Conn {
                 reader,
                 writer,
@@ -262,10 +272,19 @@ pub fn forward(
     let log = |resp: &dyn ResponseChannel, level: log::Level, msg: &str| {
         resp.log(level, &request_line(head.method, head.request_uri, msg));
     };
+    let Some(index) = ep.access.index_of(app) else {
+        let msg = format!(
+            "{} is not among the applications of daemon process group '{}'; answering 500",
+            app.file.display(),
+            ep.group
+        );
+        log(resp, log::Level::Error, &msg);
+        return Reply::Status(500);
+    };
     SCRATCH.with(|scratch| {
         let (out, payload) = &mut *scratch.borrow_mut();
         out.clear();
-        if let Err(e) = protocol::put_request(out, app, protocol::monotonic_us(), head, has_body) {
+        if let Err(e) = protocol::put_request(out, index, protocol::monotonic_us(), head, has_body) {
             log(resp, log::Level::Error, &format!("the request head cannot be sent to the daemon: {e}"));
             return Reply::Status(431);
         }
@@ -462,7 +481,7 @@ impl Exchange<'_> {
                         .to_string();
                     return self.fail(resp, log, 503, &msg);
                 }
-                Kind::Hello | Kind::Request | Kind::Body => {
+                Kind::Hello | Kind::Request | Kind::Body | Kind::Auth => {
                     return self.fail(
                         resp,
                         log,
@@ -511,6 +530,10 @@ impl Exchange<'_> {
             .and_then(|(status, line, headers)| {
                 let framing = framing::check_head(&line, &headers, self.head_request)
                     .map_err(|e| e.to_string())?;
+                // The server sends the code, the framing follows the line: they must agree.
+                if framing::check_status(&line) != Ok(status) {
+                    return Err(format!("status {status} with the status line {line:?}"));
+                }
                 Ok((status, line, headers, framing))
             });
         let (status, line, headers, framing) = match checked {
@@ -569,6 +592,7 @@ impl Exchange<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::auth::{GroupAccess, Secret, SECRET_LEN};
     use crate::python::Header;
     use std::os::unix::net::UnixListener;
 
@@ -613,6 +637,10 @@ mod tests {
             run_dir: dir.to_path_buf(),
             socket_timeout: Duration::from_secs(5),
             queue_timeout: None,
+            access: GroupAccess {
+                secret: Secret::from_bytes(&[7; SECRET_LEN]).unwrap(),
+                apps: vec![app()],
+            },
         }
     }
 
@@ -639,12 +667,13 @@ mod tests {
         }
     }
 
-    /// A fake daemon: greets, then runs `serve` for each request frame on one connection.
     /// Forwards a GET without a body to the fake daemon at `ep`.
     fn forward_bodiless(ep: &Endpoint, resp: &mut Recorded) -> Reply {
         forward(ep, &app(), &head(), false, &mut Bytes(vec![], 0), resp)
     }
 
+    /// A fake daemon: greets, checks the secret, then runs `serve` for each
+    /// request frame on one connection.
     fn fake_daemon(
         listener: UnixListener,
         serve: impl Fn(&mut UnixStream, &[u8]) + Send + 'static,
@@ -652,16 +681,18 @@ mod tests {
         std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
             let mut out = Vec::new();
-            protocol::put_with(&mut out, Kind::Hello, |e| {
-                e.u32(std::process::id());
-                e.str("t");
-            })
-            .unwrap();
+            protocol::put_hello(&mut out, std::process::id(), "t").unwrap();
             stream.write_all(&out).unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut payload = Vec::new();
+            let auth = protocol::read_frame(&mut reader, &mut payload).unwrap();
+            assert_eq!(
+                (auth, payload.as_slice()),
+                (Some((Kind::Auth, 0)), &[7; SECRET_LEN][..])
+            );
             while let Ok(Some((Kind::Request, _))) = protocol::read_frame(&mut reader, &mut payload)
             {
+                assert_eq!(protocol::decode_request(&payload).unwrap().app, 0);
                 serve(&mut stream, &payload);
             }
         });
@@ -712,6 +743,25 @@ mod tests {
             assert_eq!(reply, Reply::Complete);
             assert_eq!((resp.status, resp.body.as_slice()), (Some(200), text));
         }
+    }
+
+    #[test]
+    fn an_application_the_group_does_not_serve_is_a_500() {
+        let dir = temp_dir("foreign");
+        let mut resp = Recorded::default();
+        let other = AppSpec {
+            file: PathBuf::from("/other.py"),
+            callable: "application".into(),
+        };
+        let reply = forward(
+            &endpoint(&dir),
+            &other,
+            &head(),
+            false,
+            &mut Bytes(vec![], 0),
+            &mut resp,
+        );
+        assert_eq!((reply, resp.status), (Reply::Status(500), None));
     }
 
     #[test]
@@ -790,6 +840,7 @@ mod tests {
             start(200, "200 OK", &[("Bad Name", b"1")]),
             start(200, "200 OK", &[("Content-Length", b"5, 6")]),
             start(103, "103 Early Hints", &[]),
+            start(204, "200 OK", &[]),
         ];
         for (i, head) in forgeries.into_iter().enumerate() {
             let (reply, resp) = forged(&format!("forged-{i}"), then(head, Kind::End, &[0]));

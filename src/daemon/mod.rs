@@ -6,8 +6,10 @@
 //!   and each reload), never for a configuration test:
 //!   1. build a [`supervisor::SupervisorConfig`] (server name, a run directory
 //!      unique to the master, the master's pid, the worker user's uid/gid, the
-//!      groups); [`supervisor::SupervisorConfig::check`] gives configuration-test
-//!      errors;
+//!      groups, an [`auth::Generation`] with a fresh secret and each group's
+//!      applications, and the previous generation's, whose server processes
+//!      still finish their requests); [`supervisor::SupervisorConfig::check`]
+//!      gives configuration-test errors;
 //!   2. [`supervisor::start`] with the `gateway-daemon` executable found next to
 //!      the module: it returns once the sockets exist, with a
 //!      [`supervisor::Lifeline`] the master keeps (store its raw fd somewhere that
@@ -24,13 +26,15 @@
 //!   (the same traits as embedded mode); it blocks until the response has been
 //!   relayed and returns a [`client::Reply`] saying how to finish the request.
 //!
-//! Parts: [`protocol`] (the wire format), [`client`] (the server side: a
+//! Parts: [`protocol`] (the wire format), [`auth`] (the secret and the
+//! applications a group serves), [`client`] (the server side: a
 //! connection pool and request forwarding), [`supervisor`] (spawns, restarts and
 //! stops daemon processes), [`worker`] (a daemon process: Python, threads, the
 //! request loop), [`process`] (privileges, titles, signals), [`rundir`] (the
 //! directory of the sockets, which only root may change). The supervisor and
 //! worker run in the `gateway-daemon` executable.
 
+pub mod auth;
 pub mod client;
 pub mod process;
 pub mod protocol;
@@ -86,6 +90,8 @@ pub struct Endpoint {
     pub socket_timeout: Duration,
     /// How long a request may wait for a daemon thread (`queue-timeout`), if bounded.
     pub queue_timeout: Option<Duration>,
+    /// The secret this server process proves, and the applications it may name.
+    pub access: auth::GroupAccess,
 }
 
 /// The file name of `group`'s socket in the run directory.

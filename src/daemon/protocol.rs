@@ -3,7 +3,7 @@
 //! Every message is a frame: an 8-byte header, then the payload.
 //!
 //! ```text
-//! u8 version (2) | u8 kind | u16 flags (big-endian) | u32 payload length (big-endian)
+//! u8 version (3) | u8 kind | u16 flags (big-endian) | u32 payload length (big-endian)
 //! ```
 //!
 //! Payloads are bounded by [`MAX_FRAME`]; every read of a payload is bounds-checked,
@@ -11,7 +11,11 @@
 //! allocation. A connection carries one request at a time and is reused:
 //!
 //! 1. daemon → server `Hello` once, on accept (the daemon's pid and group);
-//! 2. server → daemon `Request` (the request head);
+//!    server → daemon `Auth` once, the generation's secret (see [`super::auth`]):
+//!    the daemon reads nothing else before it, and closes the connection of a
+//!    peer that does not prove it;
+//! 2. server → daemon `Request` (the application, by its index in the group's
+//!    list, and the request head);
 //! 3. daemon → server `Pull` (how many body bytes it wants) / server → daemon `Body`
 //!    (at most that many; empty at the end of the body), as often as the
 //!    application reads: the daemon pulls, so neither side ever writes into a
@@ -25,15 +29,16 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use super::auth::{Secret, SECRET_LEN};
 use crate::common::cgi::RequestHead;
-use crate::common::config::{AppSpec, DaemonOptions};
+use crate::common::config::DaemonOptions;
 use crate::python::{Header, Outcome};
 
 /// Name/value pairs borrowed from a payload.
 pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload either side accepts.
@@ -56,6 +61,7 @@ pub enum Kind {
     Log = 9,
     Timeout = 10,
     Unavailable = 11,
+    Auth = 12,
 }
 
 impl Kind {
@@ -73,6 +79,7 @@ impl Kind {
             Log,
             Timeout,
             Unavailable,
+            Auth,
         ]
         .into_iter()
         .find(|k| *k as u8 == v)
@@ -320,19 +327,56 @@ pub fn monotonic_us() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
-/// Encodes a `Request` frame: the application, when the server began to forward
-/// it ([`monotonic_us`]), and the request head. `has_body` false tells the daemon
-/// not to pull a body at all.
+/// Encodes a `Hello` frame: the daemon process's pid and group.
+pub fn put_hello(out: &mut Vec<u8>, pid: u32, group: &str) -> Result<(), ProtocolError> {
+    put_with(out, Kind::Hello, |e| {
+        e.u32(pid);
+        e.str(group);
+    })
+}
+
+/// Decodes a `Hello` frame payload: the daemon's pid and group.
+pub fn decode_hello(payload: &[u8]) -> Result<(u32, &str), ProtocolError> {
+    let mut d = Decoder::new(payload);
+    let pid = d.u32("daemon pid")?;
+    let group = d.str("group name")?;
+    d.finish("the greeting")?;
+    Ok((pid, group))
+}
+
+/// Appends an `Auth` frame: the secret of the server's configuration generation.
+pub fn put_auth(out: &mut Vec<u8>, secret: &Secret) {
+    put_frame(out, Kind::Auth, 0, secret.as_bytes());
+}
+
+/// How many bytes the `Auth` frame that begins with the frame header `h` takes
+/// in all. Anything else as the first frame of a connection is refused, before
+/// its payload is read.
+pub fn auth_frame_len(h: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> {
+    match parse_header(h)? {
+        (Kind::Auth, 0, SECRET_LEN) => Ok(HEADER_LEN + SECRET_LEN),
+        (Kind::Auth, _, len) => Err(ProtocolError::Invalid(format!(
+            "an authentication frame of {len} bytes (expected {SECRET_LEN})"
+        ))),
+        (kind, _, _) => Err(ProtocolError::Invalid(format!(
+            "a {kind:?} frame before authenticating"
+        ))),
+    }
+}
+
+/// Encodes a `Request` frame: the application (its index in the group's list
+/// of applications), when the server began to forward it ([`monotonic_us`]),
+/// and the request head. `has_body` false tells the daemon not to pull a body
+/// at all.
 pub fn put_request(
     out: &mut Vec<u8>,
-    app: &AppSpec,
+    app: u32,
     queued_at: u64,
     head: &RequestHead<'_>,
     has_body: bool,
 ) -> Result<(), ProtocolError> {
     put_with(out, Kind::Request, |e| {
-        e.bytes(app.file.as_os_str().as_encoded_bytes());
-        e.str(&app.callable);
+        e.u32(app);
         e.u64(queued_at);
         e.u8(u8::from(has_body));
         e.bytes(head.method);
@@ -356,7 +400,8 @@ pub fn put_request(
 
 /// A decoded `Request` frame; the head borrows the frame's payload.
 pub struct DecodedRequest<'a> {
-    pub app: AppSpec,
+    /// The application's index in the group's list; the daemon checks the range.
+    pub app: u32,
     /// When the server began to forward the request ([`monotonic_us`]).
     pub queued_at: u64,
     pub has_body: bool,
@@ -366,17 +411,7 @@ pub struct DecodedRequest<'a> {
 /// Decodes a `Request` frame payload.
 pub fn decode_request(payload: &[u8]) -> Result<DecodedRequest<'_>, ProtocolError> {
     let mut d = Decoder::new(payload);
-    let file = d.bytes("application file")?;
-    let callable = d.str("callable")?;
-    if file.is_empty() || callable.is_empty() {
-        return Err(ProtocolError::Invalid(
-            "empty application file or callable".into(),
-        ));
-    }
-    let app = AppSpec {
-        file: PathBuf::from(OsStr::from_bytes(file)),
-        callable: callable.to_string(),
-    };
+    let app = d.u32("application index")?;
     let queued_at = d.u64("queue time")?;
     let has_body = d.u8("body flag")? != 0;
     let head = RequestHead {
@@ -567,22 +602,15 @@ mod tests {
         }
     }
 
-    fn app() -> AppSpec {
-        AppSpec {
-            file: PathBuf::from("/srv/app.wsgi"),
-            callable: "application".into(),
-        }
-    }
-
     #[test]
     fn request_round_trips() {
         let mut out = Vec::new();
-        put_request(&mut out, &app(), 1234, &sample_head(), true).unwrap();
+        put_request(&mut out, 7, 1234, &sample_head(), true).unwrap();
         let mut payload = Vec::new();
         let (kind, flags) = read_frame(&mut &out[..], &mut payload).unwrap().unwrap();
         assert_eq!((kind, flags), (Kind::Request, 0));
         let req = decode_request(&payload).unwrap();
-        assert_eq!(req.app, app());
+        assert_eq!(req.app, 7);
         assert_eq!(req.queued_at, 1234);
         assert!(req.has_body);
         assert_eq!(format!("{:?}", req.head), format!("{:?}", sample_head()));
@@ -667,7 +695,7 @@ mod tests {
     #[test]
     fn malformed_payloads_are_errors_not_panics() {
         let mut out = Vec::new();
-        put_request(&mut out, &app(), 1234, &sample_head(), false).unwrap();
+        put_request(&mut out, 0, 1234, &sample_head(), false).unwrap();
         let payload = &out[HEADER_LEN..];
         // Every truncation of a valid payload fails cleanly.
         for n in 0..payload.len() {
@@ -683,5 +711,55 @@ mod tests {
         // A byte string longer than the payload.
         assert!(Decoder::new(&[0, 0, 1, 0, b'x']).bytes("s").is_err());
         assert!(decode_start(&[0, 50, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn hello_round_trips_and_is_checked() {
+        let mut out = Vec::new();
+        put_hello(&mut out, 4242, "shop").unwrap();
+        let mut payload = Vec::new();
+        assert_eq!(
+            read_frame(&mut &out[..], &mut payload).unwrap(),
+            Some((Kind::Hello, 0))
+        );
+        assert_eq!(decode_hello(&payload), Ok((4242, "shop")));
+        for n in 0..payload.len() {
+            assert!(decode_hello(&payload[..n]).is_err(), "truncated at {n}");
+        }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(decode_hello(&longer).is_err());
+    }
+
+    #[test]
+    fn only_an_auth_frame_of_a_secret_opens_a_connection() {
+        let secret = Secret::generate().unwrap();
+        let mut out = Vec::new();
+        put_auth(&mut out, &secret);
+        let h: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().unwrap();
+        assert_eq!(auth_frame_len(&h), Ok(out.len()));
+        assert!(secret.matches(&out[HEADER_LEN..]));
+        // A request first (the protocol before authentication existed), an Auth
+        // frame of another length, flags, an older version: all refused from
+        // the header alone, before any payload is read.
+        let refused = [
+            header(Kind::Request, 0, 100),
+            header(Kind::Auth, 0, SECRET_LEN + 1),
+            header(Kind::Auth, 0, 0),
+            header(Kind::Auth, 1, SECRET_LEN),
+            [
+                VERSION - 1,
+                Kind::Auth as u8,
+                0,
+                0,
+                0,
+                0,
+                0,
+                SECRET_LEN as u8,
+            ],
+        ];
+        for h in refused {
+            assert!(auth_frame_len(&h).is_err(), "{h:?}");
+        }
     }
 }

@@ -24,6 +24,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::auth::Generation;
 use super::process::{self, describe_status};
 use super::protocol::{self, Decoder, Encoder, Kind};
 use super::rundir::RunDir;
@@ -48,6 +49,11 @@ pub struct SupervisorConfig {
     pub server_uid: u32,
     pub server_gid: u32,
     pub groups: Vec<DaemonOptions>,
+    /// The secret and the groups' applications of this configuration generation.
+    pub generation: Generation,
+    /// The previous generation's, while its server processes finish their
+    /// requests after a reload: they reach this generation's daemons.
+    pub previous: Option<Generation>,
 }
 
 impl SupervisorConfig {
@@ -62,6 +68,11 @@ impl SupervisorConfig {
         e.u32(self.groups.len() as u32);
         for g in &self.groups {
             protocol::put_options(&mut e, g);
+        }
+        self.generation.encode(&mut e);
+        e.u8(u8::from(self.previous.is_some()));
+        if let Some(previous) = &self.previous {
+            previous.encode(&mut e);
         }
         out
     }
@@ -78,6 +89,16 @@ impl SupervisorConfig {
         let groups = (0..n)
             .map(|_| protocol::decode_options(&mut d))
             .collect::<Result<_, _>>()?;
+        let generation = Generation::decode(&mut d)?;
+        let previous = match d.u8("previous generation")? {
+            0 => None,
+            1 => Some(Generation::decode(&mut d)?),
+            v => {
+                return Err(protocol::ProtocolError::Invalid(format!(
+                    "previous generation: bad presence byte {v}"
+                )))
+            }
+        };
         d.finish("the supervisor configuration")?;
         Ok(SupervisorConfig {
             server,
@@ -86,6 +107,8 @@ impl SupervisorConfig {
             server_uid,
             server_gid,
             groups,
+            generation,
+            previous,
         })
     }
 
@@ -99,6 +122,7 @@ impl SupervisorConfig {
                 run_dir: self.run_dir.clone(),
                 socket_timeout: Duration::from_secs(g.socket_timeout),
                 queue_timeout: (g.queue_timeout > 0).then(|| Duration::from_secs(g.queue_timeout)),
+                access: self.generation.access(&g.name),
             })
             .collect()
     }
@@ -662,6 +686,12 @@ impl Supervisor {
             server_uid: self.config.server_uid,
             server_gid: self.config.server_gid,
             options: group.options.clone(),
+            access: self.config.generation.access(&group.options.name),
+            previous: self
+                .config
+                .previous
+                .as_ref()
+                .map(|p| p.access(&group.options.name)),
         }
         .encode();
         let (config_read, config_write) = pipe()?;
@@ -943,8 +973,18 @@ mod tests {
                 DaemonOptions::parse(&["a", "threads=2"]).unwrap(),
                 DaemonOptions::parse(&["b"]).unwrap(),
             ],
+            generation: Generation::new(&[], []).unwrap(),
+            previous: None,
         };
         assert_eq!(SupervisorConfig::decode(&config.encode()).unwrap(), config);
+        let reloaded = SupervisorConfig {
+            previous: Some(Generation::new(&[], []).unwrap()),
+            ..config.clone()
+        };
+        assert_eq!(
+            SupervisorConfig::decode(&reloaded.encode()).unwrap(),
+            reloaded
+        );
         assert!(config.check().is_ok());
         assert_eq!(
             config.endpoints()[1].socket,

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::auth::GroupAccess;
 use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
 use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
@@ -34,6 +35,11 @@ pub struct WorkerConfig {
     pub server_uid: u32,
     pub server_gid: u32,
     pub options: DaemonOptions,
+    /// Who may use this group, and for which applications.
+    pub access: GroupAccess,
+    /// The same for the previous configuration generation's server processes,
+    /// which may still send requests after a reload.
+    pub previous: Option<GroupAccess>,
 }
 
 impl WorkerConfig {
@@ -45,6 +51,11 @@ impl WorkerConfig {
         e.u32(self.server_uid);
         e.u32(self.server_gid);
         protocol::put_options(&mut e, &self.options);
+        self.access.encode(&mut e);
+        e.u8(u8::from(self.previous.is_some()));
+        if let Some(previous) = &self.previous {
+            previous.encode(&mut e);
+        }
         out
     }
 
@@ -56,6 +67,16 @@ impl WorkerConfig {
             server_uid: d.u32("server uid")?,
             server_gid: d.u32("server gid")?,
             options: protocol::decode_options(&mut d)?,
+            access: GroupAccess::decode(&mut d)?,
+            previous: match d.u8("previous generation")? {
+                0 => None,
+                1 => Some(GroupAccess::decode(&mut d)?),
+                v => {
+                    return Err(protocol::ProtocolError::Invalid(format!(
+                        "previous generation: bad presence byte {v}"
+                    )))
+                }
+            },
         };
         d.finish("the daemon configuration")?;
         Ok(config)
@@ -132,7 +153,8 @@ pub fn run(argv: Option<ArgvArea>) -> ! {
         multithread: opts.threads > 1,
         multiprocess: opts.processes > 1,
     };
-    let daemon = Daemon::new(config.options.clone(), info, signals)
+    let accepted = std::iter::once(config.access).chain(config.previous);
+    let daemon = Daemon::new(config.options, accepted.collect(), info, signals)
         .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
     report(STATUS_READY);
     daemon.serve()
@@ -211,6 +233,87 @@ impl Writer {
 struct Conn {
     id: u64,
     io: Arc<ConnIo>,
+    /// The process on the other end, for log lines: `pid N, uid N`.
+    peer: String,
+    state: ConnState,
+}
+
+/// Whether a connection's peer has proven that it is one of the server's processes.
+enum ConnState {
+    /// Not yet: what it sent of its `Auth` frame so far, and by when it must have
+    /// sent all of it. It is read without waiting, so a peer that stalls here
+    /// holds no thread.
+    Greeting { got: Vec<u8>, deadline: Instant },
+    /// It proved the secret of `Shared::accepted[i]`, whose applications it may name.
+    Proven(usize),
+}
+
+/// The process on the other end of a connection (`SO_PEERCRED`), for log lines.
+fn describe_peer(fd: RawFd) -> String {
+    // SAFETY: ucred is plain data; all zeroes is valid, getsockopt overwrites it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: reads the peer's credentials of our own socket into cred.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        format!("pid {}, uid {}", cred.pid, cred.uid)
+    } else {
+        "a process of unknown pid and uid".into()
+    }
+}
+
+/// How long a new connection may take to prove its secret, and the server to
+/// send the rest of a request head once it began (`socket-timeout` covers the
+/// application's time): this, or half of `socket-timeout` if that is shorter.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What became of a connection's greeting so far.
+enum Greeted {
+    Proven,
+    Pending,
+    Refused,
+}
+
+/// Reads what has arrived of the `Auth` frame a connection must begin with,
+/// without waiting: true once `got` holds all of it. Reads no byte beyond it.
+fn read_greeting(fd: RawFd, got: &mut Vec<u8>) -> io::Result<bool> {
+    loop {
+        let need = match got.get(..HEADER_LEN) {
+            Some(h) => protocol::auth_frame_len(h.try_into().expect("a frame header"))?,
+            None => HEADER_LEN,
+        };
+        let start = got.len();
+        if start == need {
+            return Ok(true);
+        }
+        got.resize(need, 0);
+        // SAFETY: receives at most need - start bytes into the tail of got.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                got[start..].as_mut_ptr().cast(),
+                need - start,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let err = io::Error::last_os_error();
+        got.truncate(start + n.max(0) as usize);
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {}
+            _ if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            _ if err.kind() == io::ErrorKind::Interrupted => {}
+            _ => return Err(err),
+        }
+    }
 }
 
 /// Open connections of this process (one daemon per process).
@@ -251,6 +354,10 @@ const FIRST_CONN: u64 = 16;
 /// What the process's threads share.
 struct Shared {
     options: DaemonOptions,
+    /// Whom this process serves: the server processes of this configuration
+    /// generation, then those of the previous one (they finish their requests
+    /// after a reload).
+    accepted: Vec<GroupAccess>,
     info: ServerInfo,
     /// The listener and the parked connections: the Python threads wait on it.
     epoll: OwnedFd,
@@ -363,19 +470,24 @@ impl Shared {
         }
     }
 
-    /// Greets a new connection and parks it until its first request.
+    fn socket_timeout(&self) -> Duration {
+        Duration::from_secs(self.options.socket_timeout)
+    }
+
+    fn greeting_timeout(&self) -> Duration {
+        GREETING_TIMEOUT.min(self.socket_timeout() / 2)
+    }
+
+    /// Greets a new connection and parks it until its peer authenticates.
     fn open(&self, stream: UnixStream) -> io::Result<()> {
-        let timeout = Duration::from_secs(self.options.socket_timeout);
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+        stream.set_read_timeout(Some(self.socket_timeout()))?;
+        stream.set_write_timeout(Some(self.socket_timeout()))?;
         let mut hello = Vec::new();
-        protocol::put_with(&mut hello, Kind::Hello, |e| {
-            e.u32(std::process::id());
-            e.str(&self.options.name);
-        })?;
+        protocol::put_hello(&mut hello, std::process::id(), &self.options.name)?;
         (&stream).write_all(&hello)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let fd = stream.as_raw_fd();
+        let peer = describe_peer(fd);
         let io = Arc::new(ConnIo {
             reader: Mutex::new(BufReader::with_capacity(64 * 1024, stream.try_clone()?)),
             writer: Mutex::new(Writer {
@@ -384,8 +496,18 @@ impl Shared {
                 poisoned: false,
             }),
         });
+        let state = ConnState::Greeting {
+            got: Vec::new(),
+            deadline: Instant::now() + self.greeting_timeout(),
+        };
+        let conn = Conn {
+            id,
+            io,
+            peer,
+            state,
+        };
         let mut parked = lock(&self.parked);
-        parked.conns.insert(id, Conn { id, io });
+        parked.conns.insert(id, conn);
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -396,6 +518,109 @@ impl Shared {
         .inspect_err(|_| {
             parked.conns.remove(&id);
         })
+    }
+
+    /// The connection of `conn`, once its peer proved a secret and a request
+    /// waits on it; a connection still greeting is parked again, and one whose
+    /// peer failed to prove a secret is closed.
+    fn admit(&self, mut conn: Conn) -> Option<Conn> {
+        if let ConnState::Proven(_) = conn.state {
+            return Some(conn);
+        }
+        match self.greet(&mut conn) {
+            Greeted::Proven if has_pending_data(&conn) => Some(conn),
+            Greeted::Proven | Greeted::Pending => {
+                self.park(conn);
+                None
+            }
+            Greeted::Refused => None,
+        }
+    }
+
+    /// Reads what arrived of a connection's `Auth` frame and checks its secret.
+    fn greet(&self, conn: &mut Conn) -> Greeted {
+        let ConnState::Greeting { got, .. } = &mut conn.state else {
+            return Greeted::Proven;
+        };
+        let fd = lock(&conn.io.writer).stream.as_raw_fd();
+        let why = match read_greeting(fd, got) {
+            Ok(false) => return Greeted::Pending,
+            Ok(true) => {
+                let secret = &got[HEADER_LEN..];
+                // Every secret is compared, so the time taken tells nothing.
+                let proven: Vec<bool> = self
+                    .accepted
+                    .iter()
+                    .map(|a| a.secret.matches(secret))
+                    .collect();
+                if let Some(i) = proven.iter().position(|&p| p) {
+                    conn.state = ConnState::Proven(i);
+                    return Greeted::Proven;
+                }
+                "it sent a wrong secret".to_string()
+            }
+            // A server process that gave up waiting for this process to accept.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && got.is_empty() => {
+                return Greeted::Refused
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                "it closed the connection before it authenticated".to_string()
+            }
+            Err(e) => format!("its first frame was refused: {e}"),
+        };
+        self.refuse(conn, &why);
+        Greeted::Refused
+    }
+
+    /// Logs why a connection's peer is refused, and tells it before it is closed.
+    fn refuse(&self, conn: &Conn, why: &str) {
+        log::warn!(
+            "daemon process {} of group '{}' refused a connection from {}: {why}; only the server's own processes may use a daemon group, with the secret of their configuration",
+            std::process::id(),
+            self.options.name,
+            conn.peer
+        );
+        let mut out = Vec::new();
+        let reason = "this connection did not prove the secret of the server's configuration (a server process from before a reload?)";
+        if protocol::put_with(&mut out, Kind::Unavailable, |e| e.str(reason)).is_ok() {
+            let fd = lock(&conn.io.writer).stream.as_raw_fd();
+            // SAFETY: sends a buffer we own on our socket, without waiting.
+            unsafe {
+                libc::send(
+                    fd,
+                    out.as_ptr().cast(),
+                    out.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+        }
+    }
+
+    /// Closes the connections whose peer did not authenticate in time: a peer
+    /// that stalls there must not keep a connection of this process.
+    fn drop_stalled_greetings(&self) {
+        let now = Instant::now();
+        let stalled: Vec<Conn> = {
+            let mut parked = lock(&self.parked);
+            let ids: Vec<u64> = parked
+                .conns
+                .values()
+                .filter(
+                    |c| matches!(c.state, ConnState::Greeting { deadline, .. } if deadline <= now),
+                )
+                .map(|c| c.id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| parked.conns.remove(id))
+                .collect()
+        };
+        for conn in stalled {
+            let why = format!(
+                "it did not authenticate within {:.1}s",
+                self.greeting_timeout().as_secs_f64()
+            );
+            self.refuse(&conn, &why);
+        }
     }
 
     /// Parks a connection for its next request, or closes it when the process drains.
@@ -431,7 +656,12 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn new(options: DaemonOptions, info: ServerInfo, signals: RawFd) -> io::Result<Daemon> {
+    fn new(
+        options: DaemonOptions,
+        accepted: Vec<GroupAccess>,
+        info: ServerInfo,
+        signals: RawFd,
+    ) -> io::Result<Daemon> {
         // SAFETY: creating kernel objects owned by the returned values.
         let (epoll, wake) = unsafe {
             (
@@ -460,6 +690,7 @@ impl Daemon {
         let threads = options.threads as usize;
         let shared = Arc::new(Shared {
             options,
+            accepted,
             info,
             epoll,
             wake,
@@ -529,6 +760,7 @@ impl Daemon {
                     drain_why = Some(why);
                 }
             }
+            self.shared.drop_stalled_greetings();
             if let (Some(why), None) = (drain_why, draining_since) {
                 self.begin_drain(&why);
                 draining_since = Some(Instant::now());
@@ -645,6 +877,12 @@ fn request_thread(shared: &Shared, slot: usize) {
         let Some(conn) = lock(&shared.parked).conns.remove(&token) else {
             continue;
         };
+        let Some(conn) = shared.admit(conn) else {
+            if shared.has_room() {
+                shared.arm_listener();
+            }
+            continue;
+        };
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         let mut keep = serve_one(shared, &conn, slot, &mut payload);
         let max = shared.options.max_requests;
@@ -665,25 +903,84 @@ fn request_thread(shared: &Shared, slot: usize) {
     }
 }
 
-/// Serves the request waiting on `conn`; false when the connection is done.
-fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -> bool {
-    let frame = protocol::read_frame(&mut *lock(&conn.io.reader), payload);
+/// Reads the request frame that began to arrive on `conn`: the server writes
+/// it whole, so the rest must follow within the greeting timeout, not
+/// `socket-timeout` (a stalled head would hold a thread that long).
+fn read_request(shared: &Shared, conn: &Conn, payload: &mut Vec<u8>) -> bool {
+    let mut reader = lock(&conn.io.reader);
+    let frame = reader
+        .get_ref()
+        .set_read_timeout(Some(shared.greeting_timeout()))
+        .and_then(|_| protocol::read_frame(&mut *reader, payload));
+    let restored = reader
+        .get_ref()
+        .set_read_timeout(Some(shared.socket_timeout()));
+    let frame = restored.and(frame);
+    let pid = std::process::id();
     match frame {
-        Ok(Some((Kind::Request, _))) => {}
-        Ok(None) => return false,
+        Ok(Some((Kind::Request, _))) => true,
+        Ok(None) => false,
         Ok(Some((kind, _))) => {
-            log::error!("daemon process {}: expected a request, got a {kind:?} frame; closing the connection", std::process::id());
-            return false;
+            log::error!("daemon process {pid}: expected a request, got a {kind:?} frame; closing the connection");
+            false
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            log::warn!(
+                "daemon process {pid}: the request head from {} stalled for {:.1}s; closing the connection",
+                conn.peer,
+                shared.greeting_timeout().as_secs_f64()
+            );
+            false
         }
         Err(e) => {
             if e.kind() != io::ErrorKind::ConnectionReset {
-                log::warn!(
-                    "daemon process {}: reading a request failed: {e}",
-                    std::process::id()
-                );
+                log::warn!("daemon process {pid}: reading a request failed: {e}");
             }
-            return false;
+            false
         }
+    }
+}
+
+/// Answers a request for an application this group does not serve (the server
+/// sees a 500 and logs why).
+fn unknown_app(
+    shared: &Shared,
+    conn: &Conn,
+    request: &protocol::DecodedRequest<'_>,
+    apps: usize,
+) -> bool {
+    let msg = format!(
+        "daemon process group '{}' has no application number {} (it serves {apps}); answering 500",
+        shared.options.name, request.app
+    );
+    let line = request_line(request.head.method, request.head.request_uri, &msg);
+    log::error!("{}", line.trim_start_matches("gateway: "));
+    let mut w = lock(&conn.io.writer);
+    let _ = protocol::put_with(&mut w.buf, Kind::Log, |e| {
+        e.u8(protocol::level_code(log::Level::Error));
+        e.str(&line);
+    });
+    protocol::put_frame(
+        &mut w.buf,
+        Kind::End,
+        0,
+        &[protocol::outcome_code(Outcome::Failed)],
+    );
+    w.flush().is_ok()
+}
+
+/// Serves the request waiting on `conn`; false when the connection is done.
+fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -> bool {
+    let ConnState::Proven(generation) = conn.state else {
+        return false;
+    };
+    if !read_request(shared, conn, payload) {
+        return false;
     }
     let request = match protocol::decode_request(payload) {
         Ok(r) => r,
@@ -694,6 +991,10 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
             );
             return false;
         }
+    };
+    let apps = &shared.accepted[generation].apps;
+    let Some(app) = apps.get(request.app as usize) else {
+        return unknown_app(shared, conn, &request, apps.len());
     };
     let waited = protocol::monotonic_us().saturating_sub(request.queued_at);
     let limit = shared.options.queue_timeout;
@@ -730,7 +1031,7 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
         file_buf: Vec::new(),
     };
     let outcome = wsgi::run(
-        &request.app,
+        app,
         &shared.info,
         Request {
             head: request.head,
@@ -995,6 +1296,10 @@ mod tests {
             server_uid: 33,
             server_gid: 33,
             options: DaemonOptions::parse(&["g", "threads=3", "request-timeout=5"]).unwrap(),
+            access: crate::daemon::auth::Generation::new(&[], [])
+                .unwrap()
+                .access("g"),
+            previous: None,
         };
         assert_eq!(WorkerConfig::decode(&c.encode()).unwrap(), c);
         assert!(WorkerConfig::decode(&c.encode()[..10]).is_err());

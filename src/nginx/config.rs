@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::daemon::auth::Generation;
 use crate::daemon::supervisor::SupervisorConfig;
 use crate::python::interpreter;
 
@@ -37,6 +38,9 @@ pub struct MainConfig {
     pub apps: usize,
     /// How many of them run it embedded: workers start Python only if any do.
     pub embedded: usize,
+    /// The applications of the locations that run them in a daemon group: the
+    /// group's name and the application.
+    pub daemon_mounts: Vec<(String, AppSpec)>,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -130,6 +134,16 @@ pub unsafe extern "C" fn gateway_init_main_conf(
     // configuration instead of ending the master. Without `user` so far, the
     // workers' user is not known yet: any user other than root will do here.
     let unset = |id: u32| id == u32::MAX;
+    let generation = match Generation::new(&[], []) {
+        Ok(g) => g,
+        Err(e) => {
+            let msg =
+                CString::new(format!("gateway: daemon mode cannot start: {e}")).unwrap_or_default();
+            // SAFETY: cf->log is the configuration's live log.
+            unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
+            return NGX_CONF_ERROR;
+        }
+    };
     let config = SupervisorConfig {
         server: "nginx".into(),
         run_dir: PathBuf::new(),
@@ -137,6 +151,8 @@ pub unsafe extern "C" fn gateway_init_main_conf(
         server_uid: if unset(user) { NOBODY } else { user },
         server_gid: if unset(group) { NOBODY } else { group },
         groups: mcf.daemons.clone(),
+        generation,
+        previous: None,
     };
     for problem in super::daemons::problems(&config, &mcf.daemons_at) {
         let msg = CString::new(problem.replace('\0', "\\0")).unwrap_or_default();
@@ -169,8 +185,12 @@ pub unsafe extern "C" fn gateway_merge_loc_conf(
     if child.mode.is_none() {
         child.mode = parent.mode.clone();
     }
-    if child.mount.is_some() && !matches!(child.mode, Some(Mode::Daemon(_))) {
-        mcf.embedded += 1;
+    match (&child.mount, &child.mode) {
+        (Some(mount), Some(Mode::Daemon(group))) => {
+            mcf.daemon_mounts.push((group.clone(), mount.app.clone()))
+        }
+        (Some(_), _) => mcf.embedded += 1,
+        (None, _) => {}
     }
     std::ptr::null_mut()
 }

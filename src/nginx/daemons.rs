@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use super::config::MainConfig;
 use super::ffi::*;
 use crate::common::config::DaemonOptions;
+use crate::daemon::auth::Generation;
 use crate::daemon::{self, client, supervisor};
 
 /// The master's end of the current generation's lifeline, or -1. A static of the
@@ -22,6 +23,10 @@ static LIFELINE: AtomicI32 = AtomicI32::new(-1);
 
 /// Whether this process started a generation already (later calls are reloads).
 static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// The running generation's secret and applications: the next generation's
+/// daemons also serve its workers, which finish their requests after a reload.
+static GENERATION: Mutex<Option<Generation>> = Mutex::new(None);
 
 /// Logs `msg` to `cycle`'s log.
 ///
@@ -72,6 +77,23 @@ pub unsafe extern "C" fn gateway_init_module(
     let (groups, places): (Vec<DaemonOptions>, Vec<String>) = mcf
         .map(|m| (m.daemons.clone(), m.daemons_at.clone()))
         .unwrap_or_default();
+    // Made here, in the master before the workers fork: they inherit it in memory.
+    let mounts = mcf.iter().flat_map(|m| &m.daemon_mounts);
+    let generation = match Generation::new(&groups, mounts.map(|(g, app)| (g.as_str(), app))) {
+        Ok(g) => g,
+        Err(e) => {
+            // SAFETY: nginx passes its live cycle.
+            unsafe {
+                log(
+                    cycle,
+                    NGX_LOG_EMERG,
+                    &format!("gateway: daemon mode cannot start: {e}"),
+                )
+            };
+            return NGX_ERROR as ngx_int_t;
+        }
+    };
+    let mut running = GENERATION.lock().unwrap_or_else(|e| e.into_inner());
     // Without `user` (nginx not started as root) the workers run as the master's user.
     // SAFETY: geteuid and getegid cannot fail.
     let (uid, gid) = unsafe {
@@ -102,6 +124,8 @@ pub unsafe extern "C" fn gateway_init_module(
         server_uid: uid,
         server_gid: gid,
         groups,
+        generation,
+        previous: running.clone(),
     };
     // A reload (kill -HUP) must not end the master, which nginx does when
     // init_module fails: it keeps the previous daemon groups instead.
@@ -168,6 +192,7 @@ pub unsafe extern "C" fn gateway_init_module(
     if previous >= 0 {
         supervisor::close_inherited(previous);
     }
+    *running = (fd >= 0).then(|| config.generation.clone());
     client::set_endpoints(config.endpoints());
     NGX_OK as ngx_int_t
 }

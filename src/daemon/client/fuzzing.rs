@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::{Conn, Exchange, Step};
 use crate::common::framing::{self, Header};
+use crate::daemon::auth::{GroupAccess, Secret, SECRET_LEN};
 use crate::daemon::Endpoint;
 use crate::python::{RequestBody, ResponseChannel};
 
@@ -75,6 +76,10 @@ pub fn replay(reply: &[u8], head_request: bool) {
         run_dir: PathBuf::from("/nonexistent"),
         socket_timeout: Duration::from_secs(1),
         queue_timeout: None,
+        access: GroupAccess {
+            secret: Secret::from_bytes(&[0; SECRET_LEN]).expect("a secret"),
+            apps: Vec::new(),
+        },
     };
     let mut payload = Vec::new();
     let mut exchange = Exchange {
