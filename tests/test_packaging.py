@@ -87,6 +87,8 @@ def test_apache_install_to_another_layout_serves_requests(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/a2enmod").exists(), reason="needs root and Debian's apache2")
 def test_system_install_enables_with_a2enmod():
+    wsgi_enabled = Path("/etc/apache2/mods-enabled/wsgi.load").exists()
+    wsgi_installed = Path("/etc/apache2/mods-available/wsgi.load").exists()
     r = make("install-apache")
     assert r.returncode == 0, r.stdout + r.stderr
     try:
@@ -94,10 +96,18 @@ def test_system_install_enables_with_a2enmod():
         r = subprocess.run(["a2enmod", "gateway"], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         assert Path("/etc/apache2/mods-enabled/gateway.load").resolve() == Path("/etc/apache2/mods-available/gateway.load")
+        if wsgi_installed:
+            # Beside mod_wsgi, Debian's configtest fails and says what to do.
+            subprocess.run(["a2enmod", "-q", "wsgi"], check=True)
+            r = subprocess.run(["apache2ctl", "-t"], capture_output=True, text=True)
+            assert r.returncode != 0 and "a2dismod wsgi" in r.stdout + r.stderr, r.stdout + r.stderr
+            subprocess.run(["a2dismod", "-q", "wsgi"], check=True)
         # Debian's own configuration now loads the module.
         r = subprocess.run(["apache2ctl", "-t", "-D", "DUMP_MODULES"], capture_output=True, text=True)
         assert "gateway_module (shared)" in r.stdout, r.stdout + r.stderr
     finally:
+        if wsgi_enabled:
+            subprocess.run(["a2enmod", "-q", "wsgi"], check=True)
         r = make("uninstall-apache")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (APACHE_MODULES / "mod_gateway.so").exists()
