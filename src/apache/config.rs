@@ -312,6 +312,26 @@ pub unsafe extern "C" fn gateway_cmd_daemon(
     result(cmd, "GatewayDaemon", r)
 }
 
+/// Who the embedded interpreter will run as: the `User`/`Group` read so far
+/// (children call initgroups), or this user when httpd does not run as root.
+/// None while root has not read `User` yet: the children check for themselves.
+fn worker_user() -> Option<interpreter::HomeUser> {
+    // SAFETY: geteuid has no preconditions; mod_unixd fills ap_unixd_config while
+    // reading User/Group (user_id stays -1 until then); only read here.
+    let (euid, uid, gid) = unsafe {
+        (
+            libc::geteuid(),
+            ap_unixd_config.user_id,
+            ap_unixd_config.group_id,
+        )
+    };
+    if euid != 0 {
+        Some(interpreter::HomeUser::current())
+    } else {
+        (uid != u32::MAX).then(|| interpreter::HomeUser::new(uid, gid, true))
+    }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn gateway_cmd_python_home(
     cmd: *mut cmd_parms,
@@ -322,6 +342,9 @@ pub unsafe extern "C" fn gateway_cmd_python_home(
         unsafe { global_only(cmd) }?;
         let dir = PathBuf::from(unsafe { arg(dir) }?);
         interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
+        if let Some(user) = worker_user() {
+            interpreter::check_home_access(&dir, &user).map_err(|e| ConfigError(e.to_string()))?;
+        }
         unsafe { server_config(cmd) }.python_home = Some(dir);
         Ok(())
     })();

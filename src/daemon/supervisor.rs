@@ -145,7 +145,7 @@ impl SupervisorConfig {
                     g.name
                 ));
             }
-            process::daemon_identity(
+            let id = process::daemon_identity(
                 g.user.as_deref(),
                 g.group.as_deref(),
                 self.server_uid,
@@ -153,7 +153,10 @@ impl SupervisorConfig {
             )
             .map_err(|e| format!("daemon group '{}': {e}", g.name))?;
             if let Some(home) = &g.python_home {
+                // The daemons run as `id` (with its groups when named): they must read the home.
+                let user = interpreter::HomeUser::new(id.uid, id.gid, id.name.is_some());
                 interpreter::check_home(home)
+                    .and_then(|()| interpreter::check_home_access(home, &user))
                     .map_err(|e| format!("daemon group '{}': python-home: {e}", g.name))?;
             }
         }

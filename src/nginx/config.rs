@@ -10,7 +10,7 @@ use super::ffi::*;
 use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
 use crate::daemon::auth::Generation;
 use crate::daemon::supervisor::SupervisorConfig;
-use crate::python::interpreter;
+use crate::python::interpreter::{self, HomeUser};
 
 /// Python threads per worker when `gateway_threads` is not set: enough that a few
 /// slow requests (sleeps, upstream calls) do not hold up the rest, few enough that
@@ -27,6 +27,8 @@ pub const MAX_THREADS: usize = 1024;
 #[derive(Debug, Default)]
 pub struct MainConfig {
     pub python_home: Option<PathBuf>,
+    /// Where `python_home` is set (`FILE:LINE`), for the workers' access check.
+    pub python_home_at: String,
     pub python_path: Vec<PathBuf>,
     pub threads: Option<usize>,
     pub daemons: Vec<DaemonOptions>,
@@ -154,7 +156,24 @@ pub unsafe extern "C" fn gateway_init_main_conf(
         generation,
         previous: None,
     };
-    for problem in super::daemons::problems(&config, &mcf.daemons_at) {
+    let embedded_home = mcf.python_home.as_ref().and_then(|home| {
+        // Workers run as `user` (nobody without it) when the master is root, else as its user.
+        // SAFETY: geteuid has no preconditions.
+        let worker = if unsafe { libc::geteuid() } != 0 {
+            HomeUser::current()
+        } else {
+            HomeUser::new(config.server_uid, config.server_gid, true)
+        };
+        let e = interpreter::check_home_access(home, &worker).err()?;
+        Some(format!(
+            "gateway_python_home: {e} in {}",
+            mcf.python_home_at
+        ))
+    });
+    for problem in embedded_home
+        .into_iter()
+        .chain(super::daemons::problems(&config, &mcf.daemons_at))
+    {
         let msg = CString::new(problem.replace('\0', "\\0")).unwrap_or_default();
         // SAFETY: cf->log is the configuration's live log.
         unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
@@ -392,6 +411,8 @@ pub unsafe extern "C" fn gateway_conf_python_home(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
+    // SAFETY: cf is live inside this handler.
+    let at = unsafe { position(cf) };
     // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
     unsafe {
         directive(cf, conf, |mcf: &mut MainConfig, args| {
@@ -401,6 +422,7 @@ pub unsafe extern "C" fn gateway_conf_python_home(
             let dir = args.path(args.values[0]);
             interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
             mcf.python_home = Some(dir);
+            mcf.python_home_at = at;
             Ok(())
         })
     }

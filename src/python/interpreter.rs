@@ -4,6 +4,8 @@
 use std::cell::Cell;
 use std::ffi::CString;
 use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use pyo3::ffi;
@@ -25,6 +27,16 @@ pub enum InitError {
     AlreadyInitialized,
     /// The configured home does not exist or is not a directory.
     BadHome(PathBuf),
+    /// The user Python runs as may not enter or read `path`, on the way to `home`.
+    HomeDenied {
+        home: PathBuf,
+        path: PathBuf,
+        user: String,
+        /// The permission bits of `path`, its owner, and the `chmod` that would let the user in.
+        mode: u32,
+        owner: String,
+        grant: &'static str,
+    },
     /// The virtualenv was made by another Python version than the one embedded.
     VenvVersion {
         home: PathBuf,
@@ -47,6 +59,14 @@ impl fmt::Display for InitError {
             InitError::BadHome(home) => {
                 write!(f, "'{}' is not a directory (expected a virtualenv or a Python prefix)", home.display())
             }
+            InitError::HomeDenied { home, path, user, mode, owner, grant } => write!(
+                f,
+                "permission denied for user {user} on {path} (mode {mode:04o}, owner {owner}): Python cannot \
+                 use its home {home} as {user}; let {user} in (e.g. chmod {grant} {path}) or move the \
+                 virtualenv where {user} can read it, such as /opt or /srv",
+                path = path.display(),
+                home = home.display(),
+            ),
             InitError::VenvVersion { home, venv, embedded, python } => write!(
                 f,
                 "the virtualenv {} was made by Python {venv}, but Gateway embeds Python {embedded}: \
@@ -75,6 +95,7 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
         return Err(InitError::AlreadyInitialized);
     }
     if let Some(home) = &settings.home {
+        check_home_access(home, &HomeUser::current())?;
         check_home(home)?;
     }
     // SAFETY: PyConfig is plain data, initialised by PyConfig_InitPythonConfig before use,
@@ -148,6 +169,142 @@ pub fn check_home(home: &Path) -> Result<(), InitError> {
         return Err(InitError::BadHome(home.to_path_buf()));
     }
     check_venv_version(home)
+}
+
+/// The user a Python home must be readable by (a server's worker user, a daemon
+/// group's user), with the groups its processes get. Configuration checks run as
+/// root, who may read anything, so they judge the permission bits on its behalf.
+#[derive(Debug, Clone)]
+pub struct HomeUser {
+    uid: u32,
+    groups: Vec<u32>,
+    name: String,
+}
+
+/// Permission bits, as in the "other" class of a mode.
+const READ: u32 = 0o4;
+const SEARCH: u32 = 0o1;
+
+impl HomeUser {
+    /// The user `uid` with group `gid` and, when its processes call `initgroups`
+    /// (the servers' workers, daemons of a named user), its supplementary groups.
+    pub fn new(uid: u32, gid: u32, supplementary: bool) -> HomeUser {
+        let account = crate::daemon::process::account(uid);
+        let mut groups = match &account {
+            Some(a) if supplementary => group_list(&a.name, gid),
+            _ => Vec::new(),
+        };
+        groups.push(gid);
+        HomeUser {
+            uid,
+            groups,
+            name: account.map_or_else(
+                || uid.to_string(),
+                |a| String::from_utf8_lossy(&a.name).into_owned(),
+            ),
+        }
+    }
+
+    /// The user this process runs as, with its actual groups.
+    pub fn current() -> HomeUser {
+        // SAFETY: geteuid, getegid and getgroups(0, NULL) have no preconditions.
+        let (uid, gid, n) = unsafe {
+            (
+                libc::geteuid(),
+                libc::getegid(),
+                libc::getgroups(0, std::ptr::null_mut()),
+            )
+        };
+        let mut groups = vec![0; n.max(0) as usize];
+        // SAFETY: the buffer holds `groups.len()` entries; getgroups writes at most that many.
+        let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+        groups.truncate(n.max(0) as usize);
+        groups.push(gid);
+        HomeUser {
+            groups,
+            ..HomeUser::new(uid, gid, false)
+        }
+    }
+
+    /// Whether the permission bits of `meta` grant all of `want` to this user.
+    fn may(&self, meta: &fs::Metadata, want: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let class = if meta.uid() == self.uid {
+            6
+        } else if self.groups.contains(&meta.gid()) {
+            3
+        } else {
+            0
+        };
+        (meta.mode() >> class) & want == want
+    }
+}
+
+/// The groups `initgroups(name, gid)` would give a process.
+fn group_list(name: &[u8], gid: u32) -> Vec<u32> {
+    let Ok(name) = CString::new(name) else {
+        return Vec::new();
+    };
+    let mut groups = vec![0; 64];
+    loop {
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: name is NUL-terminated; the buffer holds `n` entries, and getgrouplist
+        // writes at most that many (it says how many it needs when they do not fit).
+        let found = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if found >= 0 {
+            groups.truncate(n.max(0) as usize);
+            return groups;
+        }
+        groups.resize((n.max(0) as usize).max(groups.len() * 2), 0);
+    }
+}
+
+/// Checks that `user` can use the Python home `home` as Python will: every
+/// directory on the way to it, also those a symbolic link leads through, must
+/// let them in, the home itself must let them list and enter it, and its
+/// `pyvenv.cfg` read. Names the first path that does not. A home that does
+/// not exist or is no directory is left to [`check_home`].
+pub fn check_home_access(home: &Path, user: &HomeUser) -> Result<(), InitError> {
+    match fs::metadata(home) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Ok(meta) if meta.is_dir() => {}
+        _ => return Ok(()),
+    }
+    let given = std::path::absolute(home).unwrap_or_else(|_| home.to_path_buf());
+    let real = fs::canonicalize(&given).unwrap_or_else(|_| given.clone());
+    for path in [&given, &real] {
+        let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+        dirs.reverse();
+        for dir in dirs {
+            need(dir, SEARCH, user, home)?;
+        }
+        need(path, READ | SEARCH, user, home)?;
+    }
+    need(&real.join("pyvenv.cfg"), READ, user, home)
+}
+
+/// Fails when `path` exists and its permission bits deny `user` any of `want`.
+fn need(path: &Path, want: u32, user: &HomeUser, home: &Path) -> Result<(), InitError> {
+    match fs::metadata(path) {
+        Ok(meta) if !user.may(&meta, want) => Err(InitError::HomeDenied {
+            home: home.to_path_buf(),
+            path: path.to_path_buf(),
+            user: user.name.clone(),
+            mode: meta.mode() & 0o7777,
+            owner: crate::daemon::process::account(meta.uid()).map_or_else(
+                || meta.uid().to_string(),
+                |a| String::from_utf8_lossy(&a.name).into_owned(),
+            ),
+            grant: match want {
+                SEARCH => "o+x",
+                READ => "o+r",
+                _ => "o+rx",
+            },
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// A virtualenv only works with the Python version that made it; a mismatch
