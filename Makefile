@@ -69,7 +69,8 @@ clean:
 # --- Installation into the servers' standard places (Debian layout by default) ---
 #
 #   make install        both modules, with gateway.load (a2enmod gateway) and nginx's snippet
-#   make uninstall      removes everything install put there
+#   make uninstall      removes everything install put there (with DESTDIR, also the
+#                       directories it made there, once empty)
 #
 # Other layouts: APACHE_MODDIR (default: apxs -q LIBEXECDIR), APACHE_CONFDIR,
 # NGINX_MODDIR (default: nginx's --modules-path), NGINX_CONFDIR, NGINX_ENABLEDDIR, DESTDIR for staging.
@@ -88,6 +89,12 @@ install: install-apache install-nginx
 
 uninstall: uninstall-apache uninstall-nginx
 
+# Removes the directories $(1) under DESTDIR, and their parents there, that are
+# empty: install made them in the staging tree. The system's own (no DESTDIR)
+# belong to the servers' packages and stay.
+remove-staged-dirs = $(if $(DESTDIR),for d in $(1); do \
+	(cd "$(DESTDIR)" && rmdir -p --ignore-fail-on-non-empty "./$$d" 2>/dev/null) || true; done)
+
 install-apache: $(MODULES)/mod_gateway.so $(MODULES)/gateway-daemon
 	install -d $(DESTDIR)$(APACHE_MODDIR) $(DESTDIR)$(APACHE_CONFDIR)
 	install -m 644 $(MODULES)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so
@@ -100,6 +107,7 @@ uninstall-apache:
 	-[ -n "$(DESTDIR)" ] || ! command -v a2dismod >/dev/null || a2dismod -q gateway 2>/dev/null
 	rm -f $(DESTDIR)$(APACHE_MODDIR)/mod_gateway.so $(DESTDIR)$(APACHE_MODDIR)/gateway-daemon \
 		$(DESTDIR)$(APACHE_CONFDIR)/gateway.load
+	@$(call remove-staged-dirs,$(APACHE_MODDIR) $(APACHE_CONFDIR))
 
 # Debian enables a module by linking its snippet into /etc/nginx/modules-enabled/.
 # nginx refuses a module built for another version or build signature: ask it
@@ -119,3 +127,4 @@ uninstall-nginx:
 	rm -f $(DESTDIR)$(NGINX_ENABLEDDIR)/50-mod-http-gateway.conf
 	rm -f $(DESTDIR)$(NGINX_MODDIR)/ngx_http_gateway_module.so $(DESTDIR)$(NGINX_MODDIR)/gateway-daemon \
 		$(DESTDIR)$(NGINX_CONFDIR)/mod-http-gateway.conf
+	@$(call remove-staged-dirs,$(NGINX_MODDIR) $(NGINX_CONFDIR))

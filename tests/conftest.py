@@ -1,4 +1,5 @@
-"""Fixtures: the servers under test, each serving the whole battery of test apps."""
+"""Fixtures: the servers under test, each serving the whole battery of test apps.
+Hooks: the servers' private directories are removed after each test that passed."""
 
 import os
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import harness  # noqa: E402
 from harness import MODULES, Apache, Mount, Nginx, Settings  # noqa: E402
 
 # The virtualenv the tests run from doubles as the applications' virtualenv
@@ -86,3 +88,29 @@ def server(request):
     srv.settings.python_path = [str(srv.apps / "lib")]
     with srv:
         yield srv
+
+
+def pytest_runtest_setup(item):
+    """What earlier tests released is removed first; a failure keeps what this
+    test made (from here on) or uses."""
+    harness.remove_released_dirs()
+    item.gateway_servers_made = harness.servers_made()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test keeps the directories of the servers it may have used (its own
+    and the module's), and says where they are; after a test, the directories of
+    servers that are gone are removed."""
+    report = (yield).get_result()
+    if report.failed:
+        kept = harness.keep_dirs(getattr(item, "gateway_servers_made", 0))
+        if kept:
+            report.sections.append(("gateway: server directories kept for this failure",
+                                    "\n".join(str(d) for d in kept)))
+    elif call.when == "teardown":
+        harness.remove_released_dirs()
+
+
+def pytest_sessionfinish(session):
+    harness.remove_released_dirs()

@@ -6,15 +6,19 @@ with a given MPM, nginx) turns the same mounts into its own configuration, so on
 set of tests runs against all of them.
 """
 
+import atexit
+import gc
 import http.client
 import io
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +85,52 @@ class Settings:
     daemons: dict[str, str] = field(default_factory=dict)  # daemon group -> "key=value ..." options
 
 
+def port_range(variable: str) -> range | None:
+    """The ports an environment variable allows: `FIRST-LAST` or one port; None when unset."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
+    first, dash, last = text.partition("-")
+    try:
+        ports = range(int(first), int(last if dash else first) + 1)
+    except ValueError:
+        ports = range(0)
+    if not ports or ports.start < 1 or ports.stop > 65536:
+        raise ValueError(f"{variable}={text!r}: expected a port range FIRST-LAST, e.g. 20000-20999")
+    return ports
+
+
+def is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# Ports of a range handed out by this process: tried last, as their servers may not listen yet.
+_handed_out: set[int] = set()
+
+
+def free_port_in(ports: range, ordered: bool = False) -> int:
+    """A free port of `ports`: the first free one when `ordered`, else from a random
+    start, so that runs sharing a range seldom pick the same port."""
+    start = 0 if ordered else random.randrange(len(ports))
+    candidates = [ports[(start + i) % len(ports)] for i in range(len(ports))]
+    candidates.sort(key=lambda p: p in _handed_out)
+    for port in candidates:
+        if is_free(port):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port left in {ports.start}-{ports.stop - 1}")
+
+
 def free_port() -> int:
+    """A free loopback port: one of GATEWAY_TEST_PORTS=FIRST-LAST when set, else any."""
+    ports = port_range("GATEWAY_TEST_PORTS")
+    if ports is not None:
+        return free_port_in(ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,6 +147,58 @@ def wait_for_port(port: int, timeout: float = 15.0):
     raise RuntimeError(f"server did not listen on port {port} within {timeout}s")
 
 
+# The private directories of the servers made so far, each with a weak reference to
+# its server and its number in the order made. A directory is removed once its
+# server object is gone (see remove_released_dirs), unless kept for a failed test
+# (keep_dirs) or GATEWAY_KEEP_TMP=1.
+_dirs: dict[Path, tuple[weakref.ref, int]] = {}
+_made = 0
+
+
+def keep_tmp() -> bool:
+    return os.environ.get("GATEWAY_KEEP_TMP", "") not in ("", "0")
+
+
+def servers_made() -> int:
+    """How many servers were made so far: see keep_dirs."""
+    return _made
+
+
+def remove_released_dirs():
+    """Removes the directories of servers that no longer exist."""
+    if any((srv := server()) is not None and not srv.running() for server, _ in _dirs.values()):
+        gc.collect()  # a stopped server may be held only by a reference cycle
+    for d, (server, _) in list(_dirs.items()):
+        if server() is None:
+            remove_dir(d)
+
+
+def keep_dirs(since: int) -> list[Path]:
+    """Keeps the directories of the servers made since the `since`-th and of those
+    running now (a test failed, and may have used them): they are not removed
+    later, and the caller says where they are."""
+    kept = sorted(d for d, (server, number) in _dirs.items()
+                  if number >= since or ((srv := server()) is not None and srv.running()))
+    for d in kept:
+        del _dirs[d]
+    return kept
+
+
+def remove_dir(d: Path):
+    _dirs.pop(d, None)
+    if not keep_tmp():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@atexit.register
+def _remove_all_dirs():
+    """At exit, what is left: servers a script made and stopped (demo/run)."""
+    for d, (server, _) in list(_dirs.items()):
+        srv = server()
+        if srv is None or not srv.running():
+            remove_dir(d)
+
+
 class Server:
     """Common life cycle: a private directory, a port, an error log."""
 
@@ -108,6 +209,9 @@ class Server:
         self.mounts = mounts
         self.settings = settings or Settings()
         self.dir = Path(tempfile.mkdtemp(prefix=f"gateway-{self.name}-"))
+        global _made
+        _dirs[self.dir] = (weakref.ref(self), _made)
+        _made += 1
         self.apps = self.dir / "apps"
         self.markers = self.dir / "markers"
         self.port = port or free_port()
@@ -185,6 +289,15 @@ class Server:
                 return
             time.sleep(0.05)
         os.kill(pid, signal.SIGKILL)
+
+    def remove_dir(self):
+        """Removes the server's directory (a stopped server's), unless GATEWAY_KEEP_TMP=1."""
+        remove_dir(self.dir)
+
+    def running(self) -> bool:
+        """Whether the server's main process exists."""
+        pid = self.pid()
+        return pid is not None and os.path.exists(f"/proc/{pid}")
 
     def children(self) -> list[int]:
         """Pids of the main process's children (the workers)."""
@@ -356,8 +469,9 @@ class Nginx(Server):
     name = "nginx"
 
     def __init__(self, mounts, settings=None, workers=2, threads=None, http2=False, http_extra="", sendfile=True,
-                 name=None, **kw):
+                 name=None, log_level="info", **kw):
         self.name = name or "nginx"
+        self.log_level = log_level
         self.workers = workers
         self.sendfile = sendfile
         self.threads = threads
@@ -403,7 +517,7 @@ class Nginx(Server):
             f"user {RUN_USER};" if os.geteuid() == 0 else "",
             f"worker_processes {self.workers};",
             f"pid {d}/nginx.pid;",
-            f"error_log {self.error_log} info;",
+            f"error_log {self.error_log} {self.log_level};",
             "events {\n    worker_connections 1024;\n}",
             "http {\n" + "\n".join("  " + line for line in "\n".join(http).splitlines()) + "\n}",
         ]
@@ -435,9 +549,10 @@ class Nginx(Server):
         if r.returncode != 0:
             raise RuntimeError(f"nginx failed to start:\n{r.stdout}{r.stderr}\n{self.log_text()}")
         wait_for_port(self.port)
-        # Workers start Python after the master listens: wait until each has.
+        # Workers start Python after the master listens: wait until each has (they say so at info).
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(self.workers_started()) < self.workers and self.mounts:
+        logged = self.log_level in ("info", "debug")
+        while time.monotonic() < deadline and len(self.workers_started()) < self.workers and self.mounts and logged:
             time.sleep(0.05)
 
     def workers_started(self) -> list[str]:

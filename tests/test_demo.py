@@ -1,8 +1,19 @@
-"""The README's first command serves the demo with every built server and mode."""
+"""The README's first command serves the demo with every built server and mode,
+and stops them however it ends."""
 
+import os
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
+import pytest
 from harness import ROOT
 
 
@@ -17,3 +28,63 @@ def test_demo_serves_every_server_and_mode():
         for line in served:
             if f", {mode}:" in line:
                 assert f"mode:          {mode}" in r.stdout
+
+
+def pids(*pgrep_args) -> set[int]:
+    out = subprocess.run(["pgrep", *pgrep_args], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_demo_stops_its_servers_when_its_terminal_closes_or_it_is_terminated(sig):
+    """A closed terminal (SIGHUP) or a kill (SIGTERM) stops the servers the demo
+    started, on the ports GATEWAY_DEMO_PORTS gave it, as Ctrl-C does."""
+    tmp = Path(tempfile.mkdtemp(prefix="demo-signal-"))
+    tmp.chmod(0o755)
+    daemons_before = pids("-fx", "gateway-demo")
+    env = {**os.environ, "TMPDIR": str(tmp), "GATEWAY_DEMO_PORTS": "21000-21099", "PYTHONUNBUFFERED": "1"}
+    demo = subprocess.Popen([sys.executable, str(ROOT / "demo" / "run")], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(120, demo.kill)
+    watchdog.start()
+    servers: set[int] = set()
+    try:
+        output = ""
+        for line in demo.stdout:
+            output += line
+            if line.startswith("Serving"):
+                break
+        assert "Serving" in output, output
+        ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/", output)]
+        servers = pids("-f", str(tmp))
+        daemons = pids("-fx", "gateway-demo") - daemons_before
+        assert servers and ports and all(port_open(p) for p in ports), output
+        demo.send_signal(sig)
+        demo.wait(timeout=60)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(p) for p in servers | daemons):
+            time.sleep(0.1)
+        assert not [p for p in servers | daemons if alive(p)], "the demo's servers outlived it"
+        assert not [p for p in ports if port_open(p)], output
+        assert not list(tmp.glob("gateway-*")), "the demo left its servers' directories"
+        assert all(21000 <= p <= 21099 for p in ports), ports
+    finally:
+        watchdog.cancel()
+        if demo.poll() is None:
+            demo.kill()
+        for pid in servers:
+            if alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)

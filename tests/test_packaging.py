@@ -85,6 +85,25 @@ def test_apache_install_to_another_layout_serves_requests(tmp_path):
     assert not (moddir / "gateway-daemon").exists()
 
 
+@pytest.mark.parametrize("server,module", [("apache", "mod_gateway.so"), ("nginx", "ngx_http_gateway_module.so")])
+def test_uninstall_from_a_staging_tree_removes_the_directories_install_made(tmp_path, server, module):
+    """make install DESTDIR=... makes the servers' directories in the staging tree;
+    make uninstall removes them again once empty, and only those."""
+    if not (MODULES / module).exists():
+        pytest.skip(f"{module} is not built")
+    stage = tmp_path / "stage"
+    (stage / "usr" / "lib").mkdir(parents=True)
+    (stage / "usr" / "lib" / "someone-elses").write_text("")
+    (stage / "srv" / "empty-but-not-ours").mkdir(parents=True)
+    before = sorted(stage.rglob("*"))
+    r = make(f"install-{server}", f"DESTDIR={stage}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (stage / "usr" / "share" / "nginx" if server == "nginx" else stage / "etc" / "apache2").is_dir()
+    r = make(f"uninstall-{server}", f"DESTDIR={stage}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(stage.rglob("*")) == before
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/sbin/a2enmod").exists(), reason="needs root and Debian's apache2")
 def test_system_install_enables_with_a2enmod():
     wsgi_enabled = Path("/etc/apache2/mods-enabled/wsgi.load").exists()

@@ -341,11 +341,19 @@ pub unsafe extern "C" fn gateway_cmd_python_home(
     let r = (|| {
         unsafe { global_only(cmd) }?;
         let dir = PathBuf::from(unsafe { arg(dir) }?);
+        let cfg = unsafe { server_config(cmd) };
+        if let Some(first) = &cfg.python_home {
+            return Err(ConfigError(format!(
+                "is given twice ('{}', then '{}'): give it once",
+                first.display(),
+                dir.display()
+            )));
+        }
         interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
         if let Some(user) = worker_user() {
             interpreter::check_home_access(&dir, &user).map_err(|e| ConfigError(e.to_string()))?;
         }
-        unsafe { server_config(cmd) }.python_home = Some(dir);
+        cfg.python_home = Some(dir);
         Ok(())
     })();
     result(cmd, "GatewayPythonHome", r)

@@ -161,10 +161,19 @@ impl DaemonOptions {
             listen_backlog: 256,
             display_name: None,
         };
+        let mut seen: Vec<(&str, &str)> = Vec::new();
         for option in options {
             let Some((key, value)) = option.split_once('=') else {
                 return err(format!("daemon option '{option}' must be key=value"));
             };
+            // A second value would silently win: say which two disagree.
+            if let Some((_, first)) = seen.iter().find(|(k, _)| *k == key) {
+                return err(format!(
+                    "daemon option '{key}' is given twice ('{first}' and '{option}'): give it once"
+                ));
+            }
+            seen.push((key, option));
+            let seconds = |min: u64| seconds(key, value, min);
             let number = |min: u64| -> Result<u64, ConfigError> {
                 match value.parse::<u64>() {
                     Ok(n) if n >= min => Ok(n),
@@ -179,10 +188,10 @@ impl DaemonOptions {
                 "user" => d.user = Some(value.to_string()),
                 "group" => d.group = Some(value.to_string()),
                 "max-requests" => d.max_requests = number(0)?,
-                "request-timeout" => d.request_timeout = number(0)?,
-                "graceful-timeout" => d.graceful_timeout = number(0)?,
-                "socket-timeout" => d.socket_timeout = number(1)?,
-                "queue-timeout" => d.queue_timeout = number(0)?,
+                "request-timeout" => d.request_timeout = seconds(0)?,
+                "graceful-timeout" => d.graceful_timeout = seconds(0)?,
+                "socket-timeout" => d.socket_timeout = seconds(1)?,
+                "queue-timeout" => d.queue_timeout = seconds(0)?,
                 "listen-backlog" => d.listen_backlog = number(1)?.min(65535) as u32,
                 "display-name" => d.display_name = Some(value.to_string()),
                 _ => {
@@ -194,6 +203,47 @@ impl DaemonOptions {
             }
         }
         Ok(d)
+    }
+}
+
+/// Parses the value of a time option: a whole number of seconds, bare or with
+/// one of nginx's units `s`, `m`, `h`, or `ms` when it makes whole seconds.
+fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits);
+    let scale = match unit {
+        "" | "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        "ms" => None,
+        _ => {
+            return err(format!(
+                "daemon option '{key}' needs a time such as 30, 30s, 5m or 1h, got '{value}' (known units: s, m, h, ms)"
+            ))
+        }
+    };
+    let Ok(n) = number.parse::<u64>() else {
+        return err(format!(
+            "daemon option '{key}' needs a time such as 30, 30s, 5m or 1h, got '{value}'"
+        ));
+    };
+    let secs = match scale {
+        Some(scale) => n.checked_mul(scale),
+        None if n % 1000 == 0 => Some(n / 1000),
+        None => {
+            return err(format!(
+                "daemon option '{key}' counts whole seconds: '{value}' is not a whole number of seconds"
+            ))
+        }
+    };
+    match secs {
+        Some(s) if s >= min => Ok(s),
+        Some(_) => err(format!(
+            "daemon option '{key}' needs a time of at least {min}s, got '{value}'"
+        )),
+        None => err(format!("daemon option '{key}': '{value}' is too long")),
     }
 }
 
@@ -242,5 +292,66 @@ mod tests {
         assert!(DaemonOptions::parse(&["g", "processes=0"]).is_err());
         assert!(DaemonOptions::parse(&["g", "threads"]).is_err());
         assert!(DaemonOptions::parse(&[]).is_err());
+    }
+
+    #[test]
+    fn daemon_options_given_twice_are_an_error() {
+        let e =
+            DaemonOptions::parse(&["g", "processes=3", "threads=2", "processes=2"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "daemon option 'processes' is given twice ('processes=3' and 'processes=2'): give it once"
+        );
+        let e = DaemonOptions::parse(&["g", "python-home=/a", "python-home=/a"]).unwrap_err();
+        assert!(e.0.contains("'python-home' is given twice"), "{e}");
+    }
+
+    #[test]
+    fn time_options_take_nginx_units() {
+        let d = DaemonOptions::parse(&[
+            "g",
+            "request-timeout=5s",
+            "graceful-timeout=2m",
+            "socket-timeout=1h",
+            "queue-timeout=3000ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                d.request_timeout,
+                d.graceful_timeout,
+                d.socket_timeout,
+                d.queue_timeout
+            ),
+            (5, 120, 3600, 3)
+        );
+        assert_eq!(
+            DaemonOptions::parse(&["g", "request-timeout=7"])
+                .unwrap()
+                .request_timeout,
+            7
+        );
+    }
+
+    #[test]
+    fn time_options_reject_other_units_clearly() {
+        let e = DaemonOptions::parse(&["g", "request-timeout=5d"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "daemon option 'request-timeout' needs a time such as 30, 30s, 5m or 1h, got '5d' (known units: s, m, h, ms)"
+        );
+        let e = DaemonOptions::parse(&["g", "queue-timeout=1500ms"]).unwrap_err();
+        assert!(
+            e.0.contains("'1500ms' is not a whole number of seconds"),
+            "{e}"
+        );
+        let e = DaemonOptions::parse(&["g", "socket-timeout=0s"]).unwrap_err();
+        assert!(e.0.contains("at least 1s"), "{e}");
+        for bad in ["s", "-5s", "5 s", "5S", "1.5h", "m5"] {
+            let option = format!("graceful-timeout={bad}");
+            assert!(DaemonOptions::parse(&["g", &option]).is_err(), "{bad}");
+        }
+        let e = DaemonOptions::parse(&["g", "request-timeout=99999999999999999h"]).unwrap_err();
+        assert!(e.0.contains("is too long"), "{e}");
     }
 }

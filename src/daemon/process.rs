@@ -6,44 +6,9 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// Installs a `log` sink that writes each line to stderr, which the server has
-/// pointed at its error log, in a format close to the server's own.
+/// pointed at its error log, in the server's own format.
 pub fn log_to_stderr() {
-    crate::common::log::install(write_stderr_line);
-}
-
-fn write_stderr_line(level: log::Level, line: &str) {
-    let level = match level {
-        log::Level::Error => "error",
-        log::Level::Warn => "warn",
-        log::Level::Info => "info",
-        log::Level::Debug => "debug",
-        log::Level::Trace => "trace1",
-    };
-    let text = format!(
-        "[{}] [gateway:{level}] [pid {}] {line}\n",
-        timestamp(),
-        std::process::id()
-    );
-    // One write per line keeps lines from concurrent threads and processes whole.
-    // SAFETY: writes a buffer we own to fd 2.
-    unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
-}
-
-fn timestamp() -> String {
-    // SAFETY: time/localtime_r/strftime write only into the buffers given.
-    unsafe {
-        let now = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&now, &mut tm);
-        let mut buf = [0u8; 64];
-        let n = libc::strftime(
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            c"%a %b %d %H:%M:%S %Y".as_ptr(),
-            &tm,
-        );
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
+    crate::common::log::install_stderr();
 }
 
 /// The conventional name of a signal.

@@ -6,7 +6,7 @@
 //! started with a keeper ([`supervisor::start_kept`]) that starts a new one if it
 //! dies. Daemon processes that die are replaced by the supervisor itself.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use super::config::MainConfig;
 use super::ffi::*;
 use crate::common::config::DaemonOptions;
+use crate::common::log::{nginx_level_name, STDERR_LOG_VAR};
 use crate::daemon::auth::Generation;
 use crate::daemon::{self, client, supervisor};
 
@@ -161,7 +162,9 @@ pub unsafe extern "C" fn gateway_init_module(
             .map_err(std::io::Error::other)
             // SAFETY: nginx passes its live cycle, in its single-threaded master.
             .and_then(|exe| unsafe {
-                with_worker_environment(cycle, || start_logging_to(cycle, &exe, &config))
+                with_worker_environment(cycle, || {
+                    with_log_settings(cycle, || start_logging_to(cycle, &exe, &config))
+                })
             });
         match started {
             Ok(lifeline) => Some(lifeline),
@@ -255,6 +258,48 @@ unsafe fn with_worker_environment<T>(
         let started = start();
         environ = saved;
         libc::free(env.cast());
+        started
+    }
+}
+
+/// Runs `start` with [`STDERR_LOG_VAR`] added to the environment: nginx's format
+/// and the level of the cycle's error log, where the supervisor and its daemon
+/// processes write, so that their lines look like nginx's and `error_log`'s
+/// level holds for them too.
+///
+/// # Safety
+/// As for [`with_worker_environment`], and called inside it.
+unsafe fn with_log_settings<T>(
+    cycle: *mut ngx_cycle_t,
+    start: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    // SAFETY: the cycle's log is set before init_module runs.
+    let level = unsafe { (*cycle).log.as_ref() }.map_or(NGX_LOG_ERR as usize, |l| l.log_level);
+    let setting = CString::new(format!(
+        "{STDERR_LOG_VAR}=nginx:{}",
+        nginx_level_name(level)
+    ))
+    .expect("no NUL in a level name");
+    let mut env = vec![setting.as_ptr().cast_mut()];
+    // SAFETY: environ is NULL or a NULL-terminated array of C strings; only read here.
+    unsafe {
+        let mut var = environ;
+        while !var.is_null() && !(*var).is_null() {
+            let name = CStr::from_ptr(*var).to_bytes().split(|&b| b == b'=').next();
+            if name != Some(STDERR_LOG_VAR.as_bytes()) {
+                env.push(*var);
+            }
+            var = var.add(1);
+        }
+    }
+    env.push(std::ptr::null_mut());
+    // SAFETY: as in with_worker_environment: no other thread reads `environ`, and it
+    // is restored while `env` and `setting` are still alive.
+    unsafe {
+        let saved = environ;
+        environ = env.as_mut_ptr();
+        let started = start();
+        environ = saved;
         started
     }
 }
