@@ -131,7 +131,7 @@ def test_a_socket_peer_cannot_make_a_daemon_run_its_own_script(make_server):
             assert START not in kinds, (name, kinds)
             assert kinds == [HELLO, UNAVAILABLE], (name, kinds)
             log = srv.wait_for_log(f"refused a connection from pid {pid}, uid {WWW_DATA.pw_uid}")
-            assert re.search(rf"\[gateway:warn\].* daemon process \d+ of group 'g' refused a connection "
+            assert re.search(rf"(\[gateway:warn\]|\[warn\]).* daemon process \d+ of group 'g' refused a connection "
                              rf"from pid {pid}, uid {WWW_DATA.pw_uid}: ", log), name
         assert get_json(srv, "/who")["group"] == "g"
 

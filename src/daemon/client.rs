@@ -70,6 +70,10 @@ struct Conn {
     writer: UnixStream,
     /// The daemon process on the other end (from its Hello).
     pid: u32,
+    /// The Auth frame of a new connection, sent with its first request: a
+    /// draining daemon may close a connection it just accepted, and the request
+    /// is then retried on another (which a failure in `connect` could not be).
+    auth: Vec<u8>,
 }
 
 /// Idle connections per socket.
@@ -174,20 +178,19 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
             })?;
             let mut auth = Vec::new();
             protocol::put_auth(&mut auth, &ep.access.secret);
-            let set_up = (&writer).write_all(&auth).and_then(|_| {
-                reader
-                    .get_ref()
-                    .set_read_timeout(Some(ep.socket_timeout))
-            });
-            set_up.map_err(|e| {
-                Refused(format!(
-                    "cannot set up the connection to daemon process group '{group}': {e}"
-                ))
-            })?;
+            reader
+                .get_ref()
+                .set_read_timeout(Some(ep.socket_timeout))
+                .map_err(|e| {
+                    Refused(format!(
+                        "cannot set up the connection to daemon process group '{group}': {e}"
+                    ))
+                })?;
             Ok(Conn {
                 reader,
                 writer,
                 pid,
+                auth,
             })
         }
         Ok(Some((Kind::Unavailable, _))) => {
@@ -356,7 +359,13 @@ impl Exchange<'_> {
         resp: &mut dyn ResponseChannel,
         log: &Logger<'_>,
     ) -> Step {
-        if self.conn.writer.write_all(request).is_err() {
+        let auth = std::mem::take(&mut self.conn.auth);
+        let sent = self
+            .conn
+            .writer
+            .write_all(&auth)
+            .and_then(|_| self.conn.writer.write_all(request));
+        if sent.is_err() {
             // The daemon closed this connection before reading anything of it.
             return Step::Retry;
         }

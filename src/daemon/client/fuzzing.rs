@@ -89,6 +89,7 @@ pub fn replay(reply: &[u8], head_request: bool) {
             writer: server,
             // This process: alive, so a lost connection does not wait for an exit record.
             pid: std::process::id(),
+            auth: Vec::new(),
         },
         payload: &mut payload,
         framing: None,
