@@ -36,6 +36,7 @@ const char *gateway_cmd_daemon(cmd_parms *cmd, void *dcfg,
                                int argc, char *const argv[]);
 const char *gateway_cmd_python_home(cmd_parms *cmd, void *dcfg, const char *dir);
 const char *gateway_cmd_python_path(cmd_parms *cmd, void *dcfg, const char *path);
+const char *gateway_cmd_shared_interpreter(cmd_parms *cmd, void *dcfg, int on);
 
 /* Implemented in Rust: src/apache/hooks.rs */
 int gateway_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp);
@@ -59,6 +60,8 @@ static const command_rec gateway_cmds[] = {
                   "DIR: virtualenv or prefix of the embedded interpreter"),
     AP_INIT_TAKE1("GatewayPythonPath", gateway_cmd_python_path, NULL, RSRC_CONF,
                   "DIR[:DIR...]: extra sys.path entries for the embedded interpreter"),
+    AP_INIT_FLAG("GatewaySharedInterpreter", gateway_cmd_shared_interpreter, NULL, RSRC_CONF,
+                 "On: embedded applications of different scripts may share the interpreter"),
     {NULL}
 };
 

@@ -25,6 +25,7 @@ char *gateway_conf_daemon(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_python_home(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_python_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_shared_interpreter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 /* Implemented in Rust: src/nginx/daemons.rs */
 ngx_int_t gateway_init_module(ngx_cycle_t *cycle, void *mcf, ngx_uint_t test,
@@ -87,6 +88,13 @@ static ngx_command_t  ngx_http_gateway_commands[] = {
     { ngx_string("gateway_threads"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
       gateway_conf_threads,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_shared_interpreter"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      gateway_conf_shared_interpreter,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },

@@ -46,7 +46,10 @@ def daemon_options(srv, processes=2, threads=4, extra=""):
 
 
 def battery_settings():
-    return Settings(python_home=VENV, python_path=[str(Path(__file__).parent / "apps" / "lib")])
+    """The battery's servers mount several scripts (its callables, Django, Flask) in
+    one interpreter on purpose."""
+    return Settings(python_home=VENV, python_path=[str(Path(__file__).parent / "apps" / "lib")],
+                    shared_interpreter=True)
 
 
 def make_server(kind, mounts, settings=None):

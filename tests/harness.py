@@ -83,6 +83,7 @@ class Settings:
     python_path: list[str] = field(default_factory=list)
     extra: str = ""  # raw configuration appended at server level
     daemons: dict[str, str] = field(default_factory=dict)  # daemon group -> "key=value ..." options
+    shared_interpreter: bool = False  # embedded apps of different scripts may share the interpreter
 
 
 def port_range(variable: str) -> range | None:
@@ -399,6 +400,8 @@ class Apache(Server):
         ]
         if s.python_home:
             lines.append(f"GatewayPythonHome {s.python_home}")
+        if s.shared_interpreter:
+            lines.append("GatewaySharedInterpreter On")
         if s.python_path:
             lines.append(f"GatewayPythonPath {':'.join(s.python_path)}")
         for group, options in s.daemons.items():
@@ -496,6 +499,8 @@ class Nginx(Server):
         ]
         if s.python_home:
             http.append(f"gateway_python_home {s.python_home};")
+        if s.shared_interpreter:
+            http.append("gateway_shared_interpreter on;")
         if s.python_path:
             http.append(f"gateway_python_path {':'.join(s.python_path)};")
         if self.threads:

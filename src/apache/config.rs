@@ -15,6 +15,8 @@ pub struct Mount {
     /// The URL path without a trailing slash; empty for `/`.
     pub prefix: String,
     pub app: AppSpec,
+    /// Where it is mounted (`FILE:LINE`), for errors found later.
+    pub at: String,
 }
 
 impl Mount {
@@ -33,6 +35,9 @@ pub struct ServerConfig {
     pub python_home: Option<PathBuf>,
     pub python_path: Vec<PathBuf>,
     pub daemons: Vec<DaemonOptions>,
+    /// `GatewaySharedInterpreter`: whether embedded applications of different
+    /// scripts may share the interpreter.
+    pub shared_interpreter: Option<bool>,
 }
 
 impl ServerConfig {
@@ -158,6 +163,7 @@ pub unsafe extern "C" fn gateway_merge_server_config(
         python_home: base.python_home.clone(),
         python_path: base.python_path.clone(),
         daemons: add.daemons.iter().chain(&base.daemons).cloned().collect(),
+        shared_interpreter: base.shared_interpreter,
     };
     pool_owned(p, merged)
 }
@@ -250,7 +256,8 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
                 "'{url}' is already mounted in this server"
             )));
         }
-        cfg.mounts.push(Mount { prefix, app });
+        let at = unsafe { origin(cmd) };
+        cfg.mounts.push(Mount { prefix, app, at });
         Ok(())
     })();
     result(cmd, "GatewayScriptAlias", r)
@@ -357,6 +364,24 @@ pub unsafe extern "C" fn gateway_cmd_python_home(
         Ok(())
     })();
     result(cmd, "GatewayPythonHome", r)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_shared_interpreter(
+    cmd: *mut cmd_parms,
+    _dcfg: *mut c_void,
+    on: c_int,
+) -> *const c_char {
+    let r = (|| {
+        unsafe { global_only(cmd) }?;
+        let cfg = unsafe { server_config(cmd) };
+        if cfg.shared_interpreter.is_some() {
+            return Err(ConfigError("is given twice: give it once".into()));
+        }
+        cfg.shared_interpreter = Some(on != 0);
+        Ok(())
+    })();
+    result(cmd, "GatewaySharedInterpreter", r)
 }
 
 #[no_mangle]

@@ -13,7 +13,7 @@ use once_cell::sync::OnceCell;
 use super::config::{module_config, parsed, reset_parsed, DirConfig, Mount, ServerConfig};
 use super::ffi::*;
 use super::request;
-use crate::common::config::{DaemonOptions, Mode};
+use crate::common::config::{self, DaemonOptions, Mode};
 use crate::daemon::auth::Generation;
 use crate::daemon::protocol::{Decoder, Encoder};
 use crate::daemon::{self, client, supervisor};
@@ -226,6 +226,11 @@ pub unsafe extern "C" fn gateway_check_config(
     adopt_main_server(s);
     let parsed = parsed();
     let mut ok = no_other_python_module();
+    // SAFETY: httpd passes the main server record of the configuration just read.
+    if let Some(clash) = unsafe { interpreter_clash_in(s, &parsed.sections) } {
+        log::error!("{clash}");
+        ok = false;
+    }
     for (name, at) in &parsed.refs {
         if !parsed.groups.iter().any(|(g, _)| &g.name == name) {
             log::error!(
@@ -276,6 +281,51 @@ fn no_other_python_module() -> bool {
         }
     }
     true
+}
+
+/// Two scripts mounted in embedded mode, which would share one interpreter
+/// without `GatewaySharedInterpreter On`. Only servers whose mounts' mode is
+/// known here count: a `<Location>` or `<Directory>` that names a daemon group
+/// may take any mount of its server out of embedded mode, which only a request
+/// tells (the interpreter then refuses the second script itself).
+///
+/// # Safety
+/// `s` must be the main server record of the configuration.
+unsafe fn interpreter_clash_in(s: *mut server_rec, sections: &[(String, usize)]) -> Option<String> {
+    // SAFETY: guaranteed by the caller.
+    let main = unsafe { server_config(s) }?;
+    let in_sections = |server: *mut server_rec| {
+        sections
+            .iter()
+            .any(|(_, at)| *at == server as usize || *at == s as usize)
+    };
+    if main.shared_interpreter == Some(true) {
+        return None;
+    }
+    let mut first: Option<&Mount> = None;
+    for server in servers(s).filter(|&server| !in_sections(server)) {
+        // SAFETY: server is a record of this configuration.
+        let Some(cfg) = (unsafe { server_config(server) }) else {
+            continue;
+        };
+        if matches!(cfg.mode, Some(Mode::Daemon(_))) {
+            continue;
+        }
+        for mount in &cfg.mounts {
+            match first {
+                None => first = Some(mount),
+                Some(f) if f.app.file != mount.app.file => {
+                    return Some(config::interpreter_clash(
+                        "apache",
+                        (&f.app.file, &f.at),
+                        (&mount.app.file, &mount.at),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    None
 }
 
 /// The lifeline slot in the process pool.
@@ -466,6 +516,7 @@ unsafe fn start_python(s: *const server_rec) -> Result<ServerInfo, String> {
                 multithread: mpm_query(AP_MPMQ_IS_THREADED) != AP_MPMQ_NOT_SUPPORTED as c_int
                     && threads > 1,
                 multiprocess: daemons > 1,
+                shared_interpreter: cfg.and_then(|c| c.shared_interpreter).unwrap_or(false),
             })
         }
         Err(e) => {

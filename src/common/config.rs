@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A configuration mistake, worded for the person who wrote the configuration.
 /// The server adds the directive's file and line.
@@ -85,6 +85,39 @@ impl Mode {
             )),
         }
     }
+}
+
+/// One script already holds an embedded interpreter and another would join it:
+/// what to tell the operator. `at` places say where each is mounted, when known.
+/// Applications in one interpreter share their modules and settings, which
+/// breaks apps such as two Django projects (mod_wsgi gives each its own
+/// sub-interpreter; PyO3 cannot run in more than one).
+pub fn interpreter_clash(server: &str, first: (&Path, &str), second: (&Path, &str)) -> String {
+    let (daemon, share) = if server == "nginx" {
+        (
+            "'gateway_daemon NAME ...;' and 'gateway_mode daemon NAME;'",
+            "'gateway_shared_interpreter on;'",
+        )
+    } else {
+        (
+            "'GatewayDaemon NAME ...' and 'GatewayMode daemon NAME'",
+            "'GatewaySharedInterpreter On'",
+        )
+    };
+    let place = |(file, at): (&Path, &str)| {
+        if at.is_empty() {
+            file.display().to_string()
+        } else {
+            format!("{} ({at})", file.display())
+        }
+    };
+    format!(
+        "{} would share the embedded Python interpreter with {}: applications in one \
+         interpreter share their modules and settings (two Django projects cannot). Run one \
+         of them in its own daemon group ({daemon}), or, if they may share, say so with {share}",
+        place(second),
+        place(first)
+    )
 }
 
 /// Splits a `DIR[:DIR...]` list, dropping empty entries.

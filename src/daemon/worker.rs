@@ -152,6 +152,7 @@ pub fn run(argv: Option<ArgvArea>) -> ! {
         process_group: opts.name.clone(),
         multithread: opts.threads > 1,
         multiprocess: opts.processes > 1,
+        shared_interpreter: true,
     };
     let accepted = std::iter::once(config.access).chain(config.previous);
     let daemon = Daemon::new(config.options, accepted.collect(), info, signals)

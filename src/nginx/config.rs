@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ffi::*;
-use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::common::config::{self, split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
 use crate::daemon::auth::Generation;
 use crate::daemon::supervisor::SupervisorConfig;
 use crate::python::interpreter::{self, HomeUser};
@@ -43,6 +43,11 @@ pub struct MainConfig {
     /// The applications of the locations that run them in a daemon group: the
     /// group's name and the application.
     pub daemon_mounts: Vec<(String, AppSpec)>,
+    /// `gateway_shared_interpreter`: whether embedded applications of
+    /// different scripts may share the interpreter.
+    pub shared_interpreter: Option<bool>,
+    /// The first location that runs its application embedded.
+    pub first_embedded: Option<Arc<Mount>>,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -52,6 +57,8 @@ pub struct Mount {
     /// SCRIPT_NAME: the location's prefix without a trailing slash; None for regex
     /// and named locations, whose SCRIPT_NAME is empty.
     pub prefix: Option<Vec<u8>>,
+    /// Where `gateway_app` is written (`FILE:LINE`), for errors found later.
+    pub at: String,
 }
 
 impl Mount {
@@ -188,7 +195,7 @@ pub unsafe extern "C" fn gateway_init_main_conf(
 
 #[no_mangle]
 pub unsafe extern "C" fn gateway_merge_loc_conf(
-    _cf: *mut ngx_conf_t,
+    cf: *mut ngx_conf_t,
     parent: *mut c_void,
     child: *mut c_void,
     mcf: *mut c_void,
@@ -208,10 +215,34 @@ pub unsafe extern "C" fn gateway_merge_loc_conf(
         (Some(mount), Some(Mode::Daemon(group))) => {
             mcf.daemon_mounts.push((group.clone(), mount.app.clone()))
         }
-        (Some(_), _) => mcf.embedded += 1,
+        (Some(mount), _) => {
+            mcf.embedded += 1;
+            if let Some(clash) = embedded_clash(mcf, mount) {
+                let msg = CString::new(clash.replace('\0', "\\0")).unwrap_or_default();
+                // SAFETY: cf->log is the configuration's live log.
+                unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
+                return NGX_CONF_ERROR;
+            }
+        }
         (None, _) => {}
     }
     std::ptr::null_mut()
+}
+
+/// A second script in embedded mode, which would share the worker's one
+/// interpreter with the first without `gateway_shared_interpreter on`.
+fn embedded_clash(mcf: &mut MainConfig, mount: &Arc<Mount>) -> Option<String> {
+    if mcf.shared_interpreter == Some(true) {
+        return None;
+    }
+    let first = mcf.first_embedded.get_or_insert_with(|| mount.clone());
+    (first.app.file != mount.app.file).then(|| {
+        config::interpreter_clash(
+            "nginx",
+            (&first.app.file, &first.at),
+            (&mount.app.file, &mount.at),
+        )
+    })
 }
 
 /// `FILE:LINE` of the directive `cf` is parsing.
@@ -318,6 +349,8 @@ pub unsafe extern "C" fn gateway_conf_app(
     let (mcf, clcf) = unsafe { (&mut *mcf.cast::<MainConfig>(), &*clcf) };
     // SAFETY: the location's name lives in the configuration pool.
     let name = unsafe { str_bytes(&clcf.name) };
+    // SAFETY: cf is live inside this handler.
+    let at = unsafe { position(cf) };
     let prefix = (clcf.regex.is_null() && clcf.named() == 0).then(|| {
         let mut p = name.to_vec();
         while p.last() == Some(&b'/') {
@@ -344,6 +377,7 @@ pub unsafe extern "C" fn gateway_conf_app(
             lcf.mount = Some(Arc::new(Mount {
                 app: AppSpec::parse(&full)?,
                 prefix,
+                at,
             }));
             mcf.apps += 1;
             Ok(())
@@ -441,6 +475,28 @@ pub unsafe extern "C" fn gateway_conf_python_path(
                 .into_iter()
                 .map(|d| args.prefix.join(d));
             mcf.python_path.extend(dirs);
+            Ok(())
+        })
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_shared_interpreter(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
+    unsafe {
+        directive(cf, conf, |mcf: &mut MainConfig, args| {
+            if mcf.shared_interpreter.is_some() {
+                return Err(duplicate());
+            }
+            mcf.shared_interpreter = Some(match args.values[0] {
+                "on" => true,
+                "off" => false,
+                other => return Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
+            });
             Ok(())
         })
     }

@@ -276,6 +276,7 @@ unsafe fn start(
         process_group: String::new(),
         multithread: count > 1,
         multiprocess: worker_processes > 1,
+        shared_interpreter: cfg.shared_interpreter.unwrap_or(false),
     };
     let (tx, rx) = crossbeam_channel::unbounded::<Job>();
     let mut threads = Vec::with_capacity(count);

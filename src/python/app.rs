@@ -1,6 +1,7 @@
 //! Loading WSGI scripts into the interpreter, once per process and script.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use once_cell::sync::Lazy;
@@ -8,7 +9,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
-use crate::common::config::AppSpec;
+use super::ServerInfo;
+use crate::common::config::{interpreter_clash, AppSpec};
+use pyo3::exceptions::PyRuntimeError;
 
 /// Loaded callables of this process. A script that failed to load is retried on
 /// the next request (the author may have fixed it), like mod_wsgi does.
@@ -60,11 +63,39 @@ fn module_name(spec: &AppSpec) -> String {
     format!("_gateway_app_{:016x}", h.finish())
 }
 
+/// The script whose applications this process's interpreter runs, when it may
+/// run only one.
+static OWNER: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Claims the interpreter for `spec`'s script, unless scripts may share it;
+/// another script's claim is an error that says what to do. The configuration
+/// tests refuse what they can see; this catches the rest (Apache decides a
+/// mount's mode per request, from its <Location> and <Directory> sections).
+fn claim(spec: &AppSpec, info: &ServerInfo) -> PyResult<()> {
+    if info.shared_interpreter {
+        return Ok(());
+    }
+    let mut owner = OWNER.lock().unwrap_or_else(|e| e.into_inner());
+    match owner.as_ref() {
+        Some(first) if *first != spec.file => Err(PyRuntimeError::new_err(interpreter_clash(
+            info.server,
+            (first, ""),
+            (&spec.file, ""),
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            *owner = Some(spec.file.clone());
+            Ok(())
+        }
+    }
+}
+
 /// Returns the callable for `spec`, loading its script on first use.
-pub fn get<'py>(py: Python<'py>, spec: &AppSpec) -> PyResult<Bound<'py, PyAny>> {
+pub fn get<'py>(py: Python<'py>, spec: &AppSpec, info: &ServerInfo) -> PyResult<Bound<'py, PyAny>> {
     if let Some(app) = APPS.lock().unwrap_or_else(|e| e.into_inner()).get(spec) {
         return Ok(app.bind(py).clone());
     }
+    claim(spec, info)?;
     static LOAD: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let load = LOAD.get_or_try_init(py, || -> PyResult<_> {
         let globals = PyDict::new(py);

@@ -28,6 +28,10 @@ pub struct ServerInfo {
     pub process_group: String,
     pub multithread: bool,
     pub multiprocess: bool,
+    /// Whether applications of different scripts may share this process's
+    /// interpreter: a daemon group's do (its operator grouped them); embedded
+    /// ones only when the operator says so.
+    pub shared_interpreter: bool,
 }
 
 /// How a request ended, for the server to finish it.
@@ -265,7 +269,7 @@ fn call_app(
     input: &Bound<'_, Input>,
     responder: &Bound<'_, StartResponse>,
 ) -> Outcome {
-    let app = match app::get(py, spec) {
+    let app = match app::get(py, spec, info) {
         Ok(app) => app,
         Err(e) => {
             let msg = format!(
