@@ -499,7 +499,7 @@ class ApacheGateway(ApacheConfig):
         e = self.env
         lines = [f"LoadModule gateway_module {e.modules}/mod_gateway.so"]
         if self.mode == "embedded":
-            lines.append(f"GatewayPythonHome {e.venv}")
+            lines += [f"GatewayPythonHome {e.venv}", "GatewaySharedInterpreter On"]
         else:
             lines += [f"GatewayDaemon bench processes={e.processes} threads={e.threads} "
                       f"python-home={e.venv} display-name=gwbench",
@@ -711,7 +711,8 @@ class NginxGateway(NginxConfig):
     def http_directives(self):
         e = self.env
         if self.mode == "embedded":
-            return [f"gateway_python_home {e.venv};", f"gateway_threads {e.threads};"]
+            return [f"gateway_python_home {e.venv};", f"gateway_threads {e.threads};",
+                    "gateway_shared_interpreter on;"]
         return [f"gateway_daemon bench processes={e.processes} threads={e.threads} "
                 f"python-home={e.venv} display-name=gwbench;",
                 "gateway_mode daemon bench;"]

@@ -337,6 +337,15 @@ fn duplicate() -> ConfigError {
     ConfigError("is duplicate".into())
 }
 
+/// Sets a directive's value, which may be given once.
+fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), ConfigError> {
+    if slot.is_some() {
+        return Err(duplicate());
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn gateway_conf_app(
     cf: *mut ngx_conf_t,
@@ -489,15 +498,12 @@ pub unsafe extern "C" fn gateway_conf_shared_interpreter(
     // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
     unsafe {
         directive(cf, conf, |mcf: &mut MainConfig, args| {
-            if mcf.shared_interpreter.is_some() {
-                return Err(duplicate());
-            }
-            mcf.shared_interpreter = Some(match args.values[0] {
+            let on = match args.values[0] {
                 "on" => true,
                 "off" => false,
                 other => return Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
-            });
-            Ok(())
+            };
+            set_once(&mut mcf.shared_interpreter, on)
         })
     }
 }
@@ -511,19 +517,13 @@ pub unsafe extern "C" fn gateway_conf_threads(
     // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
     unsafe {
         directive(cf, conf, |mcf: &mut MainConfig, args| {
-            if mcf.threads.is_some() {
-                return Err(duplicate());
-            }
             let value = args.values[0];
             match value.parse::<usize>() {
-                Ok(n) if (1..=MAX_THREADS).contains(&n) => mcf.threads = Some(n),
-                _ => {
-                    return Err(ConfigError(format!(
-                        "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
-                    )))
-                }
+                Ok(n) if (1..=MAX_THREADS).contains(&n) => set_once(&mut mcf.threads, n),
+                _ => Err(ConfigError(format!(
+                    "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
+                ))),
             }
-            Ok(())
         })
     }
 }
