@@ -89,6 +89,9 @@ pub fn reset_parsed() {
 }
 
 /// Where the directive being handled was written: `file:line`.
+///
+/// # Safety
+/// `cmd` must be the live cmd_parms of a directive handler.
 unsafe fn origin(cmd: *mut cmd_parms) -> String {
     // SAFETY: cmd is live; its directive (when set) names a NUL-terminated file.
     unsafe {
@@ -124,20 +127,26 @@ fn pool_owned<T>(pool: *mut apr_pool_t, value: T) -> *mut c_void {
 /// # Safety
 /// `vector` must be a configuration vector of this module's kind (server or dir).
 pub unsafe fn module_config<'a, T>(vector: *mut ap_conf_vector_t) -> Option<&'a T> {
+    // SAFETY: vector has one slot per module; ours is at the index httpd gave this module.
     let slot = unsafe {
         *vector
             .cast::<*mut c_void>()
             .add(gateway_ap_module_index() as usize)
     };
+    // SAFETY: the slot holds NULL or a record of type T made by this module (guaranteed by the caller).
     unsafe { slot.cast::<T>().as_ref() }
 }
 
+/// # Safety
+/// `vector` must be a configuration vector of this module's kind, whose slot holds a T.
 unsafe fn module_config_mut<'a, T>(vector: *mut ap_conf_vector_t) -> &'a mut T {
+    // SAFETY: vector has one slot per module; ours is at the index httpd gave this module.
     let slot = unsafe {
         *vector
             .cast::<*mut c_void>()
             .add(gateway_ap_module_index() as usize)
     };
+    // SAFETY: the slot holds a record of type T made by this module (guaranteed by the caller).
     unsafe { &mut *slot.cast::<T>() }
 }
 
@@ -203,30 +212,46 @@ fn result(cmd: *mut cmd_parms, directive: &str, r: Result<(), ConfigError>) -> *
 }
 
 /// Borrows a C string argument as UTF-8.
+///
+/// # Safety
+/// `s` must be a NUL-terminated string that outlives `'a`.
 unsafe fn arg<'a>(s: *const c_char) -> Result<&'a str, ConfigError> {
+    // SAFETY: guaranteed by the caller.
     unsafe { CStr::from_ptr(s) }
         .to_str()
         .map_err(|_| ConfigError("arguments must be UTF-8".into()))
 }
 
+/// # Safety
+/// `argv` must hold `argc` NUL-terminated strings that outlive `'a`.
 unsafe fn argv<'a>(argc: c_int, argv: *const *mut c_char) -> Result<Vec<&'a str>, ConfigError> {
     (0..argc as usize)
+        // SAFETY: each of the argc entries is such a string (guaranteed by the caller).
         .map(|i| unsafe { arg(*argv.add(i)) })
         .collect()
 }
 
 /// The server record a directive configures.
+///
+/// # Safety
+/// `cmd` must be the live cmd_parms of a directive handler.
 unsafe fn server_config<'a>(cmd: *mut cmd_parms) -> &'a mut ServerConfig {
+    // SAFETY: cmd->server is the server record being configured; its vector has our ServerConfig.
     unsafe { module_config_mut::<ServerConfig>((*(*cmd).server).module_config) }
 }
 
 /// Fails unless the directive stands outside any virtual host or section.
+///
+/// # Safety
+/// `cmd` must be the live cmd_parms of a directive handler.
 unsafe fn global_only(cmd: *mut cmd_parms) -> Result<(), ConfigError> {
+    // SAFETY: cmd is live (guaranteed by the caller).
     let msg = unsafe { ap_check_cmd_context(cmd, GLOBAL_ONLY) };
     if msg.is_null() {
         Ok(())
     } else {
         Err(ConfigError(
+            // SAFETY: ap_check_cmd_context returns NULL or a NUL-terminated message.
             unsafe { CStr::from_ptr(msg) }
                 .to_string_lossy()
                 .into_owned(),
@@ -242,6 +267,7 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
     target: *const c_char,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd passes the directive's two NUL-terminated arguments.
         let (url, target) = unsafe { (arg(url)?, arg(target)?) };
         if !url.starts_with('/') {
             return Err(ConfigError(format!(
@@ -249,6 +275,7 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
             )));
         }
         let app = AppSpec::parse(target)?;
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let cfg = unsafe { server_config(cmd) };
         let prefix = url.trim_end_matches('/').to_string();
         if cfg.mounts.iter().any(|m| m.prefix == prefix) {
@@ -256,6 +283,7 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
                 "'{url}' is already mounted in this server"
             )));
         }
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let at = unsafe { origin(cmd) };
         cfg.mounts.push(Mount { prefix, app, at });
         Ok(())
@@ -271,22 +299,28 @@ pub unsafe extern "C" fn gateway_cmd_mode(
     argv_: *const *mut c_char,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd passes argc NUL-terminated arguments.
         let mode = Mode::parse(&unsafe { argv(argc, argv_) }?)?;
         // Inside <Directory>/<Location> cmd->path is set and dcfg is that section's record.
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let in_section = !unsafe { (*cmd).path }.is_null();
         if let Mode::Daemon(name) = &mode {
             let mut parsed = parsed();
             // Checked once the whole configuration is read: the group may be defined later.
+            // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
             parsed.refs.push((name.clone(), unsafe { origin(cmd) }));
             if in_section {
                 parsed
                     .sections
+                    // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
                     .push((name.clone(), unsafe { (*cmd).server } as usize));
             }
         }
         if !in_section {
+            // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
             unsafe { server_config(cmd) }.mode = Some(mode);
         } else {
+            // SAFETY: inside a section, dcfg is that section's DirConfig (made by gateway_create_dir_config).
             unsafe { &mut *dcfg.cast::<DirConfig>() }.mode = Some(mode);
         }
         Ok(())
@@ -302,6 +336,7 @@ pub unsafe extern "C" fn gateway_cmd_daemon(
     argv_: *const *mut c_char,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd passes argc NUL-terminated arguments.
         let options = DaemonOptions::parse(&unsafe { argv(argc, argv_) }?)?;
         let mut parsed = parsed();
         if let Some((_, at)) = parsed.groups.iter().find(|(d, _)| d.name == options.name) {
@@ -312,7 +347,9 @@ pub unsafe extern "C" fn gateway_cmd_daemon(
         }
         parsed
             .groups
+            // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
             .push((options.clone(), unsafe { origin(cmd) }));
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         unsafe { server_config(cmd) }.daemons.push(options);
         Ok(())
     })();
@@ -346,8 +383,11 @@ pub unsafe extern "C" fn gateway_cmd_python_home(
     dir: *const c_char,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         unsafe { global_only(cmd) }?;
+        // SAFETY: httpd passes the directive's NUL-terminated argument.
         let dir = PathBuf::from(unsafe { arg(dir) }?);
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let cfg = unsafe { server_config(cmd) };
         if let Some(first) = &cfg.python_home {
             return Err(ConfigError(format!(
@@ -373,7 +413,9 @@ pub unsafe extern "C" fn gateway_cmd_shared_interpreter(
     on: c_int,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         unsafe { global_only(cmd) }?;
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let cfg = unsafe { server_config(cmd) };
         if cfg.shared_interpreter.is_some() {
             return Err(ConfigError("is given twice: give it once".into()));
@@ -391,8 +433,11 @@ pub unsafe extern "C" fn gateway_cmd_python_path(
     path: *const c_char,
 ) -> *const c_char {
     let r = (|| {
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         unsafe { global_only(cmd) }?;
+        // SAFETY: httpd passes the directive's NUL-terminated argument.
         let dirs = split_path_list(unsafe { arg(path) }?);
+        // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         unsafe { server_config(cmd) }.python_path.extend(dirs);
         Ok(())
     })();

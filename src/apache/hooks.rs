@@ -67,6 +67,7 @@ fn servers(s: *mut server_rec) -> impl Iterator<Item = *mut server_rec> {
 /// # Safety
 /// `s` must be a server record of this configuration.
 unsafe fn server_config<'a>(s: *const server_rec) -> Option<&'a ServerConfig> {
+    // SAFETY: guaranteed by the caller; the main server and each virtual host have our ServerConfig.
     unsafe { module_config::<ServerConfig>((*s).module_config) }
 }
 
@@ -358,7 +359,9 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
     // SAFETY: s is the live main server; the slot is an int in its process pool,
     // touched only by the parent's single thread.
     let slot = unsafe { lifeline_slot(s) };
+    // SAFETY: slot points at the int in the process pool (lifeline_slot).
     let previous = unsafe { *slot };
+    // SAFETY: slot points at the int in the process pool (lifeline_slot).
     unsafe { *slot = -1 };
     // The previous generation's server processes still finish their requests.
     // SAFETY: as above.
@@ -403,6 +406,7 @@ unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<()
 pub unsafe extern "C" fn gateway_monitor(_p: *mut apr_pool_t, s: *mut server_rec) -> c_int {
     // SAFETY: httpd passes the live main server, in the parent's single thread.
     let slot = unsafe { lifeline_slot(s) };
+    // SAFETY: slot points at the int in the process pool (lifeline_slot).
     let fd = unsafe { *slot };
     if fd < 0 {
         return DECLINED;
@@ -444,12 +448,15 @@ pub unsafe extern "C" fn gateway_post_config(
 ) -> c_int {
     adopt_main_server(s);
     // httpd reads the configuration twice at start-up; act on the real pass only.
+    // SAFETY: ap_state_query only reads httpd's state.
     if unsafe { ap_state_query(AP_SQ_MAIN_STATE as c_int) } == AP_SQ_MS_CREATE_PRE_CONFIG as c_int {
         return OK as c_int;
     }
     let mounts: usize = servers(s)
+        // SAFETY: servers() yields records of this configuration.
         .map(|s| unsafe { server_config(s) }.map_or(0, |c| c.mounts.len()))
         .sum();
+    // SAFETY: pconf and s are the ones httpd passed to this hook.
     if let Err(e) = unsafe { start_daemons(pconf, s) } {
         log::error!("daemon mode cannot start: {e}");
         return HTTP_INTERNAL_SERVER_ERROR as c_int;
@@ -500,6 +507,7 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
 /// # Safety
 /// `s` must be a server record of this configuration.
 unsafe fn start_python(s: *const server_rec) -> Result<ServerInfo, String> {
+    // SAFETY: guaranteed by the caller.
     let cfg = unsafe { server_config(s) };
     let settings = PythonSettings {
         home: cfg.and_then(|c| c.python_home.clone()),
@@ -535,7 +543,9 @@ pub unsafe extern "C" fn gateway_translate_name(r: *mut request_rec) -> c_int {
     if uri.is_null() {
         return DECLINED;
     }
+    // SAFETY: httpd passes the request's NUL-terminated URI.
     let uri = unsafe { CStr::from_ptr(uri) }.to_bytes();
+    // SAFETY: server is the request's server record.
     let Some(mount) = (unsafe { server_config(server) }).and_then(|c| c.mount_for(uri)) else {
         return DECLINED;
     };
@@ -554,9 +564,11 @@ pub unsafe extern "C" fn gateway_translate_name(r: *mut request_rec) -> c_int {
 pub unsafe extern "C" fn gateway_handler(r: *mut request_rec) -> c_int {
     // SAFETY: httpd passes a live request.
     let handler = unsafe { (*r).handler };
+    // SAFETY: a request's handler is NULL or a NUL-terminated string.
     if handler.is_null() || unsafe { CStr::from_ptr(handler) } != HANDLER {
         return DECLINED;
     }
+    // SAFETY: httpd passes the live request of the running handler.
     match catch_unwind(AssertUnwindSafe(|| unsafe { handle(r) })) {
         Ok(status) => status,
         Err(_) => {
@@ -570,18 +582,25 @@ pub unsafe extern "C" fn gateway_handler(r: *mut request_rec) -> c_int {
     }
 }
 
+/// # Safety
+/// `r` must be the live request of the running handler.
 unsafe fn handle(r: *mut request_rec) -> c_int {
+    // SAFETY: r is live (guaranteed by the caller); its uri is NUL-terminated.
     let uri = unsafe { CStr::from_ptr((*r).uri) }.to_bytes();
     let Some(mount): Option<&Mount> =
+        // SAFETY: r->server is the request's server record.
         (unsafe { server_config((*r).server) }).and_then(|c| c.mount_for(uri))
     else {
         return DECLINED;
     };
+    // SAFETY: r->server is the request's server record.
     let server_mode = unsafe { server_config((*r).server) }.and_then(|c| c.mode.clone());
     let dir_mode =
+        // SAFETY: r->per_dir_config is the request's merged vector; our slot holds a DirConfig or NULL.
         unsafe { module_config::<DirConfig>((*r).per_dir_config) }.and_then(|c| c.mode.clone());
     if let Some(Mode::Daemon(name)) = dir_mode.or(server_mode) {
         return match client::endpoint(&name) {
+            // SAFETY: r is live (guaranteed by the caller).
             Some(endpoint) => unsafe { request::forward(r, mount, &endpoint) },
             None => {
                 let msg = format!("daemon process group '{name}' is not running in this server");
@@ -592,7 +611,9 @@ unsafe fn handle(r: *mut request_rec) -> c_int {
     }
     // SAFETY: r->server is the request's live server record.
     let server = unsafe { (*r).server };
+    // SAFETY: server is a record of this configuration.
     match PYTHON.get_or_init(|| unsafe { start_python(server) }) {
+        // SAFETY: r is live (guaranteed by the caller).
         Ok(info) => unsafe { request::serve(r, mount, info) },
         Err(why) => {
             let msg = format!("Python is not available in this process: {why}");

@@ -22,29 +22,39 @@ unsafe fn bytes<'a>(s: *const c_char) -> &'a [u8] {
     if s.is_null() {
         b""
     } else {
+        // SAFETY: s is non-NULL and NUL-terminated (guaranteed by the caller).
         unsafe { CStr::from_ptr(s) }.to_bytes()
     }
 }
 
+/// # Safety
+/// `s` must be NULL or a NUL-terminated string that outlives `'a`.
 unsafe fn opt_bytes<'a>(s: *const c_char) -> Option<&'a [u8]> {
+    // SAFETY: guaranteed by the caller.
     (!s.is_null()).then(|| unsafe { bytes(s) })
 }
 
 /// The entries of an APR table, in order.
+///
+/// # Safety
+/// `t` must be NULL or a live APR table whose strings outlive `'a`.
 unsafe fn table<'a>(t: *const apr_table_t) -> Vec<(&'a [u8], &'a [u8])> {
     if t.is_null() {
         return Vec::new();
     }
+    // SAFETY: t is a live table (guaranteed by the caller).
     let elts = unsafe { &*apr_table_elts(t) };
     if elts.nelts <= 0 || elts.elts.is_null() {
         return Vec::new();
     }
+    // SAFETY: the table's array holds nelts entries of apr_table_entry_t.
     let entries = unsafe {
         std::slice::from_raw_parts(elts.elts.cast::<apr_table_entry_t>(), elts.nelts as usize)
     };
     entries
         .iter()
         .filter(|e| !e.key.is_null())
+        // SAFETY: keys and values of a live table are NUL-terminated strings.
         .map(|e| unsafe { (bytes(e.key), bytes(e.val)) })
         .collect()
 }
@@ -289,11 +299,13 @@ unsafe fn finish(r: *mut request_rec) -> c_int {
 /// # Safety
 /// `r` must be the live request of the running handler.
 pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_int {
+    // SAFETY: r is live (guaranteed by the caller).
     let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
     if rc != OK as c_int {
         return rc;
     }
     let request = Request {
+        // SAFETY: r is live (guaranteed by the caller).
         head: unsafe { head(r, mount) },
         body: Box::new(body(r)),
         response: Box::new(response(r)),
@@ -301,6 +313,7 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
     let outcome = wsgi::run(&mount.app, info, request);
     match outcome {
         Outcome::Failed => HTTP_INTERNAL_SERVER_ERROR as c_int,
+        // SAFETY: r is live; the response is complete.
         Outcome::Complete => unsafe { finish(r) },
         Outcome::Aborted | Outcome::ClientGone => OK as c_int,
     }
@@ -311,12 +324,14 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
 /// # Safety
 /// `r` must be the live request of the running handler.
 pub unsafe fn forward(r: *mut request_rec, mount: &Mount, endpoint: &Endpoint) -> c_int {
+    // SAFETY: r is live (guaranteed by the caller).
     let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
     if rc != OK as c_int {
         return rc;
     }
     // SAFETY: r is live; ap_setup_client_block has set how the body is framed.
     let has_body = unsafe { (*r).read_chunked != 0 || (*r).remaining > 0 };
+    // SAFETY: r is live (guaranteed by the caller).
     let head = unsafe { head(r, mount) };
     let reply = client::forward(
         endpoint,
@@ -327,6 +342,7 @@ pub unsafe fn forward(r: *mut request_rec, mount: &Mount, endpoint: &Endpoint) -
         &mut response(r),
     );
     match reply {
+        // SAFETY: r is live; the response is complete.
         Reply::Complete => unsafe { finish(r) },
         Reply::Status(status) => c_int::from(status),
         Reply::Aborted | Reply::ClientGone => OK as c_int,

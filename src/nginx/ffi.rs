@@ -7,7 +7,9 @@
     non_upper_case_globals,
     dead_code,
     unnecessary_transmutes,
-    clippy::all
+    clippy::all,
+    clippy::undocumented_unsafe_blocks,
+    clippy::missing_safety_doc
 )]
 
 use std::os::raw::{c_char, c_void};
