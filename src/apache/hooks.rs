@@ -116,7 +116,6 @@ fn supervisor_config(
 /// # Safety
 /// `s` must be the main server record of this configuration.
 unsafe fn new_generation(s: *mut server_rec, groups: &[DaemonOptions]) -> io::Result<Generation> {
-    let main = s as usize;
     let sections = parsed().sections.clone();
     let mut mounts = Vec::new();
     for server in servers(s) {
@@ -128,15 +127,26 @@ unsafe fn new_generation(s: *mut server_rec, groups: &[DaemonOptions]) -> io::Re
             Some(Mode::Daemon(name)) => Some(name.as_str()),
             _ => None,
         };
-        let from_sections = sections
-            .iter()
-            .filter(|(_, at)| *at == server as usize || *at == main)
-            .map(|(name, _)| name.as_str());
+        let from_sections = section_groups(&sections, server, s);
         for group in from_server.into_iter().chain(from_sections) {
             mounts.extend(cfg.mounts.iter().map(|m| (group, &m.app)));
         }
     }
     Generation::new(groups, mounts)
+}
+
+/// The daemon groups that `<Directory>`/`<Location>` sections name for the
+/// mounts of `server`: its own sections', and those of the main server `main`,
+/// which apply to every virtual host.
+fn section_groups(
+    sections: &[(String, usize)],
+    server: *mut server_rec,
+    main: *mut server_rec,
+) -> impl Iterator<Item = &str> {
+    sections
+        .iter()
+        .filter(move |(_, at)| *at == server as usize || *at == main as usize)
+        .map(|(name, _)| name.as_str())
 }
 
 /// The key, in the process pool, of the current generation's encoding: the
@@ -150,15 +160,26 @@ const GENERATION_KEY: &CStr = c"gateway-daemon-generation";
 /// # Safety
 /// `s` must be a live server record, in the parent's single thread.
 unsafe fn generation_slot(s: *mut server_rec) -> *mut *mut u8 {
-    // SAFETY: s->process->pool lives as long as the httpd process; the slot is a pointer in it.
+    // SAFETY: guaranteed by the caller.
+    unsafe { process_slot(s, GENERATION_KEY, std::ptr::null_mut()) }
+}
+
+/// A value of type `T` that survives restarts: kept in the process pool under
+/// `key`, set to `initial` the first time.
+///
+/// # Safety
+/// `s` must be a live server record, in the parent's single thread, and `key`
+/// always used with the same `T`.
+unsafe fn process_slot<T: Copy>(s: *mut server_rec, key: &CStr, initial: T) -> *mut T {
+    // SAFETY: s->process->pool lives as long as the httpd process; the slot is a T in it.
     unsafe {
         let pool = (*(*s).process).pool;
         let mut data: *mut c_void = std::ptr::null_mut();
-        apr_pool_userdata_get(&mut data, GENERATION_KEY.as_ptr(), pool);
+        apr_pool_userdata_get(&mut data, key.as_ptr(), pool);
         if data.is_null() {
-            data = apr_palloc(pool, std::mem::size_of::<*mut u8>() as apr_size_t);
-            *data.cast::<*mut u8>() = std::ptr::null_mut();
-            apr_pool_userdata_set(data, GENERATION_KEY.as_ptr(), None, pool);
+            data = apr_palloc(pool, std::mem::size_of::<T>() as apr_size_t);
+            *data.cast::<T>() = initial;
+            apr_pool_userdata_set(data, key.as_ptr(), None, pool);
         }
         data.cast()
     }
@@ -295,16 +316,12 @@ fn no_other_python_module() -> bool {
 unsafe fn interpreter_clash_in(s: *mut server_rec, sections: &[(String, usize)]) -> Option<String> {
     // SAFETY: guaranteed by the caller.
     let main = unsafe { server_config(s) }?;
-    let in_sections = |server: *mut server_rec| {
-        sections
-            .iter()
-            .any(|(_, at)| *at == server as usize || *at == s as usize)
-    };
     if main.shared_interpreter == Some(true) {
         return None;
     }
     let mut first: Option<&Mount> = None;
-    for server in servers(s).filter(|&server| !in_sections(server)) {
+    for server in servers(s).filter(|&server| section_groups(sections, server, s).next().is_none())
+    {
         // SAFETY: server is a record of this configuration.
         let Some(cfg) = (unsafe { server_config(server) }) else {
             continue;
@@ -334,18 +351,8 @@ unsafe fn interpreter_clash_in(s: *mut server_rec, sections: &[(String, usize)])
 /// # Safety
 /// `s` must be a live server record.
 unsafe fn lifeline_slot(s: *mut server_rec) -> *mut c_int {
-    // SAFETY: s->process->pool lives as long as the httpd process; the slot is an int in it.
-    unsafe {
-        let pool = (*(*s).process).pool;
-        let mut data: *mut c_void = std::ptr::null_mut();
-        apr_pool_userdata_get(&mut data, LIFELINE_KEY.as_ptr(), pool);
-        if data.is_null() {
-            data = apr_palloc(pool, std::mem::size_of::<c_int>() as apr_size_t);
-            *data.cast::<c_int>() = -1;
-            apr_pool_userdata_set(data, LIFELINE_KEY.as_ptr(), None, pool);
-        }
-        data.cast()
-    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { process_slot(s, LIFELINE_KEY, -1) }
 }
 
 /// Starts this generation's daemon supervisor, then lets the previous one (on a

@@ -25,6 +25,8 @@ pub enum HeadError {
     Status(String),
     /// 1xx: an interim status, never the final one of a response.
     Informational(u16),
+    /// A status code that its status line contradicts.
+    Mismatch(u16, String),
     /// A header name that is not an HTTP token.
     Name(String),
     /// A header value with CR, LF, NUL or another control byte.
@@ -44,6 +46,9 @@ impl fmt::Display for HeadError {
                 "status {code} is an interim (1xx) status, which cannot end a response: \
                  the server sends 100 Continue itself, and 101 belongs to WebSocket upgrades"
             ),
+            HeadError::Mismatch(code, line) => {
+                write!(f, "status {code} with the status line {line:?}")
+            }
             HeadError::Name(name) => write!(f, "invalid response header name {name:?}"),
             HeadError::Value(name) => write!(
                 f,
@@ -125,14 +130,18 @@ pub fn declared_length(headers: &[Header]) -> Result<Option<u64>, HeadError> {
     Ok(declared)
 }
 
-/// Checks a whole response head and returns how its body is framed.
-/// `head_request`: the request's method is HEAD.
+/// Checks a whole response head and returns how its body is framed: `status`
+/// is the code the server sends, which `status_line` must agree with (the body
+/// rules follow the code). `head_request`: the request's method is HEAD.
 pub fn check_head(
+    status: u16,
     status_line: &str,
     headers: &[Header],
     head_request: bool,
 ) -> Result<BodyFraming, HeadError> {
-    let status = check_status(status_line)?;
+    if check_status(status_line)? != status {
+        return Err(HeadError::Mismatch(status, status_line.to_string()));
+    }
     let mut size = status_line.len();
     for (name, value) in headers {
         check_header(name, value)?;
@@ -223,11 +232,6 @@ impl BodyFraming {
         (dropped_now > 0 && self.excess == dropped_now as u64).then_some(self.limit.unwrap_or(0))
     }
 
-    /// Whether the body carries nothing (HEAD, 204, 304).
-    pub fn no_body(&self) -> bool {
-        self.no_body
-    }
-
     /// At the end of the body: the declared length and what was sent, when
     /// less was sent (the client would wait for the rest, or read the next
     /// response as body: the connection must be closed).
@@ -241,7 +245,7 @@ impl BodyFraming {
 
 #[cfg(test)]
 mod tests {
-    use super::content_type_parts;
+    use super::*;
 
     #[test]
     fn a_charset_is_split_from_the_media_type() {
@@ -269,8 +273,6 @@ mod tests {
         assert_eq!(parts("text/plain; charset="), ("text/plain", Some("")));
         assert_eq!(parts("a; charset=\""), ("a", Some("")));
     }
-
-    use super::*;
 
     fn h(name: &str, value: &str) -> Header {
         (name.to_string(), value.as_bytes().to_vec())
@@ -349,16 +351,16 @@ mod tests {
     fn heads_are_bounded() {
         let big = vec![h("X", &"v".repeat(MAX_HEAD))];
         assert!(matches!(
-            check_head("200 OK", &big, false),
+            check_head(200, "200 OK", &big, false),
             Err(HeadError::TooLarge(_))
         ));
         let many: Vec<Header> = (0..10_000).map(|i| h(&format!("X-{i}"), "v")).collect();
-        assert!(check_head("200 OK", &many, false).is_ok());
+        assert!(check_head(200, "200 OK", &many, false).is_ok());
     }
 
     #[test]
     fn body_is_cut_at_the_declared_length() {
-        let mut f = check_head("200 OK", &[h("Content-Length", "5")], false).unwrap();
+        let mut f = check_head(200, "200 OK", &[h("Content-Length", "5")], false).unwrap();
         assert_eq!(f.admit(3), 3);
         assert_eq!(f.first_excess(0), None);
         assert_eq!(f.shortfall(), Some((5, 3)));
@@ -376,12 +378,22 @@ mod tests {
             ("304 Not Modified", false),
             ("200 OK", true),
         ] {
-            let mut f = check_head(status, &[h("Content-Length", "10")], head).unwrap();
+            let mut f = check_head(
+                status[..3].parse().unwrap(),
+                status,
+                &[h("Content-Length", "10")],
+                head,
+            )
+            .unwrap();
             assert_eq!(f.admit(10), 0);
-            assert!(f.no_body());
             assert_eq!(f.shortfall(), None, "{status} {head}");
         }
-        let mut open = check_head("200 OK", &[], false).unwrap();
+        // The code the server sends and the line it frames by must agree.
+        assert_eq!(
+            check_head(204, "200 OK", &[], false),
+            Err(HeadError::Mismatch(204, "200 OK".into()))
+        );
+        let mut open = check_head(200, "200 OK", &[], false).unwrap();
         assert_eq!(open.admit(1 << 20), 1 << 20);
         open.declare(1 << 20);
         assert_eq!(open.shortfall(), None);

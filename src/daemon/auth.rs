@@ -60,6 +60,15 @@ impl Secret {
         &self.0
     }
 
+    fn encode(&self, e: &mut Encoder<'_>) {
+        e.bytes(&self.0);
+    }
+
+    fn decode(d: &mut Decoder<'_>) -> Result<Secret, ProtocolError> {
+        Secret::from_bytes(d.bytes("secret")?)
+            .ok_or_else(|| ProtocolError::Invalid("the secret has the wrong length".into()))
+    }
+
     /// Whether `other` is this secret, in a time that does not depend on where
     /// they differ (a peer must not learn the secret byte by byte).
     pub fn matches(&self, other: &[u8]) -> bool {
@@ -104,15 +113,13 @@ impl GroupAccess {
     }
 
     pub fn encode(&self, e: &mut Encoder<'_>) {
-        e.bytes(self.secret.as_bytes());
+        self.secret.encode(e);
         put_apps(e, &self.apps);
     }
 
     pub fn decode(d: &mut Decoder<'_>) -> Result<GroupAccess, ProtocolError> {
-        let secret = Secret::from_bytes(d.bytes("secret")?)
-            .ok_or_else(|| ProtocolError::Invalid("the secret has the wrong length".into()))?;
         Ok(GroupAccess {
-            secret,
+            secret: Secret::decode(d)?,
             apps: decode_apps(d)?,
         })
     }
@@ -162,7 +169,7 @@ impl Generation {
     }
 
     pub fn encode(&self, e: &mut Encoder<'_>) {
-        e.bytes(self.secret.as_bytes());
+        self.secret.encode(e);
         e.u32(self.apps.len() as u32);
         for (group, apps) in &self.apps {
             e.str(group);
@@ -171,8 +178,7 @@ impl Generation {
     }
 
     pub fn decode(d: &mut Decoder<'_>) -> Result<Generation, ProtocolError> {
-        let secret = Secret::from_bytes(d.bytes("secret")?)
-            .ok_or_else(|| ProtocolError::Invalid("the secret has the wrong length".into()))?;
+        let secret = Secret::decode(d)?;
         let n = d.count(8, "group applications")?;
         let apps = (0..n)
             .map(|_| Ok((d.str("group name")?.to_string(), decode_apps(d)?)))

@@ -537,12 +537,8 @@ impl Exchange<'_> {
         let checked = protocol::decode_start(self.payload)
             .map_err(|e| e.to_string())
             .and_then(|(status, line, headers)| {
-                let framing = framing::check_head(&line, &headers, self.head_request)
+                let framing = framing::check_head(status, &line, &headers, self.head_request)
                     .map_err(|e| e.to_string())?;
-                // The server sends the code, the framing follows the line: they must agree.
-                if framing::check_status(&line) != Ok(status) {
-                    return Err(format!("status {status} with the status line {line:?}"));
-                }
                 Ok((status, line, headers, framing))
             });
         let (status, line, headers, framing) = match checked {

@@ -220,14 +220,15 @@ impl Encoder<'_> {
     pub fn str(&mut self, v: &str) {
         self.bytes(v.as_bytes());
     }
+    /// The presence byte of an optional value, which follows when present.
+    pub fn present(&mut self, present: bool) {
+        self.u8(u8::from(present));
+    }
     /// An optional byte string: a presence byte, then the string.
     pub fn opt(&mut self, v: Option<&[u8]>) {
-        match v {
-            Some(v) => {
-                self.u8(1);
-                self.bytes(v);
-            }
-            None => self.u8(0),
+        self.present(v.is_some());
+        if let Some(v) = v {
+            self.bytes(v);
         }
     }
     pub fn pairs(&mut self, pairs: &[(&[u8], &[u8])]) {
@@ -280,13 +281,21 @@ impl<'a> Decoder<'a> {
         std::str::from_utf8(self.bytes(what)?)
             .map_err(|_| ProtocolError::Invalid(format!("{what} is not UTF-8")))
     }
-    pub fn opt(&mut self, what: &'static str) -> Result<Option<&'a [u8]>, ProtocolError> {
+    /// The presence byte of an optional value: whether the value follows.
+    pub fn present(&mut self, what: &'static str) -> Result<bool, ProtocolError> {
         match self.u8(what)? {
-            0 => Ok(None),
-            1 => Ok(Some(self.bytes(what)?)),
+            0 => Ok(false),
+            1 => Ok(true),
             v => Err(ProtocolError::Invalid(format!(
                 "{what}: bad presence byte {v}"
             ))),
+        }
+    }
+    pub fn opt(&mut self, what: &'static str) -> Result<Option<&'a [u8]>, ProtocolError> {
+        if self.present(what)? {
+            Ok(Some(self.bytes(what)?))
+        } else {
+            Ok(None)
         }
     }
     /// A count of entries that each take at least `min_size` bytes: a count that

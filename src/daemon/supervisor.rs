@@ -70,7 +70,7 @@ impl SupervisorConfig {
             protocol::put_options(&mut e, g);
         }
         self.generation.encode(&mut e);
-        e.u8(u8::from(self.previous.is_some()));
+        e.present(self.previous.is_some());
         if let Some(previous) = &self.previous {
             previous.encode(&mut e);
         }
@@ -90,14 +90,10 @@ impl SupervisorConfig {
             .map(|_| protocol::decode_options(&mut d))
             .collect::<Result<_, _>>()?;
         let generation = Generation::decode(&mut d)?;
-        let previous = match d.u8("previous generation")? {
-            0 => None,
-            1 => Some(Generation::decode(&mut d)?),
-            v => {
-                return Err(protocol::ProtocolError::Invalid(format!(
-                    "previous generation: bad presence byte {v}"
-                )))
-            }
+        let previous = if d.present("previous generation")? {
+            Some(Generation::decode(&mut d)?)
+        } else {
+            None
         };
         d.finish("the supervisor configuration")?;
         Ok(SupervisorConfig {

@@ -52,7 +52,7 @@ impl WorkerConfig {
         e.u32(self.server_gid);
         protocol::put_options(&mut e, &self.options);
         self.access.encode(&mut e);
-        e.u8(u8::from(self.previous.is_some()));
+        e.present(self.previous.is_some());
         if let Some(previous) = &self.previous {
             previous.encode(&mut e);
         }
@@ -68,14 +68,10 @@ impl WorkerConfig {
             server_gid: d.u32("server gid")?,
             options: protocol::decode_options(&mut d)?,
             access: GroupAccess::decode(&mut d)?,
-            previous: match d.u8("previous generation")? {
-                0 => None,
-                1 => Some(GroupAccess::decode(&mut d)?),
-                v => {
-                    return Err(protocol::ProtocolError::Invalid(format!(
-                        "previous generation: bad presence byte {v}"
-                    )))
-                }
+            previous: if d.present("previous generation")? {
+                Some(GroupAccess::decode(&mut d)?)
+            } else {
+                None
             },
         };
         d.finish("the daemon configuration")?;

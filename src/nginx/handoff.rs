@@ -399,13 +399,3 @@ impl ResponseChannel for NginxResponse {
         log_line(level, line);
     }
 }
-
-/// A Content-Length header value as nginx wants it, None if it is not one.
-pub fn content_length(value: &[u8]) -> Option<off_t> {
-    std::str::from_utf8(value)
-        .ok()?
-        .trim()
-        .parse::<off_t>()
-        .ok()
-        .filter(|n| *n >= 0)
-}

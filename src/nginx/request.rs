@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::config::{LocConfig, Mount};
 use super::exchange::{Exchange, Piece};
 use super::ffi::*;
-use super::handoff::{content_length, Handoff};
+use super::handoff::Handoff;
 use super::runtime::{self, log_line};
 use crate::common::config::Mode;
 use crate::common::framing;
@@ -578,6 +578,10 @@ impl LoopState {
                 return error;
             };
             out.status_line = line;
+            // The head was checked on its way here (ResponseChannel::start).
+            if let Ok(Some(len)) = framing::declared_length(headers) {
+                out.content_length_n = len as off_t;
+            }
             for (name, value) in headers {
                 if name.eq_ignore_ascii_case("content-type") {
                     let Some(v) = self.pool_str(value) else {
@@ -598,7 +602,6 @@ impl LoopState {
                     continue;
                 }
                 if name.eq_ignore_ascii_case("content-length") {
-                    out.content_length_n = content_length(value).unwrap_or(-1);
                     continue;
                 }
                 let h = ngx_list_push(&mut out.headers).cast::<ngx_table_elt_t>();

@@ -198,10 +198,7 @@ impl HomeUser {
         HomeUser {
             uid,
             groups,
-            name: account.map_or_else(
-                || uid.to_string(),
-                |a| String::from_utf8_lossy(&a.name).into_owned(),
-            ),
+            name: user_name(uid, account.as_ref()),
         }
     }
 
@@ -240,6 +237,14 @@ impl HomeUser {
         };
         (meta.mode() >> class) & want == want
     }
+}
+
+/// A user's name for messages: its account's, or its number without one.
+fn user_name(uid: u32, account: Option<&crate::daemon::process::Account>) -> String {
+    account.map_or_else(
+        || uid.to_string(),
+        |a| String::from_utf8_lossy(&a.name).into_owned(),
+    )
 }
 
 /// The groups `initgroups(name, gid)` would give a process.
@@ -293,9 +298,9 @@ fn need(path: &Path, want: u32, user: &HomeUser, home: &Path) -> Result<(), Init
             path: path.to_path_buf(),
             user: user.name.clone(),
             mode: meta.mode() & 0o7777,
-            owner: crate::daemon::process::account(meta.uid()).map_or_else(
-                || meta.uid().to_string(),
-                |a| String::from_utf8_lossy(&a.name).into_owned(),
+            owner: user_name(
+                meta.uid(),
+                crate::daemon::process::account(meta.uid()).as_ref(),
             ),
             grant: match want {
                 SEARCH => "o+x",

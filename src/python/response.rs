@@ -246,7 +246,8 @@ impl StartResponse {
             )
         })?;
         let head_request = slf.method == b"HEAD";
-        slf.framing = framing::check_head(&status.1, &headers, head_request).map_err(head_error)?;
+        slf.framing =
+            framing::check_head(status.0, &status.1, &headers, head_request).map_err(head_error)?;
         slf.status = Some(status);
         slf.headers = headers;
         let py = slf.py();
