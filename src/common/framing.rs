@@ -103,7 +103,9 @@ pub fn check_header(name: &str, value: &[u8]) -> Result<(), HeadError> {
 }
 
 /// The body length the headers declare: `None` without Content-Length. Repeats
-/// must agree; the value is digits only (no sign, no list).
+/// must agree; the value is digits only (no sign, no list), and fits the
+/// servers' signed file offsets (`off_t`), as nginx and httpd require of a
+/// Content-Length they parse themselves.
 pub fn declared_length(headers: &[Header]) -> Result<Option<u64>, HeadError> {
     let mut declared = None;
     for (name, value) in headers {
@@ -117,6 +119,7 @@ pub fn declared_length(headers: &[Header]) -> Result<Option<u64>, HeadError> {
             && digits.bytes().all(|c| c.is_ascii_digit()))
         .then(|| digits.parse::<u64>().ok())
         .flatten()
+        .filter(|&n| n <= i64::MAX as u64)
         .ok_or_else(|| HeadError::ContentLength(format!("{text:?}")))?;
         match declared {
             Some(prev) if prev != n => {
@@ -338,6 +341,8 @@ mod tests {
             "0x10",
             "1e3",
             "99999999999999999999",
+            // Beyond i64::MAX: a server's off_t would read it as negative.
+            "9223372036854775808",
         ] {
             assert!(
                 declared_length(&[h("Content-Length", bad)]).is_err(),
@@ -345,6 +350,10 @@ mod tests {
             );
         }
         assert!(declared_length(&[h("Content-Length", "5"), h("Content-Length", "6")]).is_err());
+        assert_eq!(
+            declared_length(&[h("Content-Length", "9223372036854775807")]),
+            Ok(Some(i64::MAX as u64))
+        );
     }
 
     #[test]
