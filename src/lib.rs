@@ -11,6 +11,7 @@
 
 pub mod common;
 pub mod daemon;
+pub mod dispatch;
 pub mod python;
 
 #[cfg(feature = "apache")]

@@ -3,28 +3,20 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::ffi::*;
-use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Groups, Mode};
+use crate::common::mount::Prefix;
 use crate::python::interpreter;
 
 /// One `GatewayScriptAlias`.
 #[derive(Debug, Clone)]
 pub struct Mount {
-    /// The URL path without a trailing slash; empty for `/`.
-    pub prefix: String,
+    pub prefix: Prefix,
     pub app: AppSpec,
     /// Where it is mounted (`FILE:LINE`), for errors found later.
     pub at: String,
-}
-
-impl Mount {
-    /// Whether `uri` (a decoded path) is at or below this mount point.
-    pub fn matches(&self, uri: &[u8]) -> bool {
-        let p = self.prefix.as_bytes();
-        uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/')
-    }
 }
 
 /// Configuration of the main server or a virtual host.
@@ -34,7 +26,6 @@ pub struct ServerConfig {
     pub mode: Option<Mode>,
     pub python_home: Option<PathBuf>,
     pub python_path: Vec<PathBuf>,
-    pub daemons: Vec<DaemonOptions>,
     /// `GatewaySharedInterpreter`: whether embedded applications of different
     /// scripts may share the interpreter.
     pub shared_interpreter: Option<bool>,
@@ -45,8 +36,8 @@ impl ServerConfig {
     pub fn mount_for(&self, uri: &[u8]) -> Option<&Mount> {
         self.mounts
             .iter()
-            .filter(|m| m.matches(uri))
-            .max_by_key(|m| m.prefix.len())
+            .filter(|m| m.prefix.split(uri).is_some())
+            .max_by_key(|m| m.prefix.as_bytes().len())
     }
 }
 
@@ -57,25 +48,18 @@ pub struct DirConfig {
 }
 
 /// The daemon groups and the daemon-mode references of the configuration being
-/// read, each with the `file:line` it was written at, so that the checks after
-/// reading (an undefined group name) can point at the line. Group names are
-/// global to the server: a group defined in one virtual host can serve another.
+/// read, kept outside the per-server records: group names are global to the
+/// server (a group defined in one virtual host can serve another).
 #[derive(Debug, Default)]
 pub struct Parsed {
-    pub groups: Vec<(DaemonOptions, String)>,
-    /// `GatewayMode daemon NAME`: the name and where it was written.
-    pub refs: Vec<(String, String)>,
+    pub groups: Groups,
     /// `GatewayMode daemon NAME` inside a `<Directory>`, `<Location>` or the like:
     /// the name and the server record (as an address) of the section, whose
     /// mounts the section may send to the group.
     pub sections: Vec<(String, usize)>,
 }
 
-static PARSED: Mutex<Parsed> = Mutex::new(Parsed {
-    groups: Vec::new(),
-    refs: Vec::new(),
-    sections: Vec::new(),
-});
+static PARSED: LazyLock<Mutex<Parsed>> = LazyLock::new(Mutex::default);
 
 /// What the configuration read so far defines and references.
 pub fn parsed() -> MutexGuard<'static, Parsed> {
@@ -171,7 +155,6 @@ pub unsafe extern "C" fn gateway_merge_server_config(
         mode: add.mode.clone().or_else(|| base.mode.clone()),
         python_home: base.python_home.clone(),
         python_path: base.python_path.clone(),
-        daemons: add.daemons.iter().chain(&base.daemons).cloned().collect(),
         shared_interpreter: base.shared_interpreter,
     };
     pool_owned(p, merged)
@@ -277,7 +260,7 @@ pub unsafe extern "C" fn gateway_cmd_script_alias(
         let app = AppSpec::parse(target)?;
         // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
         let cfg = unsafe { server_config(cmd) };
-        let prefix = url.trim_end_matches('/').to_string();
+        let prefix = Prefix::new(url.as_bytes());
         if cfg.mounts.iter().any(|m| m.prefix == prefix) {
             return Err(ConfigError(format!(
                 "'{url}' is already mounted in this server"
@@ -308,7 +291,7 @@ pub unsafe extern "C" fn gateway_cmd_mode(
             let mut parsed = parsed();
             // Checked once the whole configuration is read: the group may be defined later.
             // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
-            parsed.refs.push((name.clone(), unsafe { origin(cmd) }));
+            parsed.groups.refer(name, unsafe { origin(cmd) });
             if in_section {
                 parsed
                     .sections
@@ -338,20 +321,8 @@ pub unsafe extern "C" fn gateway_cmd_daemon(
     let r = (|| {
         // SAFETY: httpd passes argc NUL-terminated arguments.
         let options = DaemonOptions::parse(&unsafe { argv(argc, argv_) }?)?;
-        let mut parsed = parsed();
-        if let Some((_, at)) = parsed.groups.iter().find(|(d, _)| d.name == options.name) {
-            return Err(ConfigError(format!(
-                "daemon process group '{}' is already defined at {at}",
-                options.name
-            )));
-        }
-        parsed
-            .groups
-            // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
-            .push((options.clone(), unsafe { origin(cmd) }));
         // SAFETY: httpd calls this handler with the live cmd_parms of the directive it reads.
-        unsafe { server_config(cmd) }.daemons.push(options);
-        Ok(())
+        parsed().groups.define(options, unsafe { origin(cmd) })
     })();
     result(cmd, "GatewayDaemon", r)
 }

@@ -15,8 +15,10 @@ use super::ffi::*;
 use super::request;
 use crate::common::config::{self, DaemonOptions, Mode};
 use crate::daemon::auth::Generation;
+use crate::daemon::launch::{self, Problem};
 use crate::daemon::protocol::{Decoder, Encoder};
-use crate::daemon::{self, client, supervisor};
+use crate::daemon::{self, supervisor};
+use crate::dispatch::{self, Route, Runner};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
 
@@ -253,20 +255,12 @@ pub unsafe extern "C" fn gateway_check_config(
         log::error!("{clash}");
         ok = false;
     }
-    for (name, at) in &parsed.refs {
-        if !parsed.groups.iter().any(|(g, _)| &g.name == name) {
-            log::error!(
-                "GatewayMode at {at}: daemon process group '{name}' is not defined \
-                 (define it with 'GatewayDaemon {name} ...')"
-            );
-            ok = false;
-        }
-    }
-    if let Some((_, first)) = parsed.groups.first() {
-        if let Err(e) = daemon_executable() {
-            log::error!("GatewayDaemon at {first}: daemon mode needs its executable: {e}");
-            ok = false;
-        }
+    for (name, at) in parsed.groups.undefined() {
+        log::error!(
+            "GatewayMode at {at}: daemon process group '{name}' is not defined \
+             (define it with 'GatewayDaemon {name} ...')"
+        );
+        ok = false;
     }
     let generation = match Generation::new(&[], []) {
         Ok(g) => g,
@@ -275,12 +269,15 @@ pub unsafe extern "C" fn gateway_check_config(
             return HTTP_INTERNAL_SERVER_ERROR as c_int;
         }
     };
-    for (group, at) in &parsed.groups {
-        let config = supervisor_config("", vec![group.clone()], generation.clone(), None);
-        if let Err(e) = config.check() {
-            log::error!("GatewayDaemon at {at}: {e}");
-            ok = false;
-        }
+    let config = supervisor_config("", Vec::new(), generation, None);
+    let exe = daemon_executable();
+    for Problem { at, what } in launch::problems(
+        &parsed.groups,
+        &config,
+        exe.as_deref().map_err(|e| e.as_str()),
+    ) {
+        log::error!("GatewayDaemon at {at}: {what}");
+        ok = false;
     }
     if ok {
         OK as c_int
@@ -362,46 +359,42 @@ unsafe fn lifeline_slot(s: *mut server_rec) -> *mut c_int {
 /// # Safety
 /// In the parent's post_config, with its live pool and server.
 unsafe fn start_daemons(pconf: *mut apr_pool_t, s: *mut server_rec) -> Result<(), String> {
-    let groups: Vec<_> = parsed().groups.iter().map(|(g, _)| g.clone()).collect();
+    let groups = parsed().groups.options();
     // SAFETY: s is the live main server; the slot is an int in its process pool,
     // touched only by the parent's single thread.
     let slot = unsafe { lifeline_slot(s) };
     // SAFETY: slot points at the int in the process pool (lifeline_slot).
-    let previous = unsafe { *slot };
-    // SAFETY: slot points at the int in the process pool (lifeline_slot).
-    unsafe { *slot = -1 };
+    let previous = unsafe { std::ptr::replace(slot, -1) };
     // The previous generation's server processes still finish their requests.
     // SAFETY: as above.
     let previous_generation = unsafe { take_generation(s) }.filter(|_| previous >= 0);
-    if groups.is_empty() {
-        client::set_endpoints(Vec::new());
-        *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    } else {
-        let name = CString::new(format!("gateway-{}", std::process::id())).expect("no NUL");
-        // SAFETY: returns a NUL-terminated path allocated in pconf.
-        let run_dir = unsafe { CStr::from_ptr(ap_runtime_dir_relative(pconf, name.as_ptr())) };
-        // SAFETY: s is the live main server.
-        let generation = unsafe { new_generation(s, &groups) }.map_err(|e| e.to_string())?;
-        let config = supervisor_config(
-            &run_dir.to_string_lossy(),
-            groups,
-            generation,
-            previous_generation,
-        );
-        let exe = daemon_executable()?;
-        let lifeline = supervisor::start(&exe, &config)
-            .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
-        // SAFETY: as above.
-        unsafe {
-            *slot = lifeline.into_raw_fd();
+    let name = CString::new(format!("gateway-{}", std::process::id())).expect("no NUL");
+    // SAFETY: returns a NUL-terminated path allocated in pconf.
+    let run_dir = unsafe { CStr::from_ptr(ap_runtime_dir_relative(pconf, name.as_ptr())) };
+    // SAFETY: s is the live main server.
+    let generation = unsafe { new_generation(s, &groups) }.map_err(|e| e.to_string())?;
+    let config = supervisor_config(
+        &run_dir.to_string_lossy(),
+        groups,
+        generation,
+        previous_generation,
+    );
+    let mut exe = None;
+    let fd = launch::start_generation(&config, previous, |config| {
+        let path = daemon_executable().map_err(io::Error::other)?;
+        let lifeline = supervisor::start(&path, config);
+        exe = Some(path);
+        lifeline
+    })
+    .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
+    // SAFETY: as above.
+    unsafe {
+        *slot = fd;
+        if fd >= 0 {
             store_generation(s, &config.generation);
         }
-        client::set_endpoints(config.endpoints());
-        *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some((exe, config));
     }
-    if previous >= 0 {
-        supervisor::close_inherited(previous);
-    }
+    *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = exe.map(|exe| (exe, config));
     Ok(())
 }
 
@@ -605,23 +598,23 @@ unsafe fn handle(r: *mut request_rec) -> c_int {
     let dir_mode =
         // SAFETY: r->per_dir_config is the request's merged vector; our slot holds a DirConfig or NULL.
         unsafe { module_config::<DirConfig>((*r).per_dir_config) }.and_then(|c| c.mode.clone());
-    if let Some(Mode::Daemon(name)) = dir_mode.or(server_mode) {
-        return match client::endpoint(&name) {
-            // SAFETY: r is live (guaranteed by the caller).
-            Some(endpoint) => unsafe { request::forward(r, mount, &endpoint) },
-            None => {
-                let msg = format!("daemon process group '{name}' is not running in this server");
-                request::log(r, log::Level::Error, &msg);
-                HTTP_SERVICE_UNAVAILABLE as c_int
-            }
-        };
+    let route = match dispatch::route(dir_mode.or(server_mode).as_ref()) {
+        Ok(route) => route,
+        Err(not_running) => {
+            request::log(r, log::Level::Error, &not_running.to_string());
+            return c_int::from(dispatch::NotRunning::STATUS);
+        }
+    };
+    if let Route::Daemon(endpoint) = route {
+        // SAFETY: r is live (guaranteed by the caller).
+        return unsafe { request::serve(r, mount, Runner::Daemon(&endpoint)) };
     }
     // SAFETY: r->server is the request's live server record.
     let server = unsafe { (*r).server };
     // SAFETY: server is a record of this configuration.
     match PYTHON.get_or_init(|| unsafe { start_python(server) }) {
         // SAFETY: r is live (guaranteed by the caller).
-        Ok(info) => unsafe { request::serve(r, mount, info) },
+        Ok(info) => unsafe { request::serve(r, mount, Runner::Embedded(info)) },
         Err(why) => {
             let msg = format!("Python is not available in this process: {why}");
             request::log(r, log::Level::Error, &msg);

@@ -10,9 +10,8 @@ use super::hooks::aplog_level;
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
 use crate::common::log::request_line;
-use crate::daemon::client::{self, Reply};
-use crate::daemon::Endpoint;
-use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
+use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
+use crate::dispatch::{self, Runner};
 
 /// Bytes of a C string owned by the request, empty for NULL.
 ///
@@ -239,12 +238,12 @@ unsafe fn head<'a>(r: *mut request_rec, mount: &'a Mount) -> RequestHead<'a> {
     // SAFETY: every pointer read here belongs to r (or its connection) and outlives the handler.
     unsafe {
         let c = (*r).connection;
-        let uri = bytes((*r).uri);
+        let (script_name, path_info) = mount.prefix.split_or_root(bytes((*r).uri));
         let scheme = bytes(ap_run_http_scheme(r));
         RequestHead {
             method: bytes((*r).method),
-            script_name: mount.prefix.as_bytes(),
-            path_info: &uri[mount.prefix.len().min(uri.len())..],
+            script_name,
+            path_info,
             query_string: bytes((*r).args),
             request_uri: bytes((*r).unparsed_uri),
             protocol: bytes((*r).protocol),
@@ -294,11 +293,11 @@ unsafe fn finish(r: *mut request_rec) -> c_int {
     OK as c_int
 }
 
-/// Serves request `r` with the application mounted at `mount`, in this process.
+/// Serves request `r` with the application mounted at `mount`, run by `runner`.
 ///
 /// # Safety
 /// `r` must be the live request of the running handler.
-pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_int {
+pub unsafe fn serve(r: *mut request_rec, mount: &Mount, runner: Runner<'_>) -> c_int {
     // SAFETY: r is live (guaranteed by the caller).
     let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
     if rc != OK as c_int {
@@ -307,44 +306,15 @@ pub unsafe fn serve(r: *mut request_rec, mount: &Mount, info: &ServerInfo) -> c_
     let request = Request {
         // SAFETY: r is live (guaranteed by the caller).
         head: unsafe { head(r, mount) },
+        // SAFETY: r is live; ap_setup_client_block has set how the body is framed.
+        has_body: unsafe { (*r).read_chunked != 0 || (*r).remaining > 0 },
         body: Box::new(body(r)),
         response: Box::new(response(r)),
     };
-    let outcome = wsgi::run(&mount.app, info, request);
-    match outcome {
-        Outcome::Failed => HTTP_INTERNAL_SERVER_ERROR as c_int,
+    match dispatch::run(runner, &mount.app, request) {
         // SAFETY: r is live; the response is complete.
         Outcome::Complete => unsafe { finish(r) },
+        Outcome::Status(status) => c_int::from(status),
         Outcome::Aborted | Outcome::ClientGone => OK as c_int,
-    }
-}
-
-/// Serves request `r` by forwarding it to a daemon process group.
-///
-/// # Safety
-/// `r` must be the live request of the running handler.
-pub unsafe fn forward(r: *mut request_rec, mount: &Mount, endpoint: &Endpoint) -> c_int {
-    // SAFETY: r is live (guaranteed by the caller).
-    let rc = unsafe { ap_setup_client_block(r, REQUEST_CHUNKED_DECHUNK as c_int) };
-    if rc != OK as c_int {
-        return rc;
-    }
-    // SAFETY: r is live; ap_setup_client_block has set how the body is framed.
-    let has_body = unsafe { (*r).read_chunked != 0 || (*r).remaining > 0 };
-    // SAFETY: r is live (guaranteed by the caller).
-    let head = unsafe { head(r, mount) };
-    let reply = client::forward(
-        endpoint,
-        &mount.app,
-        &head,
-        has_body,
-        &mut body(r),
-        &mut response(r),
-    );
-    match reply {
-        // SAFETY: r is live; the response is complete.
-        Reply::Complete => unsafe { finish(r) },
-        Reply::Status(status) => c_int::from(status),
-        Reply::Aborted | Reply::ClientGone => OK as c_int,
     }
 }

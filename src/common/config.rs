@@ -34,6 +34,12 @@ impl AppSpec {
     /// Parses `FILE[:CALLABLE]` and checks that the file can be read now, so that a
     /// typo fails the configuration test instead of every request.
     pub fn parse(spec: &str) -> Result<AppSpec, ConfigError> {
+        AppSpec::parse_in(spec, Path::new(""))
+    }
+
+    /// As [`AppSpec::parse`], with a relative FILE taken relative to `base`
+    /// (nginx's prefix, as for its own directives).
+    pub fn parse_in(spec: &str, base: &Path) -> Result<AppSpec, ConfigError> {
         let (file, callable) = match spec.rsplit_once(':') {
             Some((file, name)) if is_identifier(name) => (file, name),
             Some((_, name)) if !name.contains('/') => {
@@ -46,11 +52,15 @@ impl AppSpec {
         if file.is_empty() {
             return err("the application file is missing (expected FILE[:CALLABLE])");
         }
-        if let Err(e) = File::open(file) {
-            return err(format!("cannot read the WSGI script '{file}': {e}"));
+        let file = base.join(file);
+        if let Err(e) = File::open(&file) {
+            return err(format!(
+                "cannot read the WSGI script '{}': {e}",
+                file.display()
+            ));
         }
         Ok(AppSpec {
-            file: PathBuf::from(file),
+            file,
             callable: callable.to_string(),
         })
     }
@@ -118,6 +128,57 @@ pub fn interpreter_clash(server: &str, first: (&Path, &str), second: (&Path, &st
         place(second),
         place(first)
     )
+}
+
+/// The daemon groups a configuration defines and the places that name them,
+/// each with the `FILE:LINE` it was written at. Group names are global to the
+/// server (a group defined in one virtual host or location serves any other),
+/// so references are checked once the whole configuration is read.
+#[derive(Debug, Clone, Default)]
+pub struct Groups {
+    defined: Vec<(DaemonOptions, String)>,
+    references: Vec<(String, String)>,
+}
+
+impl Groups {
+    /// Adds a group defined at `at`, unless its name is taken.
+    pub fn define(&mut self, options: DaemonOptions, at: String) -> Result<(), ConfigError> {
+        if let Some((_, first)) = self.defined.iter().find(|(d, _)| d.name == options.name) {
+            return err(format!(
+                "daemon process group '{}' is already defined at {first}",
+                options.name
+            ));
+        }
+        self.defined.push((options, at));
+        Ok(())
+    }
+
+    /// Notes that the configuration at `at` sends requests to group `name`.
+    pub fn refer(&mut self, name: &str, at: String) {
+        self.references.push((name.to_string(), at));
+    }
+
+    /// The references to groups that are not defined: name and place.
+    pub fn undefined(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.references
+            .iter()
+            .filter(|(name, _)| !self.defined.iter().any(|(d, _)| &d.name == name))
+            .map(|(name, at)| (name.as_str(), at.as_str()))
+    }
+
+    /// The groups with where each is defined, in the order they were.
+    pub fn iter(&self) -> impl Iterator<Item = (&DaemonOptions, &str)> {
+        self.defined.iter().map(|(d, at)| (d, at.as_str()))
+    }
+
+    /// The groups' options, in the order they were defined.
+    pub fn options(&self) -> Vec<DaemonOptions> {
+        self.defined.iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.defined.is_empty()
+    }
 }
 
 /// Splits a `DIR[:DIR...]` list, dropping empty entries.
@@ -283,6 +344,35 @@ fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_spec_takes_relative_files_from_the_base() {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let spec = AppSpec::parse_in("Cargo.toml:app", base).unwrap();
+        assert_eq!(
+            (spec.file, spec.callable.as_str()),
+            (base.join("Cargo.toml"), "app")
+        );
+        let spec = AppSpec::parse_in("/etc/hostname", base).unwrap();
+        assert_eq!(spec.file, PathBuf::from("/etc/hostname"));
+        assert!(AppSpec::parse_in("Cargo.toml:1app", base).is_err());
+    }
+
+    #[test]
+    fn groups_are_defined_once_and_references_checked() {
+        let options = |name: &str| DaemonOptions::parse(&[name]).unwrap();
+        let mut groups = Groups::default();
+        groups.define(options("a"), "x.conf:1".into()).unwrap();
+        let again = groups.define(options("a"), "x.conf:9".into()).unwrap_err();
+        assert_eq!(
+            again.0,
+            "daemon process group 'a' is already defined at x.conf:1"
+        );
+        groups.refer("a", "x.conf:2".into());
+        groups.refer("b", "x.conf:3".into());
+        assert_eq!(groups.undefined().collect::<Vec<_>>(), [("b", "x.conf:3")]);
+        assert_eq!(groups.options().len(), 1);
+    }
 
     #[test]
     fn app_spec_defaults_to_application() {

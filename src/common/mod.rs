@@ -4,6 +4,8 @@ pub mod cgi;
 pub mod config;
 pub mod framing;
 pub mod log;
+pub mod mount;
+pub mod transport;
 
 /// The version reported as `gateway.version` and in log lines.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -26,22 +26,7 @@ use crate::common::cgi::RequestHead;
 use crate::common::config::AppSpec;
 use crate::common::framing::{self, BodyFraming};
 use crate::common::log::request_line;
-use crate::python::{Outcome, RequestBody, ResponseChannel};
-
-/// How a forwarded request ended, for the server to finish it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reply {
-    /// The whole response was relayed.
-    Complete,
-    /// Nothing was sent yet: the server answers with this status (the reason is
-    /// logged already): 500 application error, 502 daemon died, 503 no daemon
-    /// available, 504 timed out.
-    Status(u16),
-    /// The response was cut short after its headers went out (already logged).
-    Aborted,
-    /// The client went away.
-    ClientGone,
-}
+use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
 
 static ENDPOINTS: Lazy<RwLock<HashMap<String, Arc<Endpoint>>>> = Lazy::new(Default::default);
 
@@ -271,7 +256,7 @@ pub fn forward(
     has_body: bool,
     body: &mut dyn RequestBody,
     resp: &mut dyn ResponseChannel,
-) -> Reply {
+) -> Outcome {
     let log = |resp: &dyn ResponseChannel, level: log::Level, msg: &str| {
         resp.log(level, &request_line(head.method, head.request_uri, msg));
     };
@@ -282,14 +267,14 @@ pub fn forward(
             ep.group
         );
         log(resp, log::Level::Error, &msg);
-        return Reply::Status(500);
+        return Outcome::Status(500);
     };
     SCRATCH.with(|scratch| {
         let (out, payload) = &mut *scratch.borrow_mut();
         out.clear();
         if let Err(e) = protocol::put_request(out, index, protocol::monotonic_us(), head, has_body) {
             log(resp, log::Level::Error, &format!("the request head cannot be sent to the daemon: {e}"));
-            return Reply::Status(431);
+            return Outcome::Status(431);
         }
         // A daemon that drains may close a connection it just accepted: try another.
         let mut fresh_retries = 2;
@@ -300,7 +285,7 @@ pub fn forward(
                     Ok(conn) => (conn, false),
                     Err(Refused(why)) => {
                         log(resp, log::Level::Error, &format!("{why}; answering 503"));
-                        return Reply::Status(503);
+                        return Outcome::Status(503);
                     }
                 },
             };
@@ -324,7 +309,7 @@ pub fn forward(
                 Step::Retry if fresh_retries > 0 => fresh_retries -= 1,
                 Step::Retry => {
                     log(resp, log::Level::Error, &format!("daemon process group '{}' closed a new connection at once; answering 503", ep.group));
-                    return Reply::Status(503);
+                    return Outcome::Status(503);
                 }
             }
         }
@@ -333,7 +318,7 @@ pub fn forward(
 
 enum Step {
     /// The request is over; the bool says whether the connection can be reused.
-    Done(Reply, bool),
+    Done(Outcome, bool),
     /// Nothing of the request reached the daemon: try another connection.
     Retry,
 }
@@ -418,7 +403,7 @@ impl Exchange<'_> {
                                 log::Level::Info,
                                 &format!("reading the request body failed: {e}"),
                             );
-                            return Step::Done(Reply::ClientGone, false);
+                            return Step::Done(Outcome::ClientGone, false);
                         }
                     };
                     body_buf[..HEADER_LEN].copy_from_slice(&protocol::header(Kind::Body, 0, n));
@@ -449,7 +434,7 @@ impl Exchange<'_> {
                         .is_err()
                     {
                         // Closing the connection tells the daemon: its next write fails.
-                        return Step::Done(Reply::ClientGone, false);
+                        return Step::Done(Outcome::ClientGone, false);
                     }
                 }
                 Kind::Abort => resp.abort(),
@@ -462,9 +447,9 @@ impl Exchange<'_> {
                 Kind::End => {
                     let reply = match protocol::decode_outcome(self.payload) {
                         Ok(Outcome::Complete) => return self.complete(resp, log),
-                        Ok(Outcome::Failed) if self.framing.is_none() => Reply::Status(500),
-                        Ok(Outcome::Failed | Outcome::Aborted) => Reply::Aborted,
-                        Ok(Outcome::ClientGone) => Reply::ClientGone,
+                        Ok(status @ Outcome::Status(_)) if self.framing.is_none() => status,
+                        Ok(Outcome::Status(_) | Outcome::Aborted) => Outcome::Aborted,
+                        Ok(Outcome::ClientGone) => Outcome::ClientGone,
                         Err(e) => {
                             return self.fail(
                                 resp,
@@ -517,14 +502,14 @@ impl Exchange<'_> {
                 &format!("{msg}; the response was cut short"),
             );
             resp.abort();
-            Step::Done(Reply::Aborted, false)
+            Step::Done(Outcome::Aborted, false)
         } else {
             log(
                 resp,
                 log::Level::Error,
                 &format!("{msg}; answering {status}"),
             );
-            Step::Done(Reply::Status(status), false)
+            Step::Done(Outcome::Status(status), false)
         }
     }
 
@@ -564,7 +549,7 @@ impl Exchange<'_> {
     fn complete(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Step {
         let short = self.framing.as_ref().and_then(BodyFraming::shortfall);
         match short {
-            None => Step::Done(Reply::Complete, true),
+            None => Step::Done(Outcome::Complete, true),
             Some((declared, sent)) => {
                 let msg = format!("daemon process {} ended the response after {sent} of the {declared} bytes its Content-Length declared", self.conn.pid);
                 self.fail(resp, log, 502, &msg)
@@ -597,8 +582,8 @@ impl Exchange<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::transport::Header;
     use crate::daemon::auth::{GroupAccess, Secret, SECRET_LEN};
-    use crate::python::Header;
     use std::os::unix::net::UnixListener;
 
     /// A response channel that records what it is given.
@@ -673,7 +658,7 @@ mod tests {
     }
 
     /// Forwards a GET without a body to the fake daemon at `ep`.
-    fn forward_bodiless(ep: &Endpoint, resp: &mut Recorded) -> Reply {
+    fn forward_bodiless(ep: &Endpoint, resp: &mut Recorded) -> Outcome {
         forward(ep, &app(), &head(), false, &mut Bytes(vec![], 0), resp)
     }
 
@@ -745,7 +730,7 @@ mod tests {
                 &mut Bytes(text.to_vec(), 0),
                 &mut resp,
             );
-            assert_eq!(reply, Reply::Complete);
+            assert_eq!(reply, Outcome::Complete);
             assert_eq!((resp.status, resp.body.as_slice()), (Some(200), text));
         }
     }
@@ -766,7 +751,7 @@ mod tests {
             &mut Bytes(vec![], 0),
             &mut resp,
         );
-        assert_eq!((reply, resp.status), (Reply::Status(500), None));
+        assert_eq!((reply, resp.status), (Outcome::Status(500), None));
     }
 
     #[test]
@@ -774,7 +759,7 @@ mod tests {
         let dir = temp_dir("none");
         let mut resp = Recorded::default();
         let reply = forward_bodiless(&endpoint(&dir), &mut resp);
-        assert_eq!(reply, Reply::Status(503));
+        assert_eq!(reply, Outcome::Status(503));
         assert_eq!(resp.status, None);
     }
 
@@ -790,7 +775,7 @@ mod tests {
         });
         let mut resp = Recorded::default();
         let reply = forward_bodiless(&ep, &mut resp);
-        assert_eq!(reply, Reply::Status(502));
+        assert_eq!(reply, Outcome::Status(502));
     }
 
     #[test]
@@ -806,11 +791,11 @@ mod tests {
         let mut resp = Recorded::default();
         let reply = forward_bodiless(&ep, &mut resp);
         // The head went out already: the response is cut short rather than replaced.
-        assert_eq!(reply, Reply::Aborted);
+        assert_eq!(reply, Outcome::Aborted);
     }
 
     /// A fake daemon that answers every request with `frames`.
-    fn forged(name: &str, frames: Vec<u8>) -> (Reply, Recorded) {
+    fn forged(name: &str, frames: Vec<u8>) -> (Outcome, Recorded) {
         let dir = temp_dir(name);
         let ep = endpoint(&dir);
         fake_daemon(UnixListener::bind(&ep.socket).unwrap(), move |stream, _| {
@@ -851,7 +836,7 @@ mod tests {
             let (reply, resp) = forged(&format!("forged-{i}"), then(head, Kind::End, &[0]));
             assert_eq!(
                 (reply, resp.status),
-                (Reply::Status(502), None),
+                (Outcome::Status(502), None),
                 "forgery {i}"
             );
         }
@@ -865,7 +850,7 @@ mod tests {
             &[0],
         );
         let (reply, resp) = forged("data-first", frames);
-        assert_eq!((reply, resp.body.len()), (Reply::Status(502), 0));
+        assert_eq!((reply, resp.body.len()), (Outcome::Status(502), 0));
     }
 
     #[test]
@@ -879,11 +864,14 @@ mod tests {
         let (reply, resp) = forged("long", long);
         assert_eq!(
             (reply, resp.body.as_slice()),
-            (Reply::Complete, &b"Hello"[..])
+            (Outcome::Complete, &b"Hello"[..])
         );
         let short = start(200, "200 OK", &[("Content-Length", b"10")]);
         let short = then(then(short, Kind::Data, b"abc"), Kind::End, &[0]);
         let (reply, resp) = forged("short", short);
-        assert_eq!((reply, resp.body.as_slice()), (Reply::Aborted, &b"abc"[..]));
+        assert_eq!(
+            (reply, resp.body.as_slice()),
+            (Outcome::Aborted, &b"abc"[..])
+        );
     }
 }

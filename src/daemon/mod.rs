@@ -22,9 +22,11 @@
 //!   lifeline fd, so that the master's death is seen at once.
 //! - Per request, on any thread of a worker process: [`client::endpoint`] by
 //!   group name, then [`client::forward`] with the request head, a
-//!   [`crate::python::RequestBody`] and a [`crate::python::ResponseChannel`]
+//!   [`crate::common::transport::RequestBody`] and a
+//!   [`crate::common::transport::ResponseChannel`]
 //!   (the same traits as embedded mode); it blocks until the response has been
-//!   relayed and returns a [`client::Reply`] saying how to finish the request.
+//!   relayed and returns a [`crate::common::transport::Outcome`] saying how to
+//!   finish the request.
 //!
 //! Parts: [`protocol`] (the wire format), [`auth`] (the secret and the
 //! applications a group serves), [`client`] (the server side: a
@@ -36,6 +38,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod launch;
 pub mod process;
 pub mod protocol;
 pub mod rundir;

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use super::auth::{Secret, SECRET_LEN};
 use crate::common::cgi::RequestHead;
 use crate::common::config::DaemonOptions;
-use crate::python::{Header, Outcome};
+use crate::common::transport::{Header, Outcome};
 
 /// Name/value pairs borrowed from a payload.
 pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
@@ -491,11 +491,12 @@ pub fn decode_start(payload: &[u8]) -> Result<(u16, String, Vec<Header>), Protoc
     Ok((status, line, headers))
 }
 
-/// The outcome carried by an `End` frame.
+/// The outcome carried by an `End` frame. A daemon answers no status of its
+/// own: any status outcome means the application failed before its response.
 pub fn outcome_code(o: Outcome) -> u8 {
     match o {
         Outcome::Complete => 0,
-        Outcome::Failed => 1,
+        Outcome::Status(_) => 1,
         Outcome::Aborted => 2,
         Outcome::ClientGone => 3,
     }
@@ -505,7 +506,7 @@ pub fn outcome_code(o: Outcome) -> u8 {
 pub fn decode_outcome(payload: &[u8]) -> Result<Outcome, ProtocolError> {
     match payload {
         [0] => Ok(Outcome::Complete),
-        [1] => Ok(Outcome::Failed),
+        [1] => Ok(Outcome::FAILED),
         [2] => Ok(Outcome::Aborted),
         [3] => Ok(Outcome::ClientGone),
         _ => Err(ProtocolError::Invalid("bad outcome in End frame".into())),

@@ -24,8 +24,9 @@ use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_
 use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
 use crate::common::config::DaemonOptions;
 use crate::common::log::request_line;
+use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::python::interpreter::{self, PythonSettings};
-use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
+use crate::python::{wsgi, ServerInfo};
 
 /// What the supervisor tells a daemon process on its stdin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -966,7 +967,7 @@ fn unknown_app(
         &mut w.buf,
         Kind::End,
         0,
-        &[protocol::outcome_code(Outcome::Failed)],
+        &[protocol::outcome_code(Outcome::FAILED)],
     );
     w.flush().is_ok()
 }
@@ -1032,6 +1033,7 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
         &shared.info,
         Request {
             head: request.head,
+            has_body: request.has_body,
             body: Box::new(body),
             response: Box::new(response),
         },

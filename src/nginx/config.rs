@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ffi::*;
-use crate::common::config::{self, split_path_list, AppSpec, ConfigError, DaemonOptions, Mode};
+use crate::common::config::{
+    self, split_path_list, AppSpec, ConfigError, DaemonOptions, Groups, Mode,
+};
+use crate::common::mount::Prefix;
 use crate::daemon::auth::Generation;
 use crate::daemon::supervisor::SupervisorConfig;
 use crate::python::interpreter::{self, HomeUser};
@@ -31,11 +34,8 @@ pub struct MainConfig {
     pub python_home_at: String,
     pub python_path: Vec<PathBuf>,
     pub threads: Option<usize>,
-    pub daemons: Vec<DaemonOptions>,
-    /// Where each of `daemons` is defined (`FILE:LINE`), for errors found later.
-    pub daemons_at: Vec<String>,
-    /// The daemon groups that `gateway_mode daemon` names, with where.
-    pub group_refs: Vec<(String, String)>,
+    /// The daemon groups, and the places `gateway_mode daemon` names them.
+    pub groups: Groups,
     /// How many locations serve an application: workers start their threads only if any do.
     pub apps: usize,
     /// How many of them run it embedded: workers start Python only if any do.
@@ -54,25 +54,11 @@ pub struct MainConfig {
 #[derive(Debug)]
 pub struct Mount {
     pub app: AppSpec,
-    /// SCRIPT_NAME: the location's prefix without a trailing slash; None for regex
-    /// and named locations, whose SCRIPT_NAME is empty.
-    pub prefix: Option<Vec<u8>>,
+    /// SCRIPT_NAME: the location's prefix; the root (empty) for regex and
+    /// named locations, whose SCRIPT_NAME is empty.
+    pub prefix: Prefix,
     /// Where `gateway_app` is written (`FILE:LINE`), for errors found later.
     pub at: String,
-}
-
-impl Mount {
-    /// SCRIPT_NAME and PATH_INFO for a request's decoded path. A path that does not
-    /// continue the prefix at a `/` (location `/app` asked for `/apple`) gets an empty
-    /// SCRIPT_NAME, so that PATH_INFO still starts with `/`.
-    pub fn split<'a>(&'a self, uri: &'a [u8]) -> (&'a [u8], &'a [u8]) {
-        match &self.prefix {
-            Some(p) if uri.starts_with(p) && (uri.len() == p.len() || uri[p.len()] == b'/') => {
-                (p, &uri[p.len()..])
-            }
-            _ => (b"", uri),
-        }
-    }
 }
 
 /// A location's settings.
@@ -126,17 +112,15 @@ pub unsafe extern "C" fn gateway_init_main_conf(
     // SAFETY: nginx passes the record made by gateway_create_main_conf.
     let mcf = unsafe { &*conf.cast::<MainConfig>() };
     let mut ok = true;
-    for (name, at) in &mcf.group_refs {
-        if !mcf.daemons.iter().any(|d| &d.name == name) {
-            let msg = format!(
-                "gateway_mode: daemon process group '{name}' is not defined \
-                 (define it in the http block with 'gateway_daemon {name} ...') in {at}"
-            );
-            let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
-            // SAFETY: cf->log is the configuration's live log.
-            unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
-            ok = false;
-        }
+    for (name, at) in mcf.groups.undefined() {
+        let msg = format!(
+            "gateway_mode: daemon process group '{name}' is not defined \
+             (define it in the http block with 'gateway_daemon {name} ...') in {at}"
+        );
+        let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
+        // SAFETY: cf->log is the configuration's live log.
+        unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
+        ok = false;
     }
     // The groups' own problems (unknown user, missing python-home) fail here
     // rather than in init_module, so that a reload with them keeps the running
@@ -159,7 +143,7 @@ pub unsafe extern "C" fn gateway_init_main_conf(
         server_pid: 0,
         server_uid: if unset(user) { NOBODY } else { user },
         server_gid: if unset(group) { NOBODY } else { group },
-        groups: mcf.daemons.clone(),
+        groups: Vec::new(),
         generation,
         previous: None,
     };
@@ -179,7 +163,7 @@ pub unsafe extern "C" fn gateway_init_main_conf(
     });
     for problem in embedded_home
         .into_iter()
-        .chain(super::daemons::problems(&config, &mcf.daemons_at))
+        .chain(super::daemons::problems(&mcf.groups, &config))
     {
         let msg = CString::new(problem.replace('\0', "\\0")).unwrap_or_default();
         // SAFETY: cf->log is the configuration's live log.
@@ -360,31 +344,16 @@ pub unsafe extern "C" fn gateway_conf_app(
     let name = unsafe { str_bytes(&clcf.name) };
     // SAFETY: cf is live inside this handler.
     let at = unsafe { position(cf) };
-    let prefix = (clcf.regex.is_null() && clcf.named() == 0).then(|| {
-        let mut p = name.to_vec();
-        while p.last() == Some(&b'/') {
-            p.pop();
-        }
-        p
-    });
+    let literal = clcf.regex.is_null() && clcf.named() == 0;
+    let prefix = Prefix::new(if literal { name } else { b"" });
     // SAFETY: see above.
     unsafe {
         directive(cf, lcf, |lcf: &mut LocConfig, args| {
             if lcf.mount.is_some() {
                 return Err(duplicate());
             }
-            let spec = args.values[0];
-            let (file, callable) = match spec.rsplit_once(':') {
-                Some((file, callable)) if !callable.contains('/') => (file, Some(callable)),
-                _ => (spec, None),
-            };
-            let file = args.path(file);
-            let full = match callable {
-                Some(c) => format!("{}:{c}", file.display()),
-                None => file.display().to_string(),
-            };
             lcf.mount = Some(Arc::new(Mount {
-                app: AppSpec::parse(&full)?,
+                app: AppSpec::parse_in(args.values[0], args.prefix)?,
                 prefix,
                 at,
             }));
@@ -410,7 +379,7 @@ pub unsafe extern "C" fn gateway_conf_mode(
             }
             let mode = Mode::parse(&args.values)?;
             if let Mode::Daemon(name) = &mode {
-                mcf.group_refs.push((name.clone(), at));
+                mcf.groups.refer(name, at);
             }
             lcf.mode = Some(mode);
             Ok(())
@@ -435,15 +404,7 @@ pub unsafe extern "C" fn gateway_conf_daemon(
             for dir in &mut options.python_path {
                 *dir = args.prefix.join(&*dir);
             }
-            if mcf.daemons.iter().any(|d| d.name == options.name) {
-                return Err(ConfigError(format!(
-                    "daemon process group '{}' is already defined",
-                    options.name
-                )));
-            }
-            mcf.daemons.push(options);
-            mcf.daemons_at.push(at);
-            Ok(())
+            mcf.groups.define(options, at)
         })
     }
 }

@@ -13,10 +13,11 @@ use std::sync::Mutex;
 
 use super::config::MainConfig;
 use super::ffi::*;
-use crate::common::config::DaemonOptions;
+use crate::common::config::Groups;
 use crate::common::log::{nginx_level_name, STDERR_LOG_VAR};
 use crate::daemon::auth::Generation;
-use crate::daemon::{self, client, supervisor};
+use crate::daemon::launch::{self, Problem};
+use crate::daemon::{self, supervisor};
 
 /// The master's end of the current generation's lifeline, or -1. A static of the
 /// module survives reloads: nginx reopens the module it already has loaded.
@@ -75,12 +76,11 @@ pub unsafe extern "C" fn gateway_init_module(
 ) -> ngx_int_t {
     // SAFETY: the shim passes the http main record, or NULL without an http block.
     let mcf = unsafe { mcf.cast::<MainConfig>().as_ref() };
-    let (groups, places): (Vec<DaemonOptions>, Vec<String>) = mcf
-        .map(|m| (m.daemons.clone(), m.daemons_at.clone()))
-        .unwrap_or_default();
+    let groups = mcf.map(|m| m.groups.clone()).unwrap_or_default();
     // Made here, in the master before the workers fork: they inherit it in memory.
     let mounts = mcf.iter().flat_map(|m| &m.daemon_mounts);
-    let generation = match Generation::new(&groups, mounts.map(|(g, app)| (g.as_str(), app))) {
+    let options = groups.options();
+    let generation = match Generation::new(&options, mounts.map(|(g, app)| (g.as_str(), app))) {
         Ok(g) => g,
         Err(e) => {
             // SAFETY: nginx passes its live cycle.
@@ -124,14 +124,14 @@ pub unsafe extern "C" fn gateway_init_module(
         },
         server_uid: uid,
         server_gid: gid,
-        groups,
+        groups: options,
         generation,
         previous: running.clone(),
     };
     // A reload (kill -HUP) must not end the master, which nginx does when
     // init_module fails: it keeps the previous daemon groups instead.
     let reload = test == 0 && STARTED.load(Ordering::Relaxed);
-    let problems = problems(&config, &places);
+    let problems = problems(&groups, &config);
     if !problems.is_empty() {
         for problem in &problems {
             let level = if reload { NGX_LOG_ALERT } else { NGX_LOG_EMERG };
@@ -155,73 +155,51 @@ pub unsafe extern "C" fn gateway_init_module(
         return NGX_OK as ngx_int_t;
     }
     STARTED.store(true, Ordering::Relaxed);
-    let lifeline = if config.groups.is_empty() {
-        None
-    } else {
-        let started = daemon::executable_beside(gateway_init_module as *const () as usize)
-            .map_err(std::io::Error::other)
-            // SAFETY: nginx passes its live cycle, in its single-threaded master.
-            .and_then(|exe| unsafe {
-                with_worker_environment(cycle, || {
-                    with_log_settings(cycle, || start_logging_to(cycle, &exe, &config))
-                })
-            });
-        match started {
-            Ok(lifeline) => Some(lifeline),
-            Err(e) => {
-                let msg = format!("gateway: starting the daemon supervisor failed: {e}");
-                if !reload {
-                    // SAFETY: as above.
-                    unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
-                    return NGX_ERROR as ngx_int_t;
-                }
-                // A failed reload must not end the master (nginx exits when init_module
-                // fails): the previous generation's daemons keep serving.
+    let previous = LIFELINE.load(Ordering::Relaxed);
+    // SAFETY: nginx passes its live cycle, in its single-threaded master.
+    let started = launch::start_generation(&config, previous, |config| unsafe {
+        let exe = daemon::executable_beside(gateway_init_module as *const () as usize)
+            .map_err(std::io::Error::other)?;
+        with_worker_environment(cycle, || {
+            with_log_settings(cycle, || start_logging_to(cycle, &exe, config))
+        })
+    });
+    let fd = match started {
+        Ok(fd) => fd,
+        Err(e) => {
+            let msg = format!("gateway: starting the daemon supervisor failed: {e}");
+            if !reload {
                 // SAFETY: as above.
-                unsafe {
-                    log(
-                        cycle,
-                        NGX_LOG_ALERT,
-                        &format!("{msg}; the previous daemon groups keep serving"),
-                    )
-                };
-                return NGX_OK as ngx_int_t;
+                unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
+                return NGX_ERROR as ngx_int_t;
             }
+            // A failed reload must not end the master (nginx exits when init_module
+            // fails): the previous generation's daemons keep serving.
+            // SAFETY: as above.
+            unsafe {
+                log(
+                    cycle,
+                    NGX_LOG_ALERT,
+                    &format!("{msg}; the previous daemon groups keep serving"),
+                )
+            };
+            return NGX_OK as ngx_int_t;
         }
     };
-    let fd = lifeline.map_or(-1, |l| l.into_raw_fd());
     // The new generation takes new connections now; the old one finishes its requests.
-    let previous = LIFELINE.swap(fd, Ordering::Relaxed);
-    if previous >= 0 {
-        supervisor::close_inherited(previous);
-    }
+    LIFELINE.store(fd, Ordering::Relaxed);
     *running = (fd >= 0).then(|| config.generation.clone());
-    client::set_endpoints(config.endpoints());
     NGX_OK as ngx_int_t
 }
 
-/// What stops the daemon groups of `config` from starting, in words for
-/// `nginx -t`, each with the file and line of its `gateway_daemon` (`places`).
-pub fn problems(config: &supervisor::SupervisorConfig, places: &[String]) -> Vec<String> {
-    let mut problems = Vec::new();
-    if let (Some(first), Err(e)) = (
-        places.first(),
-        daemon::executable_beside(gateway_init_module as *const () as usize),
-    ) {
-        problems.push(format!(
-            "gateway_daemon: daemon mode needs its executable: {e} in {first}"
-        ));
-    }
-    for (g, at) in config.groups.iter().zip(places) {
-        let one = supervisor::SupervisorConfig {
-            groups: vec![g.clone()],
-            ..config.clone()
-        };
-        if let Err(e) = one.check() {
-            problems.push(format!("gateway_daemon: {e} in {at}"));
-        }
-    }
-    problems
+/// What stops the daemon `groups` from starting with the settings of `config`,
+/// in words for `nginx -t`, each with the file and line of its `gateway_daemon`.
+pub fn problems(groups: &Groups, config: &supervisor::SupervisorConfig) -> Vec<String> {
+    let exe = daemon::executable_beside(gateway_init_module as *const () as usize);
+    launch::problems(groups, config, exe.as_deref().map_err(|e| e.as_str()))
+        .into_iter()
+        .map(|Problem { at, what }| format!("gateway_daemon: {what} in {at}"))
+        .collect()
 }
 
 extern "C" {

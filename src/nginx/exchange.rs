@@ -9,7 +9,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::daemon::client::Reply;
+use crate::common::transport::Outcome;
 use crate::python::Header;
 
 /// Bytes a request may have queued for the loop before its thread waits.
@@ -34,7 +34,7 @@ pub enum Piece {
     },
     /// The application (or the daemon group) is done, and how; always the last
     /// piece, even when the client left.
-    End(Reply),
+    End(Outcome),
 }
 
 impl Piece {

@@ -16,9 +16,8 @@ use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
 use crate::common::log::request_line;
-use crate::daemon::client::{self, Reply};
-use crate::daemon::Endpoint;
-use crate::python::{wsgi, Header, Outcome, Request, RequestBody, ResponseChannel, ServerInfo};
+use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
+use crate::dispatch::{self, Runner};
 
 /// A request ready for a Python thread.
 pub struct Handoff {
@@ -41,72 +40,53 @@ impl Handoff {
         }
     }
 
-    /// Runs the application (on a Python thread) and queues its response, then its end.
-    pub fn run(self, mount: &Mount, exchange: Arc<Exchange>, info: &ServerInfo) {
-        let request = Request {
-            head: self.snapshot.head(mount),
-            body: Box::new(NginxBody {
-                segments: self.body,
-                offset: 0,
-            }),
-            response: Box::new(NginxResponse {
-                exchange: exchange.clone(),
-            }),
+    /// Runs the request (on a module thread, which waits for it) with `runner`
+    /// and queues its response, then its end. `waited` is how long it waited for
+    /// a thread in this worker, which counts against a daemon group's
+    /// queue-timeout: past it, the request gets a 503 at once.
+    pub fn run(self, mount: &Mount, runner: Runner<'_>, exchange: Arc<Exchange>, waited: Duration) {
+        let Handoff { snapshot, body } = self;
+        let head = snapshot.head(mount);
+        let outcome = match queue_timeout_passed(&runner, waited) {
+            Some(why) => {
+                log_line(
+                    log::Level::Error,
+                    &request_line(head.method, head.request_uri, &why),
+                );
+                Outcome::Status(503)
+            }
+            None => {
+                let request = Request {
+                    head,
+                    has_body: !body.is_empty(),
+                    body: Box::new(NginxBody {
+                        segments: body,
+                        offset: 0,
+                    }),
+                    response: Box::new(NginxResponse {
+                        exchange: exchange.clone(),
+                    }),
+                };
+                dispatch::run(runner, &mount.app, request)
+            }
         };
-        let reply = match wsgi::run(&mount.app, info, request) {
-            Outcome::Complete => Reply::Complete,
-            Outcome::Failed => Reply::Status(500),
-            Outcome::Aborted => Reply::Aborted,
-            Outcome::ClientGone => Reply::ClientGone,
-        };
-        let _ = exchange.push(Piece::End(reply), runtime::wake);
+        let _ = exchange.push(Piece::End(outcome), runtime::wake);
     }
+}
 
-    /// Forwards the request to daemon group `endpoint` (on a module thread, which
-    /// waits for it) and queues the response it relays, then its end. `waited` is
-    /// how long it waited for a thread in this worker, which counts against the
-    /// group's queue-timeout: past it, the request gets a 503 at once.
-    pub fn forward(
-        self,
-        mount: &Mount,
-        endpoint: &Endpoint,
-        exchange: Arc<Exchange>,
-        waited: Duration,
-    ) {
-        if let Some(limit) = endpoint.queue_timeout.filter(|&limit| waited >= limit) {
-            let head = self.snapshot.head(mount);
-            let why = format!(
-                "no daemon process of group '{}' took the request within queue-timeout={}s: \
-                 all its threads are busy; answering 503",
-                endpoint.group,
-                limit.as_secs()
-            );
-            log_line(
-                log::Level::Error,
-                &request_line(head.method, head.request_uri, &why),
-            );
-            let _ = exchange.push(Piece::End(Reply::Status(503)), runtime::wake);
-            return;
-        }
-        let has_body = !self.body.is_empty();
-        let mut body = NginxBody {
-            segments: self.body,
-            offset: 0,
-        };
-        let mut response = NginxResponse {
-            exchange: exchange.clone(),
-        };
-        let head = self.snapshot.head(mount);
-        let reply = client::forward(
-            endpoint,
-            &mount.app,
-            &head,
-            has_body,
-            &mut body,
-            &mut response,
-        );
-        let _ = exchange.push(Piece::End(reply), runtime::wake);
-    }
+/// Why a request that waited `waited` for a thread of this worker must not be
+/// forwarded any more, if its daemon group's queue-timeout has passed.
+fn queue_timeout_passed(runner: &Runner<'_>, waited: Duration) -> Option<String> {
+    let Runner::Daemon(endpoint) = runner else {
+        return None;
+    };
+    let limit = endpoint.queue_timeout.filter(|&limit| waited >= limit)?;
+    Some(format!(
+        "no daemon process of group '{}' took the request within queue-timeout={}s: \
+         all its threads are busy; answering 503",
+        endpoint.group,
+        limit.as_secs()
+    ))
 }
 
 /// What the application sees of the request, copied out of nginx's memory so that
@@ -212,7 +192,7 @@ impl Snapshot {
 
     fn head<'a>(&'a self, mount: &'a Mount) -> RequestHead<'a> {
         let b = |r: &Range<usize>| &self.bytes[r.clone()];
-        let (script_name, path_info) = mount.split(b(&self.path));
+        let (script_name, path_info) = mount.prefix.split_or_root(b(&self.path));
         RequestHead {
             method: b(&self.method),
             script_name,

@@ -9,19 +9,19 @@ use std::os::fd::{IntoRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::config::{LocConfig, Mount};
 use super::exchange::{Exchange, Piece};
 use super::ffi::*;
 use super::handoff::Handoff;
 use super::runtime::{self, log_line};
-use crate::common::config::Mode;
 use crate::common::framing;
 use crate::common::log::request_line;
-use crate::daemon::client::{self, Reply};
+use crate::common::transport::{Header, Outcome};
 use crate::daemon::Endpoint;
-use crate::python::{Header, ServerInfo};
+use crate::dispatch::{self, Route, Runner};
+use crate::python::ServerInfo;
 
 /// Response bytes handed to nginx but not yet sent before the loop stops taking
 /// more from the application and waits for the client.
@@ -93,22 +93,14 @@ unsafe fn handle(r: *mut ngx_http_request_t, lcf: *mut c_void) -> ngx_int_t {
         };
         return ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32);
     }
-    let daemon = match &lcf.mode {
-        Some(Mode::Daemon(name)) => match client::endpoint(name) {
-            Some(endpoint) => Some(endpoint),
-            None => {
-                // SAFETY: r is the live request of this content handler.
-                unsafe {
-                    log_request(
-                        r,
-                        log::Level::Error,
-                        &format!("daemon process group '{name}' is not running in this server; answering 503"),
-                    )
-                };
-                return ngx_int(NGX_HTTP_SERVICE_UNAVAILABLE as i32);
-            }
-        },
-        _ => None,
+    let daemon = match dispatch::route(lcf.mode.as_ref()) {
+        Ok(Route::Embedded) => None,
+        Ok(Route::Daemon(endpoint)) => Some(endpoint),
+        Err(not_running) => {
+            // SAFETY: r is the live request of this content handler.
+            unsafe { log_request(r, log::Level::Error, &not_running.to_string()) };
+            return ngx_int(i32::from(dispatch::NotRunning::STATUS));
+        }
     };
     let exchange = Arc::new(Exchange::default());
     let state = Box::new(LoopState {
@@ -250,10 +242,13 @@ unsafe fn dispatch(r: *mut ngx_http_request_t, state: &mut LoopState) -> Result<
         Some(endpoint) => {
             let queued = Instant::now();
             Box::new(move |_: &ServerInfo| {
-                handoff.forward(&mount, &endpoint, exchange, queued.elapsed())
+                let runner = Runner::Daemon(&endpoint);
+                handoff.run(&mount, runner, exchange, queued.elapsed())
             })
         }
-        None => Box::new(move |info: &ServerInfo| handoff.run(&mount, exchange, info)),
+        None => Box::new(move |info: &ServerInfo| {
+            handoff.run(&mount, Runner::Embedded(info), exchange, Duration::ZERO)
+        }),
     };
     let rt = runtime::runtime().map_err(|_| ngx_int(NGX_HTTP_INTERNAL_SERVER_ERROR as i32))?;
     let group = state.daemon.as_ref().map(|ep| ep.group.as_str());
@@ -332,10 +327,10 @@ unsafe fn drain(raw: *mut LoopState) {
             Piece::Data { data, flush } => unsafe { state.send_data(data, flush) },
             // SAFETY: state.r is live while the state is not detached.
             Piece::File { fd, offset, len } => unsafe { state.send_file(fd, offset, len) },
-            Piece::End(reply) => {
+            Piece::End(outcome) => {
                 runtime::job_done();
                 // SAFETY: state.r is live while the state is not detached.
-                let rc = unsafe { state.end(reply) };
+                let rc = unsafe { state.end(outcome) };
                 // SAFETY: state.r is live; we return right after.
                 unsafe { finish(raw, rc) };
                 return;
@@ -708,16 +703,16 @@ impl LoopState {
     }
 
     /// The rc to finalize the request with once the application is done.
-    unsafe fn end(&mut self, reply: Reply) -> ngx_int_t {
-        match reply {
-            Reply::Complete if self.header_only => ngx_int(NGX_OK as i32),
+    unsafe fn end(&mut self, outcome: Outcome) -> ngx_int_t {
+        match outcome {
+            Outcome::Complete if self.header_only => ngx_int(NGX_OK as i32),
             // SAFETY: self.r is live while the state is not detached.
-            Reply::Complete => unsafe {
+            Outcome::Complete => unsafe {
                 ngx_http_send_special(self.r, NGX_HTTP_LAST as ngx_uint_t)
             },
-            Reply::Status(status) if !self.header_sent => ngx_int(i32::from(status)),
-            Reply::Status(_) | Reply::Aborted => ngx_int(NGX_ERROR),
-            Reply::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
+            Outcome::Status(status) if !self.header_sent => ngx_int(i32::from(status)),
+            Outcome::Status(_) | Outcome::Aborted => ngx_int(NGX_ERROR),
+            Outcome::ClientGone => ngx_int(NGX_HTTP_CLIENT_CLOSED_REQUEST as i32),
         }
     }
 }

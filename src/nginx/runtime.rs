@@ -113,7 +113,7 @@ fn shares(cfg: &MainConfig, threads: usize) -> Arc<Vec<Share>> {
     if cfg.embedded > 0 {
         holders.push((None, DEFAULT_THREADS));
     }
-    holders.extend(cfg.daemons.iter().map(|d| {
+    holders.extend(cfg.groups.iter().map(|(d, _)| {
         (
             Some(d),
             (d.processes as usize).saturating_mul(d.threads as usize),
@@ -260,9 +260,9 @@ unsafe fn start(
     // enough for every daemon thread of every group to be busy, besides the
     // embedded applications' own.
     let daemon_capacity: usize = cfg
-        .daemons
+        .groups
         .iter()
-        .map(|d| (d.processes as usize).saturating_mul(d.threads as usize))
+        .map(|(d, _)| (d.processes as usize).saturating_mul(d.threads as usize))
         .sum();
     let embedded = if python { DEFAULT_THREADS } else { 0 };
     let count = cfg.threads.unwrap_or_else(|| {

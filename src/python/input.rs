@@ -1,17 +1,10 @@
 //! `wsgi.input`: the request body as a file-like object.
 
-use std::io;
-
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-/// Reads the body of one request from the server. Called without the GIL.
-pub trait RequestBody: Send + Sync {
-    /// Fills `buf` with the next bytes of the body; `Ok(0)` at its end. Chunked
-    /// bodies arrive already decoded.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-}
+use crate::common::transport::RequestBody;
 
 /// The server reads at most this much per call, so large bodies stream through.
 const READ_BLOCK: usize = 64 * 1024;

@@ -1,6 +1,6 @@
 //! The Python side: the embedded interpreter, loading applications, and the WSGI
-//! protocol. Server-neutral: servers plug in through [`RequestBody`] and
-//! [`ResponseChannel`].
+//! protocol. Server-neutral: servers plug in through the traits of
+//! [`crate::common::transport`].
 
 pub mod app;
 pub mod input;
@@ -9,6 +9,5 @@ pub mod log_stream;
 pub mod response;
 pub mod wsgi;
 
-pub use input::RequestBody;
-pub use response::{Header, ResponseChannel};
-pub use wsgi::{Outcome, Request, ServerInfo};
+pub use crate::common::transport::{Header, RequestBody, ResponseChannel};
+pub use wsgi::ServerInfo;

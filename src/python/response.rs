@@ -1,7 +1,6 @@
 //! `start_response`, the `write()` callable, and the checks on what an
 //! application sends.
 
-use std::io;
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -11,29 +10,7 @@ use pyo3::types::{PyBytes, PyString, PyTuple};
 use crate::common::framing::{self, BodyFraming, HeadError};
 use crate::common::log::request_line;
 
-pub use crate::common::framing::Header;
-
-/// Sends one response to the server's client. I/O methods are called without the GIL.
-pub trait ResponseChannel: Send + Sync {
-    /// Sends the status line and headers.
-    fn start(&mut self, status: u16, status_line: &str, headers: &[Header]) -> io::Result<()>;
-    /// Sends body bytes; `flush` pushes them to the client now.
-    fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()>;
-    /// Sends `len` bytes of an open regular file from `offset` through the server's
-    /// file path (sendfile where it can).
-    fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()>;
-    /// Ends a response whose headers went out but whose body broke: the client
-    /// must see it cut short, not complete.
-    fn abort(&mut self);
-    /// Writes a finished line to the server's error log for this request.
-    fn log(&self, level: log::Level, line: &str);
-    /// Whether `start` and a `write` of `len` bytes with `flush` would only queue
-    /// them in memory: the GIL is then kept, since releasing and retaking it costs
-    /// more than the copy (and a thread switch when other threads want it).
-    fn only_buffers(&self, _len: usize, _flush: bool) -> bool {
-        false
-    }
-}
+use crate::common::transport::{Header, ResponseChannel};
 
 /// Hop-by-hop headers belong to the server's connection, never to the application.
 const HOP_BY_HOP: &[&str] = &[

@@ -10,11 +10,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::app;
-use super::input::{Input, RequestBody};
+use super::input::Input;
 use super::log_stream::LogStream;
-use super::response::{type_name, ResponseChannel, StartResponse};
+use super::response::{type_name, StartResponse};
 use crate::common::cgi::{header_key, header_separator, RequestHead};
 use crate::common::config::AppSpec;
+use crate::common::transport::{Outcome, Request};
 use crate::common::VERSION;
 
 /// What stays the same for every request a process serves.
@@ -32,19 +33,6 @@ pub struct ServerInfo {
     /// interpreter: a daemon group's do (its operator grouped them); embedded
     /// ones only when the operator says so.
     pub shared_interpreter: bool,
-}
-
-/// How a request ended, for the server to finish it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The whole response was sent.
-    Complete,
-    /// The application failed before any of the response was sent: answer 500.
-    Failed,
-    /// The response was cut short after its headers went out (already logged).
-    Aborted,
-    /// The client went away before the response was complete.
-    ClientGone,
 }
 
 /// Decodes bytes as latin-1, as PEP 3333 wants for "native strings".
@@ -216,19 +204,13 @@ fn sendable_file(py: Python<'_>, wrapper: &FileWrapper) -> Option<(RawFd, u64, u
     Some((fd, offset, size.saturating_sub(offset)))
 }
 
-/// One request as the server hands it over.
-pub struct Request<'a> {
-    pub head: RequestHead<'a>,
-    pub body: Box<dyn RequestBody>,
-    pub response: Box<dyn ResponseChannel>,
-}
-
 /// Runs `request` through the application `spec`. Never panics on application
 /// errors: they are logged with their traceback and reported in the outcome.
 pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
     super::interpreter::with_gil(|py| {
         let Request {
             head,
+            has_body: _,
             body,
             response,
         } = request;
@@ -239,7 +221,7 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
             Ok(r) => r,
             Err(e) => {
                 log::error!("{}", format_args!("cannot create start_response: {e}"));
-                return Outcome::Failed;
+                return Outcome::FAILED;
             }
         };
         let input = Bound::new(py, Input::new(body));
@@ -253,7 +235,7 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
                 responder
                     .borrow()
                     .log_exception(py, "cannot create wsgi.input", &e);
-                Outcome::Failed
+                Outcome::FAILED
             }
         };
         responder.borrow_mut().detach();
@@ -278,7 +260,7 @@ fn call_app(
                 spec.callable
             );
             responder.borrow().log_exception(py, &msg, &e);
-            return Outcome::Failed;
+            return Outcome::FAILED;
         }
     };
     let environ = build_environ(py, head, info).and_then(|env| {
@@ -345,7 +327,7 @@ fn failure(
         r.abort(py);
         Outcome::Aborted
     } else {
-        Outcome::Failed
+        Outcome::FAILED
     }
 }
 

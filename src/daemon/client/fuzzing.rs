@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use super::{Conn, Exchange, Step};
 use crate::common::framing::{self, Header};
+use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
 use crate::daemon::auth::{GroupAccess, Secret, SECRET_LEN};
 use crate::daemon::Endpoint;
-use crate::python::{RequestBody, ResponseChannel};
 
 /// The longest daemon reply tried: all of it must fit in the socket's buffer.
 pub const MAX_REPLY: usize = 32 * 1024;
@@ -119,7 +119,7 @@ fn check(relayed: &Relayed, step: &Step, head_request: bool) {
             relayed.body <= declared,
             "more body than its Content-Length"
         );
-        let complete = matches!(step, Step::Done(super::Reply::Complete, _));
+        let complete = matches!(step, Step::Done(Outcome::Complete, _));
         let bodiless = head_request || framing::status_has_no_body(relayed.status);
         assert!(
             !complete || bodiless || relayed.body == declared,

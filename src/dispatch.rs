@@ -1,0 +1,75 @@
+//! What both servers do with a request once they hold its transport: find
+//! where it runs (embedded, or the daemon group its mode names), run it there,
+//! and report how it ended. A server only maps the [`Outcome`] to its own
+//! status codes and I/O.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::common::config::{AppSpec, Mode};
+use crate::common::transport::{Outcome, Request};
+use crate::daemon::{client, Endpoint};
+use crate::python::{wsgi, ServerInfo};
+
+/// Where the requests of one location or virtual host run.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// In this server process's interpreter.
+    Embedded,
+    /// Forwarded to a daemon process group.
+    Daemon(Arc<Endpoint>),
+}
+
+/// A daemon group that the configuration names but this server process cannot
+/// reach: answered with 503.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotRunning(pub String);
+
+impl NotRunning {
+    pub const STATUS: u16 = 503;
+}
+
+impl fmt::Display for NotRunning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "daemon process group '{}' is not running in this server; answering 503",
+            self.0
+        )
+    }
+}
+
+/// The route of a request whose effective mode is `mode` (None: embedded).
+pub fn route(mode: Option<&Mode>) -> Result<Route, NotRunning> {
+    match mode {
+        Some(Mode::Daemon(name)) => client::endpoint(name)
+            .map(Route::Daemon)
+            .ok_or_else(|| NotRunning(name.clone())),
+        _ => Ok(Route::Embedded),
+    }
+}
+
+/// Where one request runs, with what that needs.
+pub enum Runner<'a> {
+    /// Embedded, in an interpreter started with `info`.
+    Embedded(&'a ServerInfo),
+    /// Forwarded to the daemon group at this endpoint.
+    Daemon(&'a Endpoint),
+}
+
+/// Runs `request` with the application `app`; blocks until its response has
+/// gone out (or failed) and says how it ended.
+pub fn run(runner: Runner<'_>, app: &AppSpec, request: Request<'_>) -> Outcome {
+    match runner {
+        Runner::Embedded(info) => wsgi::run(app, info, request),
+        Runner::Daemon(endpoint) => {
+            let Request {
+                head,
+                has_body,
+                mut body,
+                mut response,
+            } = request;
+            client::forward(endpoint, app, &head, has_body, &mut *body, &mut *response)
+        }
+    }
+}
