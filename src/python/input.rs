@@ -164,3 +164,6 @@ impl Input {
         Ok((!line.as_bytes().is_empty()).then_some(line))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,3 +12,6 @@ pub mod wsgi;
 pub use input::RequestBody;
 pub use response::{Header, ResponseChannel};
 pub use wsgi::{Outcome, Request, ServerInfo};
+
+#[cfg(test)]
+mod test_support;
