@@ -322,3 +322,20 @@ fn after_detach_the_input_reads_as_empty_and_lets_the_body_go() {
         assert!(reads.lock().unwrap().is_empty());
     });
 }
+
+// BUG: the struct's documentation says that once the request is over the input
+// "reads as empty", but `detach` keeps what was already read from the server
+// into the buffer: an application holding on to `wsgi.input` past its request
+// still reads the rest of that buffered block. It is the same request's own
+// body, so nothing leaks between requests; reported, not fixed.
+#[test]
+#[ignore = "bug: detach keeps the buffered part of the body readable"]
+fn after_detach_even_buffered_bytes_read_as_empty() {
+    with_py(|py| {
+        let inp = Bound::new(py, Input::new(Box::new(ChunkBody::of(&[b"one\ntwo\n"])))).unwrap();
+        let any = inp.clone().into_any();
+        assert_eq!(read(&any, "inp.readline()"), b"one\n");
+        inp.borrow_mut().detach();
+        assert_eq!(read(&any, "inp.read()"), b"");
+    });
+}
