@@ -33,6 +33,8 @@ impl Input {
     pub fn detach(&mut self) {
         self.body = None;
         self.eof = true;
+        self.buf = Vec::new();
+        self.pos = 0;
     }
 
     fn buffered(&self) -> usize {
@@ -157,3 +159,6 @@ impl Input {
         Ok((!line.as_bytes().is_empty()).then_some(line))
     }
 }
+
+#[cfg(test)]
+mod tests;

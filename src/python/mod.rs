@@ -9,5 +9,7 @@ pub mod log_stream;
 pub mod response;
 pub mod wsgi;
 
-pub use crate::common::transport::{Header, RequestBody, ResponseChannel};
 pub use wsgi::ServerInfo;
+
+#[cfg(test)]
+mod test_support;

@@ -339,3 +339,6 @@ pub fn format_exception(py: Python<'_>, err: &PyErr) -> String {
         Err(_) => err.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests;

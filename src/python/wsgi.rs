@@ -433,3 +433,6 @@ fn complete(py: Python<'_>, responder: &Bound<'_, StartResponse>) -> Outcome {
     r.abort(py);
     Outcome::Aborted
 }
+
+#[cfg(test)]
+mod tests;
