@@ -5,6 +5,7 @@ pub mod config;
 pub mod framing;
 pub mod log;
 pub mod mount;
+pub mod panic;
 pub mod transport;
 
 /// The version reported as `gateway.version` and in log lines.
