@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Mutex;
 
-use once_cell::sync::OnceCell;
+use std::sync::OnceLock;
 
 use super::config::{module_config, parsed, reset_parsed, DirConfig, Mount, ServerConfig};
 use super::ffi::*;
@@ -31,7 +31,7 @@ static MAIN_SERVER: AtomicPtr<server_rec> = AtomicPtr::new(std::ptr::null_mut())
 /// This child's interpreter: started on the child's first embedded request (a
 /// child that only forwards to daemon groups never starts Python), or why it
 /// could not be.
-static PYTHON: OnceCell<Result<ServerInfo, String>> = OnceCell::new();
+static PYTHON: OnceLock<Result<ServerInfo, String>> = OnceLock::new();
 
 /// What the current supervisor was started with, to start it again if it dies.
 static SUPERVISOR: Mutex<Option<(PathBuf, supervisor::SupervisorConfig)>> = Mutex::new(None);

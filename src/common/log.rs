@@ -5,12 +5,12 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
-use once_cell::sync::OnceCell;
+use std::sync::OnceLock;
 
 /// Writes one finished line to the server's error log.
 pub type Sink = fn(level: log::Level, line: &str);
 
-static SINK: OnceCell<Sink> = OnceCell::new();
+static SINK: OnceLock<Sink> = OnceLock::new();
 
 struct ServerLog;
 
@@ -53,7 +53,7 @@ enum Format {
     Nginx,
 }
 
-static STDERR_FORMAT: OnceCell<Format> = OnceCell::new();
+static STDERR_FORMAT: OnceLock<Format> = OnceLock::new();
 
 /// nginx's level names, by their number (`NGX_LOG_EMERG` is 1).
 const NGINX_LEVELS: [&str; 8] = [

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use once_cell::sync::Lazy;
+use std::sync::LazyLock;
 
 #[cfg(fuzzing)]
 pub mod fuzzing;
@@ -28,7 +28,8 @@ use crate::common::framing::{self, BodyFraming};
 use crate::common::log::request_line;
 use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
 
-static ENDPOINTS: Lazy<RwLock<HashMap<String, Arc<Endpoint>>>> = Lazy::new(Default::default);
+static ENDPOINTS: LazyLock<RwLock<HashMap<String, Arc<Endpoint>>>> =
+    LazyLock::new(Default::default);
 
 /// Sets the daemon groups this process can reach (the server's master calls it
 /// for each configuration generation; its worker processes inherit the result).
@@ -62,7 +63,7 @@ struct Conn {
 }
 
 /// Idle connections per socket.
-static POOL: Lazy<Mutex<HashMap<PathBuf, Vec<Conn>>>> = Lazy::new(Default::default);
+static POOL: LazyLock<Mutex<HashMap<PathBuf, Vec<Conn>>>> = LazyLock::new(Default::default);
 const MAX_IDLE: usize = 128;
 
 fn pool_take(socket: &Path) -> Option<Conn> {

@@ -9,8 +9,8 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::common::transport::Header;
 use crate::common::transport::Outcome;
-use crate::python::Header;
 
 /// Bytes a request may have queued for the loop before its thread waits.
 const QUEUE_LIMIT: usize = 256 * 1024;

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use once_cell::sync::OnceCell;
+use std::sync::OnceLock;
 
 use super::config::{MainConfig, DEFAULT_THREADS, MAX_THREADS};
 use super::daemons;
@@ -147,7 +147,7 @@ pub struct Runtime {
     watcher: std::sync::atomic::AtomicPtr<ngx_connection_t>,
 }
 
-static RUNTIME: OnceCell<Result<Runtime, String>> = OnceCell::new();
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 
 /// Requests handed to Python threads whose `End` the loop has not seen yet.
 static RUNNING: AtomicUsize = AtomicUsize::new(0);

@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use once_cell::sync::Lazy;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
+use std::sync::LazyLock;
 
 use super::ServerInfo;
 use crate::common::config::{interpreter_clash, AppSpec};
@@ -15,7 +15,8 @@ use pyo3::exceptions::PyRuntimeError;
 
 /// Loaded callables of this process. A script that failed to load is retried on
 /// the next request (the author may have fixed it), like mod_wsgi does.
-static APPS: Lazy<Mutex<HashMap<AppSpec, Py<PyAny>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+static APPS: LazyLock<Mutex<HashMap<AppSpec, Py<PyAny>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// Python side of loading: a module of its own per script (like mod_wsgi), any file
 /// extension, and the script's directory on sys.path so it can import its neighbours.

@@ -353,14 +353,17 @@ fn check_venv_version(home: &Path) -> Result<(), InitError> {
 /// # Safety
 /// `config` must be a PyConfig initialised by PyConfig_InitPythonConfig.
 unsafe fn check(status: ffi::PyStatus, config: &mut ffi::PyConfig) -> Result<(), InitError> {
-    if ffi::PyStatus_Exception(status) == 0 {
+    // SAFETY: PyStatus_Exception only reads the status Python returned.
+    if unsafe { ffi::PyStatus_Exception(status) } == 0 {
         return Ok(());
     }
-    ffi::PyConfig_Clear(config);
+    // SAFETY: config was initialised by PyConfig_InitPythonConfig (guaranteed by the caller).
+    unsafe { ffi::PyConfig_Clear(config) };
     let msg = if status.err_msg.is_null() {
         "unknown error".to_string()
     } else {
-        std::ffi::CStr::from_ptr(status.err_msg)
+        // SAFETY: a non-NULL err_msg of a PyStatus is a static NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(status.err_msg) }
             .to_string_lossy()
             .into_owned()
     };
