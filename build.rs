@@ -85,6 +85,10 @@ fn check_libclang() {
     }
 }
 
+/// A shim may call only what a header declares: a Rust entry point missing from the
+/// shim's header would otherwise be called through C's implicit `int f()`.
+const NO_UNDECLARED_CALLS: &str = "-Werror=implicit-function-declaration";
+
 /// The Apache shim and the header that declares what it and the Rust side call of each other.
 const APACHE_SHIM: &str = "mod_gateway.c";
 const APACHE_ABI: &str = "mod_gateway.h";
@@ -121,7 +125,8 @@ fn build_apache() {
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Wno-missing-field-initializers");
-    cc.flag_if_supported("-Wno-unused-parameter");
+    cc.flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported(NO_UNDECLARED_CALLS);
     for dir in &includes {
         cc.include(dir);
     }
@@ -143,6 +148,7 @@ fn build_apache() {
         headers = headers.clang_arg(format!("-D{k}"));
     }
     let bg = headers
+        .clone()
         .allowlist_type("request_rec|conn_rec|server_rec|cmd_parms|ap_directive_t|apr_table_entry_t|apr_array_header_t|module|unixd_config_rec")
         .allowlist_function(
             "ap_(find_linked_module|state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|runtime_dir_relative|get_module_config)|\
@@ -158,6 +164,7 @@ fn build_apache() {
         .unwrap_or_else(|e| fail(&format!("generating Apache bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("apache_bindings.rs");
     bindings.write_to_file(out).expect("write Apache bindings");
+    generate_abi(headers, APACHE_ABI, "gateway_ap_.*", "apache");
 }
 
 /// Where nginx-dev puts the sources Debian's nginx was built from.
@@ -210,7 +217,8 @@ fn build_nginx() {
         .file(objs.join("ngx_http_gateway_module_modules.c"));
     cc.warnings(true)
         .flag_if_supported("-Wpointer-arith")
-        .flag_if_supported("-Wno-unused-parameter");
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported(NO_UNDECLARED_CALLS);
     for dir in &includes {
         cc.include(dir);
     }
@@ -224,6 +232,7 @@ fn build_nginx() {
         headers = headers.clang_arg(format!("-I{}", dir.display()));
     }
     let bg = headers
+        .clone()
         .allowlist_type(
             "ngx_http_request_t|ngx_conf_t|ngx_command_t|ngx_http_core_loc_conf_t|ngx_http_core_srv_conf_t|ngx_buf_t|ngx_chain_t|\
              ngx_table_elt_t|ngx_list_part_t|ngx_pool_cleanup_t|ngx_pool_cleanup_file_t|ngx_connection_t|ngx_event_t|ngx_cycle_t|\
@@ -244,6 +253,25 @@ fn build_nginx() {
         .unwrap_or_else(|e| fail(&format!("generating nginx bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("nginx_bindings.rs");
     bindings.write_to_file(out).expect("write nginx bindings");
+    generate_abi(headers, NGINX_ABI, "gateway_ngx_.*", "nginx");
+}
+
+/// Declarations of the Rust entry points that the shim's header `abi` declares (every
+/// function there but the C helpers, named like `helpers`), written to `SERVER_abi.rs`
+/// as the input of `same_signatures!`, with which src/SERVER/abi.rs checks the Rust
+/// definitions against them (types are named as in the server's bindings).
+fn generate_abi(headers: bindgen::Builder, abi: &str, helpers: &str, server: &str) {
+    let declarations = headers
+        .allowlist_file(format!(".*/{}", abi.replace('.', "\\.")))
+        .blocklist_function(helpers)
+        .allowlist_recursively(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("generating the declarations of {abi} failed: {e}")));
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join(format!("{server}_abi.rs"));
+    std::fs::write(out, format!("same_signatures! {{\n{declarations}}}\n"))
+        .expect("write the ABI declarations");
 }
 
 /// The version in the sources' `nginx.h`.

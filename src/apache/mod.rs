@@ -2,6 +2,7 @@
 //! The module record and directive table live in `c-shim/mod_gateway.c`; the
 //! functions each side calls of the other are declared in `c-shim/mod_gateway.h`.
 
+mod abi;
 mod config;
 mod ffi;
 mod hooks;

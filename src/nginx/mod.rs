@@ -5,6 +5,7 @@
 //! `c-shim/ngx_http_gateway_module.c`; the functions each side calls of the other
 //! are declared in `c-shim/ngx_http_gateway_module.h`.
 
+mod abi;
 mod config;
 mod daemons;
 mod exchange;
