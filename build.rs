@@ -85,6 +85,14 @@ fn check_libclang() {
     }
 }
 
+/// A shim may call only what a header declares: a Rust entry point missing from the
+/// shim's header would otherwise be called through C's implicit `int f()`.
+const NO_UNDECLARED_CALLS: &str = "-Werror=implicit-function-declaration";
+
+/// The Apache shim and the header that declares what it and the Rust side call of each other.
+const APACHE_SHIM: &str = "mod_gateway.c";
+const APACHE_ABI: &str = "mod_gateway.h";
+
 fn build_apache() {
     let apxs = env::var("APXS").unwrap_or_else(|_| "apxs".into());
     let includedir = query(&apxs, &["-q", "INCLUDEDIR"]).unwrap_or_default();
@@ -106,14 +114,19 @@ fn build_apache() {
     }
     let defines = [("LINUX", None), ("_REENTRANT", None), ("_GNU_SOURCE", None)];
 
-    let shim = "c-shim/mod_gateway.c";
-    println!("cargo:rerun-if-changed={shim}");
+    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim");
+    println!(
+        "cargo:rerun-if-changed={}",
+        shim.join(APACHE_SHIM).display()
+    );
+    println!("cargo:rerun-if-changed={}", shim.join(APACHE_ABI).display());
     let mut cc = cc::Build::new();
-    cc.file(shim)
+    cc.file(shim.join(APACHE_SHIM))
         .warnings(true)
         .extra_warnings(true)
         .flag_if_supported("-Wno-missing-field-initializers");
-    cc.flag_if_supported("-Wno-unused-parameter");
+    cc.flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported(NO_UNDECLARED_CALLS);
     for dir in &includes {
         cc.include(dir);
     }
@@ -121,34 +134,37 @@ fn build_apache() {
         cc.define(k, v);
     }
     cc.compile("gateway_apache_shim");
-    let mut bg = bindgen::Builder::default()
-        .header_contents(
-            "apache.h",
-            "#include \"httpd.h\"\n#include \"http_config.h\"\n#include \"http_core.h\"\n\
-             #include \"http_log.h\"\n#include \"http_protocol.h\"\n#include \"http_request.h\"\n\
-             #include \"ap_mpm.h\"\n#include \"apr_strings.h\"\n#include \"apr_file_io.h\"\n\
-             #include \"apr_portable.h\"\n#include \"unixd.h\"\n",
-        )
+    let mut headers = bindgen::Builder::default().header_contents(
+        "apache.h",
+        "#include \"httpd.h\"\n#include \"http_config.h\"\n#include \"http_core.h\"\n\
+         #include \"http_log.h\"\n#include \"http_protocol.h\"\n#include \"http_request.h\"\n\
+         #include \"ap_mpm.h\"\n#include \"apr_strings.h\"\n#include \"apr_file_io.h\"\n\
+         #include \"apr_portable.h\"\n#include \"unixd.h\"\n#include \"mod_gateway.h\"\n",
+    );
+    for dir in includes.iter().chain([&shim]) {
+        headers = headers.clang_arg(format!("-I{}", dir.display()));
+    }
+    for (k, _) in defines {
+        headers = headers.clang_arg(format!("-D{k}"));
+    }
+    let bg = headers
+        .clone()
         .allowlist_type("request_rec|conn_rec|server_rec|cmd_parms|ap_directive_t|apr_table_entry_t|apr_array_header_t|module|unixd_config_rec")
         .allowlist_function(
             "ap_(find_linked_module|state_query|mpm_query|run_http_scheme|discard_request_body|get_server_name|get_server_port|setup_client_block|should_client_block|get_client_block|set_content_type|set_content_length|check_cmd_context|server_root_relative|runtime_dir_relative|get_module_config)|\
-             apr_(table_add|table_get|table_elts|pstrdup|pstrmemdup|pool_cleanup_register|pool_cleanup_null|os_file_put|palloc|strerror|pool_userdata_get|pool_userdata_set)",
+             apr_(table_add|table_get|table_elts|pstrdup|pstrmemdup|pool_cleanup_register|pool_cleanup_null|os_file_put|palloc|strerror|pool_userdata_get|pool_userdata_set)|\
+             gateway_ap_.*",
         )
         .allowlist_var("ap_unixd_config|AP_SQ_.*|AP_MPMQ_.*|APLOG_.*|REQUEST_CHUNKED_.*|HTTP_.*|OK|DECLINED|DONE|GLOBAL_ONLY|NOT_IN_.*|APR_SUCCESS|APR_FOPEN_.*|AP_CONN_.*")
         .derive_default(true)
         .layout_tests(false)
         .generate_comments(false);
-    for dir in &includes {
-        bg = bg.clang_arg(format!("-I{}", dir.display()));
-    }
-    for (k, _) in defines {
-        bg = bg.clang_arg(format!("-D{k}"));
-    }
     let bindings = bg
         .generate()
         .unwrap_or_else(|e| fail(&format!("generating Apache bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("apache_bindings.rs");
     bindings.write_to_file(out).expect("write Apache bindings");
+    generate_abi(headers, APACHE_ABI, "gateway_ap_.*", "apache");
 }
 
 /// Where nginx-dev puts the sources Debian's nginx was built from.
@@ -156,6 +172,10 @@ const NGINX_SRC: &str = "/usr/share/nginx/src";
 
 /// The directory of the shim with its nginx add-on `config` file.
 const NGINX_ADDON: &str = "c-shim/nginx";
+
+/// The nginx shim and the header that declares what it and the Rust side call of each other.
+const NGINX_SHIM: &str = "ngx_http_gateway_module.c";
+const NGINX_ABI: &str = "ngx_http_gateway_module.h";
 
 /// Struct layouts of nginx depend on its version and configure flags, so the shim and
 /// the bindings are built against a copy of the distribution's sources configured with
@@ -189,42 +209,69 @@ fn build_nginx() {
     .chain([objs.clone()])
     .collect();
 
-    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim/ngx_http_gateway_module.c");
-    println!("cargo:rerun-if-changed={}", shim.display());
+    let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim");
+    println!("cargo:rerun-if-changed={}", shim.join(NGINX_SHIM).display());
+    println!("cargo:rerun-if-changed={}", shim.join(NGINX_ABI).display());
     let mut cc = cc::Build::new();
-    cc.file(&shim)
+    cc.file(shim.join(NGINX_SHIM))
         .file(objs.join("ngx_http_gateway_module_modules.c"));
     cc.warnings(true)
         .flag_if_supported("-Wpointer-arith")
-        .flag_if_supported("-Wno-unused-parameter");
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported(NO_UNDECLARED_CALLS);
     for dir in &includes {
         cc.include(dir);
     }
     cc.compile("gateway_nginx_shim");
-    let mut bg = bindgen::Builder::default()
-        .header_contents("nginx.h", "#include <ngx_config.h>\n#include <ngx_core.h>\n#include <ngx_http.h>\n")
+    let mut headers = bindgen::Builder::default().header_contents(
+        "nginx.h",
+        "#include <ngx_config.h>\n#include <ngx_core.h>\n#include <ngx_http.h>\n\
+         #include \"ngx_http_gateway_module.h\"\n",
+    );
+    for dir in includes.iter().chain([&shim]) {
+        headers = headers.clang_arg(format!("-I{}", dir.display()));
+    }
+    let bg = headers
+        .clone()
         .allowlist_type(
             "ngx_http_request_t|ngx_conf_t|ngx_command_t|ngx_http_core_loc_conf_t|ngx_http_core_srv_conf_t|ngx_buf_t|ngx_chain_t|\
              ngx_table_elt_t|ngx_list_part_t|ngx_pool_cleanup_t|ngx_pool_cleanup_file_t|ngx_connection_t|ngx_event_t|ngx_cycle_t|\
-             ngx_http_request_body_t|ngx_file_t|ngx_module_t",
+             ngx_http_request_body_t|ngx_file_t|ngx_module_t|ngx_uid_t|ngx_gid_t",
         )
         .allowlist_function(
             "ngx_http_(read_client_request_body|finalize_request|send_header|output_filter|send_special|run_posted_requests|request_empty_handler|block_reading)|\
              ngx_(chain_get_free_buf|chain_update_chains|list_push|pnalloc|pcalloc|palloc|pool_cleanup_add|pool_cleanup_file|\
-             connection_local_sockaddr|inet_get_port|handle_write_event)",
+             connection_local_sockaddr|inet_get_port|handle_write_event|close_connection|set_environment)|\
+             gateway_ngx_.*",
         )
-        .allowlist_var("NGX_OK|NGX_ERROR|NGX_AGAIN|NGX_DONE|NGX_DECLINED|NGX_HTTP_[A-Z_0-9]+|NGX_LOG_[A-Z]+|NGX_PROCESS_[A-Z]+|ngx_process|ngx_exiting|ngx_terminate|ngx_cycle")
+        .allowlist_var("NGX_OK|NGX_ERROR|NGX_AGAIN|NGX_DONE|NGX_DECLINED|NGX_HTTP_[A-Z_0-9]+|NGX_LOG_[A-Z]+|NGX_PROCESS_[A-Z]+|ngx_process|ngx_exiting|ngx_terminate|ngx_cycle|environ")
         .derive_default(true)
         .layout_tests(false)
         .generate_comments(false);
-    for dir in &includes {
-        bg = bg.clang_arg(format!("-I{}", dir.display()));
-    }
     let bindings = bg
         .generate()
         .unwrap_or_else(|e| fail(&format!("generating nginx bindings failed: {e}")));
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("nginx_bindings.rs");
     bindings.write_to_file(out).expect("write nginx bindings");
+    generate_abi(headers, NGINX_ABI, "gateway_ngx_.*", "nginx");
+}
+
+/// Declarations of the Rust entry points that the shim's header `abi` declares (every
+/// function there but the C helpers, named like `helpers`), written to `SERVER_abi.rs`
+/// as the input of `same_signatures!`, with which src/SERVER/abi.rs checks the Rust
+/// definitions against them (types are named as in the server's bindings).
+fn generate_abi(headers: bindgen::Builder, abi: &str, helpers: &str, server: &str) {
+    let declarations = headers
+        .allowlist_file(format!(".*/{}", abi.replace('.', "\\.")))
+        .blocklist_function(helpers)
+        .allowlist_recursively(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .unwrap_or_else(|e| fail(&format!("generating the declarations of {abi} failed: {e}")));
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join(format!("{server}_abi.rs"));
+    std::fs::write(out, format!("same_signatures! {{\n{declarations}}}\n"))
+        .expect("write the ABI declarations");
 }
 
 /// The version in the sources' `nginx.h`.

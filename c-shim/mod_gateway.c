@@ -4,7 +4,7 @@
  * This file holds what only C does well here: the module record, the directive
  * table, hook registration, and the few helpers built from APR macros. Everything
  * else (configuration, the environ, running the WSGI application) is Rust, in
- * src/apache/.
+ * src/apache/. mod_gateway.h declares the functions each side calls of the other.
  */
 
 #include "httpd.h"
@@ -20,34 +20,10 @@
 #include <unistd.h>
 #include "apr_buckets.h"
 
+#include "mod_gateway.h"
+
 module AP_MODULE_DECLARE_DATA gateway_module;
 APLOG_USE_MODULE(gateway);
-
-/* Implemented in Rust: src/apache/config.rs */
-void *gateway_create_server_config(apr_pool_t *p, server_rec *s);
-void *gateway_merge_server_config(apr_pool_t *p, void *base, void *add);
-void *gateway_create_dir_config(apr_pool_t *p, char *dir);
-void *gateway_merge_dir_config(apr_pool_t *p, void *base, void *add);
-const char *gateway_cmd_script_alias(cmd_parms *cmd, void *dcfg,
-                                     const char *url, const char *target);
-const char *gateway_cmd_mode(cmd_parms *cmd, void *dcfg,
-                             int argc, char *const argv[]);
-const char *gateway_cmd_daemon(cmd_parms *cmd, void *dcfg,
-                               int argc, char *const argv[]);
-const char *gateway_cmd_python_home(cmd_parms *cmd, void *dcfg, const char *dir);
-const char *gateway_cmd_python_path(cmd_parms *cmd, void *dcfg, const char *path);
-const char *gateway_cmd_shared_interpreter(cmd_parms *cmd, void *dcfg, int on);
-
-/* Implemented in Rust: src/apache/hooks.rs */
-int gateway_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp);
-int gateway_check_config(apr_pool_t *pconf, apr_pool_t *plog,
-                         apr_pool_t *ptemp, server_rec *s);
-int gateway_post_config(apr_pool_t *pconf, apr_pool_t *plog,
-                        apr_pool_t *ptemp, server_rec *s);
-void gateway_child_init(apr_pool_t *pchild, server_rec *s);
-int gateway_monitor(apr_pool_t *p, server_rec *s);
-int gateway_translate_name(request_rec *r);
-int gateway_handler(request_rec *r);
 
 static const command_rec gateway_cmds[] = {
     AP_INIT_TAKE2("GatewayScriptAlias", gateway_cmd_script_alias, NULL, RSRC_CONF,

@@ -4,39 +4,15 @@
  * This file holds what only C does well here: the module and its context, the
  * directive table, the phase handlers nginx calls, and small helpers built from
  * nginx macros. Everything else (configuration values, the environ, the Python
- * threads, the response) is Rust, in src/nginx/.
+ * threads, the response) is Rust, in src/nginx/. ngx_http_gateway_module.h
+ * declares the functions each side calls of the other.
  */
 
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-/* Implemented in Rust: src/nginx/config.rs */
-void *gateway_create_main_conf(ngx_conf_t *cf);
-char *gateway_init_main_conf(ngx_conf_t *cf, void *conf, ngx_uid_t user,
-                             ngx_gid_t group);
-void *gateway_create_loc_conf(ngx_conf_t *cf);
-char *gateway_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child,
-                             void *mcf);
-char *gateway_conf_app(ngx_conf_t *cf, void *lcf, void *mcf,
-                       ngx_http_core_loc_conf_t *clcf);
-char *gateway_conf_mode(ngx_conf_t *cf, void *lcf, void *mcf);
-char *gateway_conf_daemon(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-char *gateway_conf_python_home(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-char *gateway_conf_python_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-char *gateway_conf_shared_interpreter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
-
-/* Implemented in Rust: src/nginx/daemons.rs */
-ngx_int_t gateway_init_module(ngx_cycle_t *cycle, void *mcf, ngx_uint_t test,
-                              ngx_uid_t user, ngx_gid_t group, ngx_str_t *pid,
-                              ngx_uint_t daemonizing);
-
-/* Implemented in Rust: src/nginx/runtime.rs and src/nginx/request.rs */
-ngx_int_t gateway_init_process(ngx_cycle_t *cycle, void *mcf,
-                               ngx_int_t worker_processes);
-void gateway_exit_process(ngx_cycle_t *cycle);
-ngx_int_t gateway_handle_request(ngx_http_request_t *r, void *lcf);
+#include "ngx_http_gateway_module.h"
 
 static char *ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);

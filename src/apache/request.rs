@@ -1,6 +1,6 @@
 //! One embedded request: the CGI view of a `request_rec`, its body, and its response.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, CStr};
 use std::io;
 use std::os::fd::RawFd;
 
@@ -114,7 +114,7 @@ impl RequestBody for ApacheBody {
 /// The response, written through httpd's output filters.
 struct ApacheResponse {
     r: RequestPtr,
-    brigade: *mut c_void,
+    brigade: *mut apr_bucket_brigade,
     /// Bytes passed down since the last flush: httpd's core output filter only
     /// blocks on a flush or once about 64 KiB are pending (so does mod_http2).
     unflushed: usize,

@@ -1,5 +1,7 @@
 //! Server-neutral building blocks shared by every server and mode.
 
+#[cfg(any(feature = "apache", feature = "nginx"))]
+pub(crate) mod abi;
 pub mod cgi;
 pub mod config;
 pub mod framing;

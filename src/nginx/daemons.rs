@@ -6,7 +6,7 @@
 //! started with a keeper ([`supervisor::start_kept`]) that starts a new one if it
 //! dies. Daemon processes that die are replaced by the supervisor itself.
 
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
@@ -202,14 +202,6 @@ pub fn problems(groups: &Groups, config: &supervisor::SupervisorConfig) -> Vec<S
         .collect()
 }
 
-extern "C" {
-    /// nginx's own: the environment its `env` directives keep (`TZ` and the
-    /// variables listed) as a new array, which the caller frees; with `last` not
-    /// NULL it leaves `environ` alone.
-    fn ngx_set_environment(cycle: *mut ngx_cycle_t, last: *mut ngx_uint_t) -> *mut *mut c_char;
-    static mut environ: *mut *mut c_char;
-}
-
 /// Runs `start` with the environment nginx gives its workers, so that the
 /// supervisor and its daemon processes get what nginx's `env` directives keep
 /// (as embedded applications do), not the shell nginx was started from.
@@ -221,7 +213,9 @@ unsafe fn with_worker_environment<T>(
     start: impl FnOnce() -> std::io::Result<T>,
 ) -> std::io::Result<T> {
     let mut extra: ngx_uint_t = 0;
-    // SAFETY: the caller passes the live cycle; with `extra` given nginx only builds a copy.
+    // The environment nginx's `env` directives keep (`TZ` and the variables listed).
+    // SAFETY: the caller passes the live cycle; with `extra` given nginx only builds a
+    // copy (a new array, freed below) and leaves `environ` alone.
     let env = unsafe { ngx_set_environment(cycle, &mut extra) };
     if env.is_null() {
         return Err(std::io::Error::other(

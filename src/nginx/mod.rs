@@ -2,8 +2,10 @@
 //! the per-worker threads, and requests handed from the event loop to those
 //! threads (which run them embedded or forward them to a daemon group) and back.
 //! The module, its context and directive table live in
-//! `c-shim/ngx_http_gateway_module.c`.
+//! `c-shim/ngx_http_gateway_module.c`; the functions each side calls of the other
+//! are declared in `c-shim/ngx_http_gateway_module.h`.
 
+mod abi;
 mod config;
 mod daemons;
 mod exchange;
