@@ -59,12 +59,28 @@ pub fn build_environ<'py>(
     info: &ServerInfo,
 ) -> PyResult<Bound<'py, PyDict>> {
     let env = PyDict::new(py);
+    // The server's own variables first: the request's CGI variables replace them.
     for (key, value) in &head.server_vars {
         if let Ok(key) = std::str::from_utf8(key) {
             env.set_item(key, latin1(py, value))?;
         }
     }
-    let set = |key: &Bound<'py, PyString>, value: &[u8]| env.set_item(key, latin1(py, value));
+    set_cgi_variables(&env, head, info)?;
+    for (key, value) in fold_headers(head) {
+        env.set_item(key.as_ref(), latin1(py, &value))?;
+    }
+    set_wsgi_keys(&env, head, info)?;
+    Ok(env)
+}
+
+/// The CGI variables of PEP 3333 that come from the request line and the connection.
+fn set_cgi_variables(
+    env: &Bound<'_, PyDict>,
+    head: &RequestHead<'_>,
+    info: &ServerInfo,
+) -> PyResult<()> {
+    let py = env.py();
+    let set = |key: &Bound<'_, PyString>, value: &[u8]| env.set_item(key, latin1(py, value));
     set(intern!(py, "REQUEST_METHOD"), head.method)?;
     set(intern!(py, "SCRIPT_NAME"), head.script_name)?;
     set(intern!(py, "PATH_INFO"), head.path_info)?;
@@ -72,16 +88,12 @@ pub fn build_environ<'py>(
     set(intern!(py, "REQUEST_URI"), head.request_uri)?;
     set(intern!(py, "SERVER_PROTOCOL"), head.protocol)?;
     set(intern!(py, "SERVER_NAME"), head.server_name)?;
-    set(
-        intern!(py, "SERVER_PORT"),
-        head.server_port.to_string().as_bytes(),
-    )?;
+    let port = head.server_port.to_string();
+    set(intern!(py, "SERVER_PORT"), port.as_bytes())?;
     set(intern!(py, "SERVER_ADDR"), head.server_addr)?;
     set(intern!(py, "REMOTE_ADDR"), head.remote_addr)?;
-    set(
-        intern!(py, "REMOTE_PORT"),
-        head.remote_port.to_string().as_bytes(),
-    )?;
+    let port = head.remote_port.to_string();
+    set(intern!(py, "REMOTE_PORT"), port.as_bytes())?;
     let software = format!("Gateway/{VERSION} ({})", info.server);
     set(intern!(py, "SERVER_SOFTWARE"), software.as_bytes())?;
     if head.https {
@@ -93,7 +105,12 @@ pub fn build_environ<'py>(
     if let Some(auth) = head.auth_type {
         set(intern!(py, "AUTH_TYPE"), auth)?;
     }
+    Ok(())
+}
 
+/// The request headers under their environ keys, repeated ones folded into one
+/// value, in the order they first came.
+fn fold_headers(head: &RequestHead<'_>) -> Vec<(std::borrow::Cow<'static, str>, Vec<u8>)> {
     let mut folded: Vec<(std::borrow::Cow<'static, str>, Vec<u8>)> =
         Vec::with_capacity(head.headers.len());
     for (name, value) in &head.headers {
@@ -108,19 +125,23 @@ pub fn build_environ<'py>(
             None => folded.push((key, value.to_vec())),
         }
     }
-    for (key, value) in folded {
-        env.set_item(key.as_ref(), latin1(py, &value))?;
-    }
+    folded
+}
 
+/// The `wsgi.*` keys of PEP 3333 and Gateway's own `gateway.*` keys.
+fn set_wsgi_keys(
+    env: &Bound<'_, PyDict>,
+    head: &RequestHead<'_>,
+    info: &ServerInfo,
+) -> PyResult<()> {
+    let py = env.py();
     env.set_item(intern!(py, "wsgi.version"), (1, 0))?;
-    env.set_item(
-        intern!(py, "wsgi.url_scheme"),
-        if head.https {
-            intern!(py, "https")
-        } else {
-            intern!(py, "http")
-        },
-    )?;
+    let scheme = if head.https {
+        intern!(py, "https")
+    } else {
+        intern!(py, "http")
+    };
+    env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
     env.set_item(intern!(py, "wsgi.multithread"), info.multithread)?;
     env.set_item(intern!(py, "wsgi.multiprocess"), info.multiprocess)?;
     env.set_item(intern!(py, "wsgi.run_once"), false)?;
@@ -131,12 +152,10 @@ pub fn build_environ<'py>(
     )?;
     env.set_item(intern!(py, "gateway.server"), info.server)?;
     env.set_item(intern!(py, "gateway.mode"), info.mode)?;
-    env.set_item(
-        intern!(py, "gateway.process_group"),
-        info.process_group.as_str(),
-    )?;
+    let group = info.process_group.as_str();
+    env.set_item(intern!(py, "gateway.process_group"), group)?;
     env.set_item(intern!(py, "gateway.version"), VERSION)?;
-    Ok(env)
+    Ok(())
 }
 
 /// `wsgi.file_wrapper`: iterates a file in blocks, and lets the server send it
