@@ -1,12 +1,11 @@
-//! The Python side: the embedded interpreter, loading applications, and the WSGI
-//! protocol. Server-neutral: servers plug in through the traits of
-//! [`crate::common::transport`].
+//! The Python side: what every Python protocol shares (the embedded
+//! interpreter, loading applications, the log streams) and one folder per
+//! protocol on top of it ([`wsgi`] today). Server-neutral: servers plug in
+//! through the traits of [`crate::common::transport`].
 
 pub mod app;
-pub mod input;
 pub mod interpreter;
 pub mod log_stream;
-pub mod response;
 pub mod wsgi;
 
 pub use wsgi::ServerInfo;

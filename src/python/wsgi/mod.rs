@@ -1,6 +1,9 @@
 //! Running one request through a WSGI application (PEP 3333): the environ, the
 //! response iterable, `close()`, and what happens when any of it fails.
 
+pub mod input;
+pub mod response;
+
 use std::os::fd::RawFd;
 
 use pyo3::exceptions::PyTypeError;
@@ -9,14 +12,14 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use super::app;
-use super::input::Input;
-use super::log_stream::LogStream;
-use super::response::{type_name, StartResponse};
 use crate::common::cgi::{header_key, header_separator, RequestHead};
 use crate::common::config::AppSpec;
 use crate::common::transport::{Outcome, Request};
 use crate::common::VERSION;
+use crate::python::app;
+use crate::python::log_stream::LogStream;
+use input::Input;
+use response::{type_name, StartResponse};
 
 /// What stays the same for every request a process serves.
 #[derive(Debug, Clone)]
@@ -226,7 +229,7 @@ fn sendable_file(py: Python<'_>, wrapper: &FileWrapper) -> Option<(RawFd, u64, u
 /// Runs `request` through the application `spec`. Never panics on application
 /// errors: they are logged with their traceback and reported in the outcome.
 pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
-    super::interpreter::with_gil(|py| {
+    crate::python::interpreter::with_gil(|py| {
         let Request {
             head,
             has_body: _,
