@@ -2,6 +2,7 @@
 
 #[cfg(any(feature = "apache", feature = "nginx"))]
 pub(crate) mod abi;
+pub mod account;
 pub mod cgi;
 pub mod config;
 pub mod framing;

@@ -189,7 +189,7 @@ impl HomeUser {
     /// The user `uid` with group `gid` and, when its processes call `initgroups`
     /// (the servers' workers, daemons of a named user), its supplementary groups.
     pub fn new(uid: u32, gid: u32, supplementary: bool) -> HomeUser {
-        let account = crate::daemon::process::account(uid);
+        let account = crate::common::account::account(uid);
         let mut groups = match &account {
             Some(a) if supplementary => group_list(&a.name, gid),
             _ => Vec::new(),
@@ -240,7 +240,7 @@ impl HomeUser {
 }
 
 /// A user's name for messages: its account's, or its number without one.
-fn user_name(uid: u32, account: Option<&crate::daemon::process::Account>) -> String {
+fn user_name(uid: u32, account: Option<&crate::common::account::Account>) -> String {
     account.map_or_else(
         || uid.to_string(),
         |a| String::from_utf8_lossy(&a.name).into_owned(),
@@ -300,7 +300,7 @@ fn need(path: &Path, want: u32, user: &HomeUser, home: &Path) -> Result<(), Init
             mode: meta.mode() & 0o7777,
             owner: user_name(
                 meta.uid(),
-                crate::daemon::process::account(meta.uid()).as_ref(),
+                crate::common::account::account(meta.uid()).as_ref(),
             ),
             grant: match want {
                 SEARCH => "o+x",
