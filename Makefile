@@ -3,7 +3,8 @@
 #   make                 both modules (mod_gateway.so, ngx_http_gateway_module.so)
 #   make apache          only mod_gateway.so
 #   make nginx           only ngx_http_gateway_module.so (needs nginx-dev)
-#   make test            the test suite against the real servers
+#   make faults          the three again with the test-only fault-injection feature
+#   make test            the test suite against the real servers (builds both sets)
 #   make demo            a demo application served by Apache on localhost
 #
 # PYTHON selects the interpreter to embed (default: Debian's /usr/bin/python3).
@@ -20,7 +21,7 @@ PY_LIBS := -L$(PY_LIBDIR) -Wl,-rpath,$(PY_LIBDIR) -lpython$(PY_LDVERSION)
 SYS_LIBS := -lpthread -ldl -lm -lutil -lgcc_s -lc
 export PYO3_PYTHON := $(PYTHON)
 
-.PHONY: all apache nginx test demo check-python clean FORCE
+.PHONY: all apache nginx faults test demo check-python clean FORCE
 
 all: apache nginx
 
@@ -35,11 +36,25 @@ check-python:
 
 # Each server gets its own cargo target directory: the two builds differ only in
 # features, and must not overwrite each other's libgateway.a.
+#
+# $(call link-apache,LIBGATEWAY,OUT) and $(call link-nginx,...) link a staticlib with its shim's
+# symbols kept; nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
+# (the generated module list that build.rs compiles into the staticlib).
+define link-apache
+	@mkdir -p $(dir $(2))
+	$(CC) -shared -o $(2) -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
+		$(1) $(PY_LIBS) $(SYS_LIBS)
+endef
+define link-nginx
+	@mkdir -p $(dir $(2))
+	$(CC) -shared -o $(2) -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
+		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
+		$(1) $(PY_LIBS) $(SYS_LIBS)
+endef
+
 $(MODULES)/mod_gateway.so: check-python FORCE
 	$(CARGO) build --release --lib --features apache --target-dir target/apache
-	@mkdir -p $(MODULES)
-	$(CC) -shared -o $@ -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
-		target/apache/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+	$(call link-apache,target/apache/release/libgateway.a,$@)
 
 # The daemon executable (supervisor and daemon processes of daemon mode) is
 # server-neutral: one build, next to the modules, where they look for it.
@@ -48,16 +63,31 @@ $(MODULES)/gateway-daemon: check-python FORCE
 	@mkdir -p $(MODULES)
 	install -m 0755 target/daemon/release/gateway-daemon $@
 
-# nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
-# (the generated module list that build.rs compiles into the staticlib).
 $(MODULES)/ngx_http_gateway_module.so: check-python FORCE
 	$(CARGO) build --release --lib --features nginx --target-dir target/nginx
-	@mkdir -p $(MODULES)
-	$(CC) -shared -o $@ -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
-		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
-		target/nginx/release/libgateway.a $(PY_LIBS) $(SYS_LIBS)
+	$(call link-nginx,target/nginx/release/libgateway.a,$@)
 
-test: all
+# The same three with the test-only cargo feature fault-injection, for the tests that make
+# the module panic on purpose (GATEWAY_FAULT names where); never installed.
+FAULTS := target/modules-faults
+FAULT_BUILD := CARGO_PROFILE_RELEASE_LTO=false $(CARGO) build --release
+
+faults: $(FAULTS)/mod_gateway.so $(FAULTS)/ngx_http_gateway_module.so $(FAULTS)/gateway-daemon
+
+$(FAULTS)/mod_gateway.so: check-python FORCE
+	$(FAULT_BUILD) --lib --features apache,fault-injection --target-dir target/faults-apache
+	$(call link-apache,target/faults-apache/release/libgateway.a,$@)
+
+$(FAULTS)/ngx_http_gateway_module.so: check-python FORCE
+	$(FAULT_BUILD) --lib --features nginx,fault-injection --target-dir target/faults-nginx
+	$(call link-nginx,target/faults-nginx/release/libgateway.a,$@)
+
+$(FAULTS)/gateway-daemon: check-python FORCE
+	$(FAULT_BUILD) --bin gateway-daemon --features fault-injection --target-dir target/faults-daemon
+	@mkdir -p $(FAULTS)
+	install -m 0755 target/faults-daemon/release/gateway-daemon $@
+
+test: all faults
 	tests/run
 
 demo: all
