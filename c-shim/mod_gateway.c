@@ -51,12 +51,6 @@ void gateway_ap_log(const server_rec *s, const request_rec *r, int level,
         ap_log_error(APLOG_MARK, level, 0, s, "%s", msg);
 }
 
-/* Whether a module log line at this level would be written (saves building it). */
-int gateway_ap_log_enabled(const server_rec *s, int level)
-{
-    return APLOG_IS_LEVEL(s, level);
-}
-
 /* The module's slot in a configuration vector. */
 int gateway_ap_module_index(void)
 {

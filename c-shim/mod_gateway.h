@@ -21,8 +21,6 @@
 /* Log one line to the error log of r (if any) or s, tagged with this module. */
 void gateway_ap_log(const server_rec *s, const request_rec *r, int level,
                     const char *msg);
-/* Whether a module log line at this level would be written. */
-int gateway_ap_log_enabled(const server_rec *s, int level);
 /* The module's slot in a configuration vector. */
 int gateway_ap_module_index(void);
 /* Write a block to the client (flushed if asked); *bbp is the request's brigade,
