@@ -78,12 +78,20 @@ pub fn guard<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
 
 /// Test-only faults: with the cargo feature `fault-injection`, the point named
 /// by the environment variable `GATEWAY_FAULT` panics, so the tests can show
-/// that the guard holds at each kind of entry. Without the feature, nothing.
+/// that the guard holds at each kind of entry. `NAME:FILE` arms the point only
+/// while FILE exists, so a test can show that the same thread serves the next
+/// request. Without the feature, nothing.
 #[cfg(feature = "fault-injection")]
 pub fn fault_point(name: &str) {
     static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let fault = FAULT.get_or_init(|| std::env::var(FAULT_VAR).ok());
-    if fault.as_deref() == Some(name) {
+    let Some(fault) = FAULT.get_or_init(|| std::env::var(FAULT_VAR).ok()) else {
+        return;
+    };
+    let (point, armed) = match fault.split_once(':') {
+        Some((point, file)) => (point, std::path::Path::new(file).exists()),
+        None => (fault.as_str(), true),
+    };
+    if point == name && armed {
         panic!("fault injected at '{name}'");
     }
 }
