@@ -6,7 +6,7 @@
 //! where it happened.
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Once;
@@ -20,19 +20,26 @@ pub struct Panic {
 
 impl fmt::Display for Panic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "internal error (panic at {})", self.location)
+        write!(
+            f,
+            "internal error (panic at {}: {})",
+            self.location, self.message
+        )
     }
 }
 
 thread_local! {
     /// Where the last panic of this thread happened, kept by the hook for [`catch`].
     static LOCATION: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// How many [`catch`]es this thread is inside.
+    static CATCHING: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Replaces the default hook, which writes to stderr (the server's error log,
-/// without the `gateway:` prefix), with one that keeps the location for the
-/// guard's own log line.
-fn install_hook() {
+/// without the `gateway:` prefix). Inside [`catch`] it keeps the location for
+/// the caller's log line; elsewhere (a thread without a guard, which the next
+/// unwinding ends) it logs the panic itself as a `gateway:` line.
+pub fn install_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         panic::set_hook(Box::new(|info| {
@@ -40,6 +47,12 @@ fn install_hook() {
                 || "an unknown place".into(),
                 |l| format!("{}:{}", l.file(), l.line()),
             );
+            if CATCHING.get() == 0 {
+                log::error!(
+                    "internal error (panic at {at}: {}) outside any guard",
+                    message(info.payload())
+                );
+            }
             LOCATION.with(|l| *l.borrow_mut() = Some(at));
         }))
     });
@@ -59,7 +72,10 @@ fn message(payload: &(dyn Any + Send)) -> String {
 /// caller logs it with what it knows (the request) and answers.
 pub fn catch<T>(f: impl FnOnce() -> T) -> Result<T, Panic> {
     install_hook();
-    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| Panic {
+    CATCHING.set(CATCHING.get() + 1);
+    let caught = panic::catch_unwind(AssertUnwindSafe(f));
+    CATCHING.set(CATCHING.get() - 1);
+    caught.map_err(|payload| Panic {
         message: message(&*payload),
         location: LOCATION
             .with(|l| l.borrow_mut().take())
@@ -82,6 +98,7 @@ pub fn guard<T>(what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
 /// while FILE exists, so a test can show that the same thread serves the next
 /// request. Without the feature, nothing.
 #[cfg(feature = "fault-injection")]
+#[track_caller]
 pub fn fault_point(name: &str) {
     static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let Some(fault) = FAULT.get_or_init(|| std::env::var(FAULT_VAR).ok()) else {
