@@ -49,6 +49,12 @@ pub fn describe_status(status: i32) -> String {
     }
 }
 
+/// Whether `how` (the words of [`describe_status`], as the supervisor records a
+/// daemon's end) tells of a clean exit: a daemon that drained.
+pub fn is_clean_exit(how: &str) -> bool {
+    how == describe_status(0)
+}
+
 /// The user and group a daemon process runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -409,6 +415,8 @@ mod tests {
     fn statuses_read_like_sentences() {
         assert_eq!(describe_status(9), "was killed by signal 9 (SIGKILL)");
         assert_eq!(describe_status(3 << 8), "exited with status 3");
+        assert!(is_clean_exit("exited with status 0"));
+        assert!(!is_clean_exit(&describe_status(9)));
     }
 
     fn environment(
