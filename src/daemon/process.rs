@@ -199,12 +199,26 @@ fn apache_passes(name: &[u8]) -> bool {
         || name.starts_with(b"APACHE_")
 }
 
+/// Whether `name` is the variable that names a test fault: a fault-injection
+/// build passes it on, so that its daemons fail where the tests ask.
+#[cfg(feature = "fault-injection")]
+fn is_fault_var(name: &[u8]) -> bool {
+    name == crate::common::panic::FAULT_VAR.as_bytes()
+}
+
+/// Whether `name` is the variable of test faults: never passed on without them.
+#[cfg(not(feature = "fault-injection"))]
+fn is_fault_var(_name: &[u8]) -> bool {
+    false
+}
+
 /// The environment of a daemon process that runs as the user of `account`:
 /// what the server passes on purpose from `inherited` (under nginx the
 /// supervisor already has only what nginx's `env` directives keep; under Apache
-/// [`apache_passes`] chooses), a default `PATH` if there is none, and `HOME`,
-/// `USER`, `USERNAME` and `LOGNAME` of the user, as mod_wsgi sets them (none of
-/// them for a user without an account).
+/// [`apache_passes`] chooses; a fault-injection build adds the test fault), a
+/// default `PATH` if there is none, and `HOME`, `USER`, `USERNAME` and
+/// `LOGNAME` of the user, as mod_wsgi sets them (none of them for a user
+/// without an account).
 pub fn daemon_environment(
     server: &str,
     inherited: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
@@ -214,7 +228,7 @@ pub fn daemon_environment(
         .into_iter()
         .map(|(k, v)| (k.into_encoded_bytes(), v.into_encoded_bytes()))
         .filter(|(k, _)| !IDENTITY_VARS.contains(&k.as_slice()))
-        .filter(|(k, _)| server != "apache" || apache_passes(k))
+        .filter(|(k, _)| server != "apache" || apache_passes(k) || is_fault_var(k))
         .collect();
     if !env.iter().any(|(k, _)| k == b"PATH") {
         env.push((b"PATH".to_vec(), DEFAULT_PATH.to_vec()));
@@ -472,6 +486,13 @@ mod tests {
             kept,
             ["TZ=UTC", "KEPT=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
         );
+    }
+
+    #[test]
+    fn the_fault_variable_passes_only_in_fault_injection_builds() {
+        let env = environment("apache", &[("GATEWAY_FAULT", "daemon-job")], None);
+        let passed = env.contains(&"GATEWAY_FAULT=daemon-job".to_string());
+        assert_eq!(passed, cfg!(feature = "fault-injection"));
     }
 
     #[test]
