@@ -815,8 +815,9 @@ impl Daemon {
     ) {
         self.shared.drop_stalled_greetings();
         if let (Some(why), None) = (drain_why, *draining_since) {
-            self.begin_drain(&why);
+            // Set first: even a drain that panicked half-way ends at graceful-timeout.
             *draining_since = Some(Instant::now());
+            self.begin_drain(&why);
         }
         let Some(since) = *draining_since else {
             self.take_overflow(full_since);
