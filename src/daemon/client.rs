@@ -8,7 +8,9 @@
 //! any of the request was processed and the request is retried on a new one.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, BufReader, Write};
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use std::sync::LazyLock;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 
+use super::process;
 use super::protocol::{self, Kind, HEADER_LEN, MAX_FRAME};
 use super::{exit_record_path, Endpoint};
 use crate::common::cgi::RequestHead;
@@ -81,11 +84,169 @@ fn pool_put(socket: &Path, conn: Conn) {
     }
 }
 
-/// Why no connection could be made: each is a 503 with this text in the log.
-struct Refused(String);
+/// Why no connection to a daemon group could be made. Each is answered with a
+/// 503 and its text in the log (the tests look for these messages).
+#[derive(Debug)]
+pub enum ConnectError {
+    /// No socket could be created.
+    Socket(io::Error),
+    /// The socket path does not fit in a Unix socket address.
+    PathTooLong(PathBuf),
+    /// All the group's threads are busy and its queue of waiting connections is full.
+    Overloaded { group: String },
+    /// Only the server's worker user may connect, and this process runs as another.
+    PermissionDenied { group: String, socket: PathBuf },
+    /// Nobody listens on the group's socket.
+    NotRunning { group: String, socket: PathBuf },
+    /// Connecting failed for another reason.
+    Connect {
+        group: String,
+        socket: PathBuf,
+        error: io::Error,
+    },
+    /// The connection could not be given its timeouts.
+    Setup { group: String, error: io::Error },
+    /// The daemon's greeting could not be read as one.
+    MalformedGreeting {
+        group: String,
+        error: protocol::ProtocolError,
+    },
+    /// The supervisor answered for a group that cannot serve, and said why.
+    Down { group: String, reason: String },
+    /// The other end closed the connection without a word.
+    ClosedAtOnce { group: String },
+    /// No daemon process took the connection within `limit`.
+    TimedOut { group: String, limit: WaitLimit },
+    /// Reading the greeting failed for another reason.
+    NoGreeting { group: String, error: io::Error },
+}
 
-fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
-    let group = &ep.group;
+/// Which setting bounds the wait for a daemon process to take a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitLimit {
+    /// `queue-timeout`: the request waits for a thread.
+    Queue(Duration),
+    /// `socket-timeout`, when there is no `queue-timeout`.
+    Socket(Duration),
+}
+
+impl WaitLimit {
+    fn duration(self) -> Duration {
+        match self {
+            WaitLimit::Queue(t) | WaitLimit::Socket(t) => t,
+        }
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Socket(e) => write!(f, "cannot create a socket: {e}"),
+            ConnectError::PathTooLong(socket) => {
+                write!(f, "socket path {} is too long", socket.display())
+            }
+            ConnectError::Overloaded { group } => write!(
+                f,
+                "daemon process group '{group}' is overloaded: all its threads are busy and its queue of waiting connections is full"
+            ),
+            ConnectError::PermissionDenied { group, socket } => write!(
+                f,
+                "permission denied on {}: only the server's worker user may connect to daemon process group '{group}'; \
+                 was the server's User/Group (nginx: user) changed without a full restart?",
+                socket.display()
+            ),
+            ConnectError::NotRunning { group, socket } => write!(
+                f,
+                "daemon process group '{group}' is not running (no one listens on {})",
+                socket.display()
+            ),
+            ConnectError::Connect {
+                group,
+                socket,
+                error,
+            } => write!(
+                f,
+                "cannot connect to daemon process group '{group}' at {}: {error}",
+                socket.display()
+            ),
+            ConnectError::Setup { group, error } => write!(
+                f,
+                "cannot set up the connection to daemon process group '{group}': {error}"
+            ),
+            ConnectError::MalformedGreeting { group, error } => write!(
+                f,
+                "daemon process group '{group}' sent a malformed greeting: {error}"
+            ),
+            ConnectError::Down { group, reason } => {
+                write!(f, "daemon process group '{group}' is down: {reason}")
+            }
+            ConnectError::ClosedAtOnce { group } => write!(
+                f,
+                "daemon process group '{group}' closed the connection at once"
+            ),
+            ConnectError::TimedOut {
+                group,
+                limit: WaitLimit::Queue(t),
+            } => write!(
+                f,
+                "no daemon process of group '{group}' took the request within queue-timeout={}s: all its threads are busy",
+                t.as_secs()
+            ),
+            ConnectError::TimedOut {
+                group,
+                limit: WaitLimit::Socket(t),
+            } => write!(
+                f,
+                "no daemon process of group '{group}' took the connection within socket-timeout={}s",
+                t.as_secs()
+            ),
+            ConnectError::NoGreeting { group, error } => {
+                write!(f, "daemon process group '{group}' did not greet: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+/// Opens a connection to a process of group `ep`, reads its greeting, and
+/// prepares the proof of the secret that goes with the first request.
+fn connect(ep: &Endpoint) -> Result<Conn, ConnectError> {
+    let stream = dial(ep)?;
+    let setup = |error| ConnectError::Setup {
+        group: ep.group.clone(),
+        error,
+    };
+    // Until a daemon process accepts, the connection waits in the group's queue.
+    let greeting_limit = match ep.queue_timeout {
+        Some(t) => WaitLimit::Queue(t),
+        None => WaitLimit::Socket(ep.socket_timeout),
+    };
+    let writer = stream
+        .set_nonblocking(false)
+        .and_then(|_| stream.set_read_timeout(Some(greeting_limit.duration())))
+        .and_then(|_| stream.set_write_timeout(Some(ep.socket_timeout)))
+        .and_then(|_| stream.try_clone())
+        .map_err(setup)?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let pid = greeting(ep, &mut reader, greeting_limit)?;
+    let mut auth = Vec::new();
+    protocol::put_auth(&mut auth, &ep.access.secret);
+    reader
+        .get_ref()
+        .set_read_timeout(Some(ep.socket_timeout))
+        .map_err(setup)?;
+    Ok(Conn {
+        reader,
+        writer,
+        pid,
+        auth,
+    })
+}
+
+/// Connects a new socket to the group's, without waiting: a full queue is
+/// refused at once rather than waited on.
+fn dial(ep: &Endpoint) -> Result<UnixStream, ConnectError> {
     // SAFETY: creates a socket owned below.
     let fd = unsafe {
         libc::socket(
@@ -95,26 +256,11 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
         )
     };
     if fd < 0 {
-        return Err(Refused(format!(
-            "cannot create a socket: {}",
-            io::Error::last_os_error()
-        )));
+        return Err(ConnectError::Socket(io::Error::last_os_error()));
     }
     // SAFETY: fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let path = ep.socket.as_os_str().as_encoded_bytes();
-    if path.len() >= addr.sun_path.len() {
-        return Err(Refused(format!(
-            "socket path {} is too long",
-            ep.socket.display()
-        )));
-    }
-    for (dst, &src) in addr.sun_path.iter_mut().zip(path) {
-        *dst = src as libc::c_char;
-    }
+    let addr = socket_address(&ep.socket)?;
     // SAFETY: connects our socket to a complete sockaddr_un.
     let rc = unsafe {
         libc::connect(
@@ -124,86 +270,65 @@ fn connect(ep: &Endpoint) -> Result<Conn, Refused> {
         )
     };
     if rc != 0 {
-        let e = io::Error::last_os_error();
-        return Err(Refused(match e.raw_os_error() {
-            Some(libc::EAGAIN) => format!(
-                "daemon process group '{group}' is overloaded: all its threads are busy and its queue of waiting connections is full"
-            ),
-            Some(libc::EACCES) => format!(
-                "permission denied on {}: only the server's worker user may connect to daemon process group '{group}'; \
-                 was the server's User/Group (nginx: user) changed without a full restart?",
-                ep.socket.display()
-            ),
-            Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => {
-                format!("daemon process group '{group}' is not running (no one listens on {})", ep.socket.display())
-            }
-            _ => format!("cannot connect to daemon process group '{group}' at {}: {e}", ep.socket.display()),
-        }));
+        return Err(refusal(ep, io::Error::last_os_error()));
     }
-    let stream = UnixStream::from(fd);
-    // Until a daemon process accepts, the connection waits in the group's queue.
-    let greeting_timeout = ep.queue_timeout.unwrap_or(ep.socket_timeout);
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|_| stream.set_read_timeout(Some(greeting_timeout)))
-        .and_then(|_| stream.set_write_timeout(Some(ep.socket_timeout)))
-        .and_then(|_| stream.try_clone());
-    let writer = setup.map_err(|e| {
-        Refused(format!(
-            "cannot set up the connection to daemon process group '{group}': {e}"
-        ))
-    })?;
-    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    Ok(UnixStream::from(fd))
+}
+
+/// The address of the Unix socket at `path`.
+fn socket_address(path: &Path) -> Result<libc::sockaddr_un, ConnectError> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(ConnectError::PathTooLong(path.to_path_buf()));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    Ok(addr)
+}
+
+/// What a failed `connect` to group `ep` means.
+fn refusal(ep: &Endpoint, error: io::Error) -> ConnectError {
+    let group = ep.group.clone();
+    let socket = ep.socket.clone();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => ConnectError::Overloaded { group },
+        Some(libc::EACCES) => ConnectError::PermissionDenied { group, socket },
+        Some(libc::ENOENT) | Some(libc::ECONNREFUSED) => ConnectError::NotRunning { group, socket },
+        _ => ConnectError::Connect {
+            group,
+            socket,
+            error,
+        },
+    }
+}
+
+/// Reads the daemon's greeting: the pid of the process that took the connection.
+fn greeting(
+    ep: &Endpoint,
+    reader: &mut BufReader<UnixStream>,
+    limit: WaitLimit,
+) -> Result<u32, ConnectError> {
+    let group = ep.group.clone();
     let mut payload = Vec::new();
-    match protocol::read_frame(&mut reader, &mut payload) {
-        Ok(Some((Kind::Hello, _))) => {
-            let (pid, _) = protocol::decode_hello(&payload).map_err(|e| {
-                Refused(format!(
-                    "daemon process group '{group}' sent a malformed greeting: {e}"
-                ))
-            })?;
-            let mut auth = Vec::new();
-            protocol::put_auth(&mut auth, &ep.access.secret);
-            reader
-                .get_ref()
-                .set_read_timeout(Some(ep.socket_timeout))
-                .map_err(|e| {
-                    Refused(format!(
-                        "cannot set up the connection to daemon process group '{group}': {e}"
-                    ))
-                })?;
-            Ok(Conn {
-                reader,
-                writer,
-                pid,
-                auth,
-            })
-        }
+    match protocol::read_frame(reader, &mut payload) {
+        Ok(Some((Kind::Hello, _))) => match protocol::decode_hello(&payload) {
+            Ok((pid, _)) => Ok(pid),
+            Err(error) => Err(ConnectError::MalformedGreeting { group, error }),
+        },
         Ok(Some((Kind::Unavailable, _))) => {
             let reason = protocol::Decoder::new(&payload)
                 .str("reason")
                 .unwrap_or("unknown")
                 .to_string();
-            Err(Refused(format!(
-                "daemon process group '{group}' is down: {reason}"
-            )))
+            Err(ConnectError::Down { group, reason })
         }
-        Ok(_) => Err(Refused(format!(
-            "daemon process group '{group}' closed the connection at once"
-        ))),
-        Err(e) if is_timeout(&e) => Err(Refused(match ep.queue_timeout {
-            Some(t) => format!(
-                "no daemon process of group '{group}' took the request within queue-timeout={}s: all its threads are busy",
-                t.as_secs()
-            ),
-            None => format!(
-                "no daemon process of group '{group}' took the connection within socket-timeout={}s",
-                ep.socket_timeout.as_secs()
-            ),
-        })),
-        Err(e) => Err(Refused(format!(
-            "daemon process group '{group}' did not greet: {e}"
-        ))),
+        Ok(_) => Err(ConnectError::ClosedAtOnce { group }),
+        Err(e) if is_timeout(&e) => Err(ConnectError::TimedOut { group, limit }),
+        Err(error) => Err(ConnectError::NoGreeting { group, error }),
     }
 }
 
@@ -284,8 +409,8 @@ pub fn forward(
                 Some(conn) => (conn, true),
                 None => match connect(ep) {
                     Ok(conn) => (conn, false),
-                    Err(Refused(why)) => {
-                        log(resp, log::Level::Error, &format!("{why}; answering 503"));
+                    Err(refused) => {
+                        log(resp, log::Level::Error, &format!("{refused}; answering 503"));
                         return Outcome::Status(503);
                     }
                 },
@@ -338,6 +463,8 @@ struct Exchange<'a> {
 type Logger<'l> = dyn Fn(&dyn ResponseChannel, log::Level, &str) + 'l;
 
 impl Exchange<'_> {
+    /// Sends the request and relays what the daemon answers, frame by frame,
+    /// until the request is over.
     fn run(
         &mut self,
         request: &[u8],
@@ -357,135 +484,174 @@ impl Exchange<'_> {
         }
         let mut body_buf = Vec::new();
         loop {
-            let frame = protocol::read_frame(&mut self.conn.reader, self.payload);
-            let (kind, flags) = match frame {
-                Ok(Some(f)) => f,
-                Ok(None) => return self.lost(resp, log, "closed the connection".into()),
-                Err(e) if is_timeout(&e) => {
-                    let msg = format!(
-                        "daemon process {} of group '{}' sent nothing for socket-timeout={}s",
-                        self.conn.pid,
-                        self.ep.group,
-                        self.ep.socket_timeout.as_secs()
-                    );
-                    return self.fail(resp, log, 504, &msg);
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return self.fail(
-                        resp,
-                        log,
-                        502,
-                        &format!(
-                            "daemon process {} sent a malformed frame: {e}",
-                            self.conn.pid
-                        ),
-                    );
-                }
-                Err(e) => return self.lost(resp, log, e.to_string()),
+            let (kind, flags) = match self.next_frame(resp, log) {
+                Ok(frame) => frame,
+                Err(step) => return step,
             };
             self.heard = true;
-            match kind {
-                Kind::Pull => {
-                    self.pulled = true;
-                    let want = match self.payload.as_slice() {
-                        [a, b, c, d] => {
-                            (u32::from_be_bytes([*a, *b, *c, *d]) as usize).min(MAX_FRAME)
-                        }
-                        _ => {
-                            return self.fail(resp, log, 502, "malformed body pull from the daemon")
-                        }
-                    };
-                    body_buf.resize(HEADER_LEN + want, 0);
-                    let n = match body.read(&mut body_buf[HEADER_LEN..]) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            log(
-                                resp,
-                                log::Level::Info,
-                                &format!("reading the request body failed: {e}"),
-                            );
-                            return Step::Done(Outcome::ClientGone, false);
-                        }
-                    };
-                    body_buf[..HEADER_LEN].copy_from_slice(&protocol::header(Kind::Body, 0, n));
-                    if let Err(e) = self.conn.writer.write_all(&body_buf[..HEADER_LEN + n]) {
-                        return self.lost(resp, log, e.to_string());
-                    }
-                }
-                Kind::Start => {
-                    if let Err(step) = self.start(resp, log) {
-                        return step;
-                    }
-                }
-                Kind::Data => {
-                    let Some(framing) = self.framing.as_mut() else {
-                        return self.fail(
-                            resp,
-                            log,
-                            502,
-                            "the daemon sent body data before the response head",
-                        );
-                    };
-                    let n = framing.admit(self.payload.len());
-                    if let Some(limit) = framing.first_excess(self.payload.len() - n) {
-                        log(resp, log::Level::Error, &format!("daemon process {} sent more than the Content-Length of {limit} bytes; the excess was dropped", self.conn.pid));
-                    }
-                    if resp
-                        .write(&self.payload[..n], flags & protocol::FLAG_FLUSH != 0)
-                        .is_err()
-                    {
-                        // Closing the connection tells the daemon: its next write fails.
-                        return Step::Done(Outcome::ClientGone, false);
-                    }
-                }
-                Kind::Abort => resp.abort(),
-                Kind::Log => {
-                    let mut d = protocol::Decoder::new(self.payload);
-                    if let (Ok(level), Ok(line)) = (d.u8("level"), d.str("line")) {
-                        resp.log(protocol::decode_level(level), line);
-                    }
-                }
-                Kind::End => {
-                    let reply = match protocol::decode_outcome(self.payload) {
-                        Ok(Outcome::Complete) => return self.complete(resp, log),
-                        Ok(status @ Outcome::Status(_)) if self.framing.is_none() => status,
-                        Ok(Outcome::Status(_) | Outcome::Aborted) => Outcome::Aborted,
-                        Ok(Outcome::ClientGone) => Outcome::ClientGone,
-                        Err(e) => {
-                            return self.fail(
-                                resp,
-                                log,
-                                502,
-                                &format!("malformed end of response: {e}"),
-                            )
-                        }
-                    };
-                    return Step::Done(reply, true);
-                }
-                Kind::Timeout => {
-                    let msg = protocol::Decoder::new(self.payload)
-                        .str("message")
-                        .unwrap_or("request-timeout")
-                        .to_string();
-                    return self.fail(resp, log, 504, &msg);
-                }
-                Kind::Unavailable => {
-                    let msg = protocol::Decoder::new(self.payload)
-                        .str("reason")
-                        .unwrap_or("unavailable")
-                        .to_string();
-                    return self.fail(resp, log, 503, &msg);
-                }
-                Kind::Hello | Kind::Request | Kind::Body | Kind::Auth => {
-                    return self.fail(
-                        resp,
-                        log,
-                        502,
-                        &format!("unexpected {kind:?} frame from the daemon"),
-                    );
-                }
+            if let ControlFlow::Break(step) =
+                self.on_frame(kind, flags, body, &mut body_buf, resp, log)
+            {
+                return step;
             }
         }
+    }
+
+    /// Reads the daemon's next frame into the payload buffer.
+    fn next_frame(
+        &mut self,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> Result<(Kind, u16), Step> {
+        match protocol::read_frame(&mut self.conn.reader, self.payload) {
+            Ok(Some(frame)) => Ok(frame),
+            Ok(None) => Err(self.lost(resp, log, "closed the connection".into())),
+            Err(e) if is_timeout(&e) => {
+                let msg = format!(
+                    "daemon process {} of group '{}' sent nothing for socket-timeout={}s",
+                    self.conn.pid,
+                    self.ep.group,
+                    self.ep.socket_timeout.as_secs()
+                );
+                Err(self.fail(resp, log, 504, &msg))
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let msg = format!(
+                    "daemon process {} sent a malformed frame: {e}",
+                    self.conn.pid
+                );
+                Err(self.fail(resp, log, 502, &msg))
+            }
+            Err(e) => Err(self.lost(resp, log, e.to_string())),
+        }
+    }
+
+    /// Handles one frame of the daemon's: goes on reading, or ends the request.
+    fn on_frame(
+        &mut self,
+        kind: Kind,
+        flags: u16,
+        body: &mut dyn RequestBody,
+        body_buf: &mut Vec<u8>,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> ControlFlow<Step> {
+        match kind {
+            Kind::Pull => self.on_pull(body, body_buf, resp, log),
+            Kind::Start => self.on_start(resp, log),
+            Kind::Data => self.on_data(flags, resp, log),
+            Kind::Abort => {
+                resp.abort();
+                ControlFlow::Continue(())
+            }
+            Kind::Log => {
+                self.on_log(resp);
+                ControlFlow::Continue(())
+            }
+            Kind::End => ControlFlow::Break(self.on_end(resp, log)),
+            Kind::Timeout => {
+                let msg = self.payload_text("message", "request-timeout");
+                ControlFlow::Break(self.fail(resp, log, 504, &msg))
+            }
+            Kind::Unavailable => {
+                let msg = self.payload_text("reason", "unavailable");
+                ControlFlow::Break(self.fail(resp, log, 503, &msg))
+            }
+            Kind::Hello | Kind::Request | Kind::Body | Kind::Auth => {
+                let msg = format!("unexpected {kind:?} frame from the daemon");
+                ControlFlow::Break(self.fail(resp, log, 502, &msg))
+            }
+        }
+    }
+
+    /// The text a `Timeout` or `Unavailable` frame carries, or `default`.
+    fn payload_text(&self, field: &'static str, default: &str) -> String {
+        protocol::Decoder::new(self.payload)
+            .str(field)
+            .unwrap_or(default)
+            .to_string()
+    }
+
+    /// The daemon asks for the next piece of the request body: read it from
+    /// the client and send it.
+    fn on_pull(
+        &mut self,
+        body: &mut dyn RequestBody,
+        body_buf: &mut Vec<u8>,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> ControlFlow<Step> {
+        self.pulled = true;
+        let want = match self.payload.as_slice() {
+            [a, b, c, d] => (u32::from_be_bytes([*a, *b, *c, *d]) as usize).min(MAX_FRAME),
+            _ => {
+                let step = self.fail(resp, log, 502, "malformed body pull from the daemon");
+                return ControlFlow::Break(step);
+            }
+        };
+        body_buf.resize(HEADER_LEN + want, 0);
+        let n = match body.read(&mut body_buf[HEADER_LEN..]) {
+            Ok(n) => n,
+            Err(e) => {
+                let msg = format!("reading the request body failed: {e}");
+                log(resp, log::Level::Info, &msg);
+                return ControlFlow::Break(Step::Done(Outcome::ClientGone, false));
+            }
+        };
+        body_buf[..HEADER_LEN].copy_from_slice(&protocol::header(Kind::Body, 0, n));
+        if let Err(e) = self.conn.writer.write_all(&body_buf[..HEADER_LEN + n]) {
+            return ControlFlow::Break(self.lost(resp, log, e.to_string()));
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Relays a piece of the response body, within what its head allows.
+    fn on_data(
+        &mut self,
+        flags: u16,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> ControlFlow<Step> {
+        let Some(framing) = self.framing.as_mut() else {
+            let msg = "the daemon sent body data before the response head";
+            return ControlFlow::Break(self.fail(resp, log, 502, msg));
+        };
+        let n = framing.admit(self.payload.len());
+        if let Some(limit) = framing.first_excess(self.payload.len() - n) {
+            let msg = format!("daemon process {} sent more than the Content-Length of {limit} bytes; the excess was dropped", self.conn.pid);
+            log(resp, log::Level::Error, &msg);
+        }
+        if resp
+            .write(&self.payload[..n], flags & protocol::FLAG_FLUSH != 0)
+            .is_err()
+        {
+            // Closing the connection tells the daemon: its next write fails.
+            return ControlFlow::Break(Step::Done(Outcome::ClientGone, false));
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Passes a log line of the daemon's on to the server's log.
+    fn on_log(&mut self, resp: &mut dyn ResponseChannel) {
+        let mut d = protocol::Decoder::new(self.payload);
+        if let (Ok(level), Ok(line)) = (d.u8("level"), d.str("line")) {
+            resp.log(protocol::decode_level(level), line);
+        }
+    }
+
+    /// The daemon ended the request: how the server finishes it.
+    fn on_end(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Step {
+        let reply = match protocol::decode_outcome(self.payload) {
+            Ok(Outcome::Complete) => return self.complete(resp, log),
+            Ok(status @ Outcome::Status(_)) if self.framing.is_none() => status,
+            Ok(Outcome::Status(_) | Outcome::Aborted) => Outcome::Aborted,
+            Ok(Outcome::ClientGone) => Outcome::ClientGone,
+            Err(e) => {
+                let msg = format!("malformed end of response: {e}");
+                return self.fail(resp, log, 502, &msg);
+            }
+        };
+        Step::Done(reply, true)
     }
 
     /// Ends the request with `status`, or cuts the response if it already started.
@@ -516,9 +682,10 @@ impl Exchange<'_> {
 
     /// Sends the response head of a `Start` frame, checked as an application's
     /// own head is: a daemon must not be able to split or mis-frame a response.
-    fn start(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Result<(), Step> {
+    fn on_start(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> ControlFlow<Step> {
         if self.framing.is_some() {
-            return Err(self.fail(resp, log, 502, "the daemon sent a second response head"));
+            let msg = "the daemon sent a second response head";
+            return ControlFlow::Break(self.fail(resp, log, 502, msg));
         }
         let checked = protocol::decode_start(self.payload)
             .map_err(|e| e.to_string())
@@ -534,15 +701,15 @@ impl Exchange<'_> {
                     "daemon process {} sent an invalid response head: {e}",
                     self.conn.pid
                 );
-                return Err(self.fail(resp, log, 502, &msg));
+                return ControlFlow::Break(self.fail(resp, log, 502, &msg));
             }
         };
         if let Err(e) = resp.start(status, &line, &headers) {
             let msg = format!("the daemon's response head was refused: {e}");
-            return Err(self.fail(resp, log, 502, &msg));
+            return ControlFlow::Break(self.fail(resp, log, 502, &msg));
         }
         self.framing = Some(framing);
-        Ok(())
+        ControlFlow::Continue(())
     }
 
     /// The daemon says the response is complete: it is, unless its body is
@@ -563,11 +730,8 @@ impl Exchange<'_> {
     fn lost(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>, error: String) -> Step {
         let pid = self.conn.pid;
         let death = death_of(&self.ep.run_dir, pid);
-        let idle_close = !self.heard
-            && !self.pulled
-            && death
-                .as_deref()
-                .is_none_or(|how| how == "exited with status 0");
+        let idle_close =
+            !self.heard && !self.pulled && death.as_deref().is_none_or(process::is_clean_exit);
         if idle_close {
             return Step::Retry;
         }
@@ -762,6 +926,83 @@ mod tests {
         let reply = forward_bodiless(&endpoint(&dir), &mut resp);
         assert_eq!(reply, Outcome::Status(503));
         assert_eq!(resp.status, None);
+    }
+
+    #[test]
+    fn refusals_are_told_apart_and_worded_as_before() {
+        let dir = temp_dir("refusals");
+        let ep = endpoint(&dir);
+        let refused = connect(&ep).err().unwrap();
+        assert!(matches!(refused, ConnectError::NotRunning { .. }));
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "daemon process group 't' is not running (no one listens on {})",
+                ep.socket.display()
+            )
+        );
+        let long = Endpoint {
+            socket: dir.join("x".repeat(120)),
+            ..endpoint(&dir)
+        };
+        assert!(matches!(connect(&long), Err(ConnectError::PathTooLong(_))));
+        // A queue of one connection that nobody accepts: the next is refused at once.
+        let listener = UnixListener::bind(&ep.socket).unwrap();
+        // SAFETY: listen on our own socket.
+        unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        let _waiting = dial(&ep).ok().unwrap();
+        let refused = connect(&ep).err().unwrap();
+        assert!(matches!(refused, ConnectError::Overloaded { .. }));
+        assert_eq!(refused.to_string(), "daemon process group 't' is overloaded: all its threads are busy and its queue of waiting connections is full");
+    }
+
+    #[test]
+    fn a_daemon_that_does_not_greet_in_time_is_a_timeout() {
+        let dir = temp_dir("silent");
+        let ep = Endpoint {
+            socket_timeout: Duration::from_millis(50),
+            ..endpoint(&dir)
+        };
+        let _listener = UnixListener::bind(&ep.socket).unwrap();
+        let refused = connect(&ep).err().unwrap();
+        assert!(matches!(
+            refused,
+            ConnectError::TimedOut {
+                limit: WaitLimit::Socket(_),
+                ..
+            }
+        ));
+        assert_eq!(
+            refused.to_string(),
+            "no daemon process of group 't' took the connection within socket-timeout=0s"
+        );
+        let queued = Endpoint {
+            queue_timeout: Some(Duration::from_millis(50)),
+            ..ep
+        };
+        assert_eq!(
+            connect(&queued).err().unwrap().to_string(),
+            "no daemon process of group 't' took the request within queue-timeout=0s: all its threads are busy"
+        );
+    }
+
+    #[test]
+    fn a_group_that_is_down_says_why() {
+        let dir = temp_dir("down");
+        let ep = endpoint(&dir);
+        let listener = UnixListener::bind(&ep.socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut out = Vec::new();
+            protocol::put_with(&mut out, Kind::Unavailable, |e| e.str("it broke")).unwrap();
+            stream.write_all(&out).unwrap();
+        });
+        let refused = connect(&ep).err().unwrap();
+        assert!(matches!(&refused, ConnectError::Down { reason, .. } if reason == "it broke"));
+        assert_eq!(
+            refused.to_string(),
+            "daemon process group 't' is down: it broke"
+        );
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub fn describe_status(status: i32) -> String {
     }
 }
 
+/// Whether `how` (the words of [`describe_status`], as the supervisor records a
+/// daemon's end) tells of a clean exit: a daemon that drained.
+pub fn is_clean_exit(how: &str) -> bool {
+    how == describe_status(0)
+}
+
 /// The user and group a daemon process runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -193,12 +199,26 @@ fn apache_passes(name: &[u8]) -> bool {
         || name.starts_with(b"APACHE_")
 }
 
+/// Whether `name` is the variable that names a test fault: a fault-injection
+/// build passes it on, so that its daemons fail where the tests ask.
+#[cfg(feature = "fault-injection")]
+fn is_fault_var(name: &[u8]) -> bool {
+    name == crate::common::panic::FAULT_VAR.as_bytes()
+}
+
+/// Whether `name` is the variable of test faults: never passed on without them.
+#[cfg(not(feature = "fault-injection"))]
+fn is_fault_var(_name: &[u8]) -> bool {
+    false
+}
+
 /// The environment of a daemon process that runs as the user of `account`:
 /// what the server passes on purpose from `inherited` (under nginx the
 /// supervisor already has only what nginx's `env` directives keep; under Apache
-/// [`apache_passes`] chooses), a default `PATH` if there is none, and `HOME`,
-/// `USER`, `USERNAME` and `LOGNAME` of the user, as mod_wsgi sets them (none of
-/// them for a user without an account).
+/// [`apache_passes`] chooses; a fault-injection build adds the test fault), a
+/// default `PATH` if there is none, and `HOME`, `USER`, `USERNAME` and
+/// `LOGNAME` of the user, as mod_wsgi sets them (none of them for a user
+/// without an account).
 pub fn daemon_environment(
     server: &str,
     inherited: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
@@ -208,7 +228,7 @@ pub fn daemon_environment(
         .into_iter()
         .map(|(k, v)| (k.into_encoded_bytes(), v.into_encoded_bytes()))
         .filter(|(k, _)| !IDENTITY_VARS.contains(&k.as_slice()))
-        .filter(|(k, _)| server != "apache" || apache_passes(k))
+        .filter(|(k, _)| server != "apache" || apache_passes(k) || is_fault_var(k))
         .collect();
     if !env.iter().any(|(k, _)| k == b"PATH") {
         env.push((b"PATH".to_vec(), DEFAULT_PATH.to_vec()));
@@ -409,6 +429,8 @@ mod tests {
     fn statuses_read_like_sentences() {
         assert_eq!(describe_status(9), "was killed by signal 9 (SIGKILL)");
         assert_eq!(describe_status(3 << 8), "exited with status 3");
+        assert!(is_clean_exit("exited with status 0"));
+        assert!(!is_clean_exit(&describe_status(9)));
     }
 
     fn environment(
@@ -464,6 +486,13 @@ mod tests {
             kept,
             ["TZ=UTC", "KEPT=1", "PATH=/usr/local/bin:/usr/bin:/bin"]
         );
+    }
+
+    #[test]
+    fn the_fault_variable_passes_only_in_fault_injection_builds() {
+        let env = environment("apache", &[("GATEWAY_FAULT", "daemon-job")], None);
+        let passed = env.contains(&"GATEWAY_FAULT=daemon-job".to_string());
+        assert_eq!(passed, cfg!(feature = "fault-injection"));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -32,6 +33,7 @@ use super::{
     exit_record_name, socket_name, socket_path, Endpoint, EXIT_RECORD_PREFIX, MAX_SOCKET_PATH,
 };
 use crate::common::config::DaemonOptions;
+use crate::common::panic;
 use crate::python::interpreter;
 
 /// Everything the supervisor needs, sent over the lifeline.
@@ -256,22 +258,58 @@ fn start_with(
     let lifeline = Lifeline(OwnedFd::from(pipe));
     let mut report = String::new();
     fs::File::from(started_read).read_to_string(&mut report)?;
-    match report.as_str() {
-        "ok" => Ok(lifeline),
-        "" => Err(io::Error::other(format!(
-            "the daemon supervisor ({}) exited at start-up",
-            exe.display()
-        ))),
-        why => Err(io::Error::other(why.to_string())),
+    StartError::from_report(&report, exe)?;
+    Ok(lifeline)
+}
+
+/// What a supervisor that started writes on [`STARTED_FD`]; one that did not
+/// writes why instead, and one that died writes nothing.
+const STARTED: &str = "ok";
+
+/// Why a supervisor did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// It ended before it reported how its start went.
+    ExitedAtStartup(PathBuf),
+    /// It could not start, and said why.
+    Failed(String),
+}
+
+impl StartError {
+    /// Reads the report of the supervisor `exe` on [`STARTED_FD`].
+    fn from_report(report: &str, exe: &Path) -> Result<(), StartError> {
+        match report {
+            STARTED => Ok(()),
+            "" => Err(StartError::ExitedAtStartup(exe.to_path_buf())),
+            why => Err(StartError::Failed(why.to_string())),
+        }
     }
 }
 
-/// Tells [`start`] how the start went, once.
-fn report_started(result: &Result<(), String>) {
-    let text = match result {
-        Ok(()) => "ok",
-        Err(e) => e.as_str(),
-    };
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::ExitedAtStartup(exe) => write!(
+                f,
+                "the daemon supervisor ({}) exited at start-up",
+                exe.display()
+            ),
+            StartError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<StartError> for io::Error {
+    fn from(e: StartError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// Tells [`start`] how the start went, once: [`STARTED`], or why not.
+fn report_started(result: Result<(), &str>) {
+    let text = result.err().unwrap_or(STARTED);
     // SAFETY: writes to and closes the descriptor start() gave us for this.
     unsafe {
         libc::write(STARTED_FD, text.as_ptr().cast(), text.len());
@@ -326,7 +364,7 @@ pub fn run() -> ! {
     let config = match read_config() {
         Ok(c) => c,
         Err(e) => {
-            report_started(&Err(format!(
+            report_started(Err(&format!(
                 "the daemon supervisor cannot read its configuration: {e}"
             )));
             std::process::exit(2);
@@ -336,11 +374,11 @@ pub fn run() -> ! {
     let mut supervisor = match Supervisor::new(config) {
         Ok(s) => s,
         Err(e) => {
-            report_started(&Err(e.to_string()));
+            report_started(Err(&e.to_string()));
             std::process::exit(1);
         }
     };
-    report_started(&Ok(()));
+    report_started(Ok(()));
     if std::env::args().nth(2).as_deref() == KEPT.to_str().ok() {
         supervisor = keep(supervisor);
     }
@@ -464,84 +502,110 @@ impl Supervisor {
         );
         let mut last_check = Instant::now();
         loop {
-            if self.stopping.is_none() {
-                self.start_missing();
-            }
-            if let Some(since) = self.stopping {
-                if self.children.is_empty() {
-                    break;
+            // A bug must not take the daemons down with the supervisor: the
+            // round is logged and the next one goes on from the state as it is.
+            match panic::catch(|| self.turn(signals.as_raw_fd(), &mut last_check)) {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => break,
+                Ok(Err(e)) => return Err(e),
+                Err(p) => {
+                    log::error!(
+                        "{p} in the daemon supervisor: {}; going on in a second",
+                        p.message
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
                 }
-                if since.elapsed() > self.grace() {
-                    for &pid in self.children.keys() {
-                        log::warn!(
-                            "daemon process {pid} still busy after graceful-timeout; killing it"
-                        );
-                        // SAFETY: signals our own child.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            let mut polled = vec![
-                libc::pollfd {
-                    fd: 0,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: signals.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.status_read.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            if self.stopping.is_some() {
-                polled[0].fd = -1;
-            }
-            let down: Vec<usize> = (0..self.groups.len())
-                .filter(|&i| self.is_down(i))
-                .collect();
-            polled.extend(down.iter().map(|&i| libc::pollfd {
-                fd: self.groups[i].listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }));
-            // SAFETY: polls descriptors we own, in a vector we own.
-            let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 200) };
-            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return Err(io::Error::last_os_error());
-            }
-            if polled[0].revents != 0 && self.lifeline_closed() {
-                self.stop("the server closed its lifeline (stop, reload, or its master died)");
-            }
-            if polled[1].revents != 0 {
-                for sig in process::read_signals(signals.as_raw_fd()) {
-                    if sig != libc::SIGCHLD {
-                        self.stop(&format!("received {}", process::signal_name(sig)));
-                    }
-                }
-            }
-            self.reap();
-            if polled[2].revents != 0 {
-                self.read_status();
-            }
-            for (k, &i) in down.iter().enumerate() {
-                if polled[3 + k].revents != 0 {
-                    self.refuse_while_down(i);
-                }
-            }
-            if last_check.elapsed() > Duration::from_secs(1) && self.stopping.is_none() {
-                last_check = Instant::now();
-                self.check_master();
-                self.restore_sockets();
             }
         }
         self.cleanup();
         log::info!("daemon supervisor for {} stopped", self.config.server);
         Ok(())
+    }
+
+    /// One round of the supervisor's loop: starts what is missing, waits up to
+    /// 200 ms for something to happen and acts on it. False once it stopped and
+    /// its daemons are gone.
+    fn turn(&mut self, signals: RawFd, last_check: &mut Instant) -> io::Result<bool> {
+        if self.stopping.is_none() {
+            self.start_missing();
+        }
+        if let Some(since) = self.stopping {
+            if self.children.is_empty() {
+                return Ok(false);
+            }
+            if since.elapsed() > self.grace() {
+                self.kill_stragglers();
+            }
+        }
+        let down: Vec<usize> = (0..self.groups.len())
+            .filter(|&i| self.is_down(i))
+            .collect();
+        let polled = self.wait(signals, &down)?;
+        self.handle(&polled, signals, &down);
+        if last_check.elapsed() > Duration::from_secs(1) && self.stopping.is_none() {
+            *last_check = Instant::now();
+            self.check_master();
+            self.restore_sockets();
+        }
+        Ok(true)
+    }
+
+    /// Kills the daemons still busy after graceful-timeout.
+    fn kill_stragglers(&self) {
+        for &pid in self.children.keys() {
+            log::warn!("daemon process {pid} still busy after graceful-timeout; killing it");
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Waits up to 200 ms for the lifeline (unless stopping), a signal, a
+    /// daemon's status, or a connection to one of the groups that are `down`.
+    fn wait(&self, signals: RawFd, down: &[usize]) -> io::Result<Vec<libc::pollfd>> {
+        let watch = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let lifeline = if self.stopping.is_some() { -1 } else { 0 };
+        let mut polled = vec![
+            watch(lifeline),
+            watch(signals),
+            watch(self.status_read.as_raw_fd()),
+        ];
+        polled.extend(
+            down.iter()
+                .map(|&i| watch(self.groups[i].listener.as_raw_fd())),
+        );
+        // SAFETY: polls descriptors we own, in a vector we own.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 200) };
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(polled)
+    }
+
+    /// Acts on what [`Supervisor::wait`] saw, and reaps the daemons that ended.
+    fn handle(&mut self, polled: &[libc::pollfd], signals: RawFd, down: &[usize]) {
+        if polled[0].revents != 0 && self.lifeline_closed() {
+            self.stop("the server closed its lifeline (stop, reload, or its master died)");
+        }
+        if polled[1].revents != 0 {
+            for sig in process::read_signals(signals) {
+                if sig != libc::SIGCHLD {
+                    self.stop(&format!("received {}", process::signal_name(sig)));
+                }
+            }
+        }
+        self.reap();
+        if polled[2].revents != 0 {
+            self.read_status();
+        }
+        for (k, &i) in down.iter().enumerate() {
+            if polled[3 + k].revents != 0 {
+                self.refuse_while_down(i);
+            }
+        }
     }
 
     /// Stops when the server's master is gone (if its pid is known).
@@ -677,25 +741,44 @@ impl Supervisor {
         }
     }
 
-    fn spawn(&mut self, i: usize) -> io::Result<()> {
-        let group = &self.groups[i];
-        let config = super::worker::WorkerConfig {
+    /// What a daemon process of group `i` reads on its stdin.
+    fn worker_config(&self, i: usize) -> Vec<u8> {
+        let name = &self.groups[i].options.name;
+        super::worker::WorkerConfig {
             server: self.config.server.clone(),
             supervisor_pid: std::process::id(),
             server_uid: self.config.server_uid,
             server_gid: self.config.server_gid,
-            options: group.options.clone(),
-            access: self.config.generation.access(&group.options.name),
-            previous: self
-                .config
-                .previous
-                .as_ref()
-                .map(|p| p.access(&group.options.name)),
+            options: self.groups[i].options.clone(),
+            access: self.config.generation.access(name),
+            previous: self.config.previous.as_ref().map(|p| p.access(name)),
         }
-        .encode();
+        .encode()
+    }
+
+    /// The environment of a daemon process of group `i` (see
+    /// [`process::daemon_environment`]).
+    fn worker_environment(&self, i: usize) -> Vec<CString> {
+        let options = &self.groups[i].options;
+        // A user that does not exist is the daemon's to report, as it exits.
+        let uid = process::daemon_identity(
+            options.user.as_deref(),
+            options.group.as_deref(),
+            self.config.server_uid,
+            self.config.server_gid,
+        )
+        .map_or(self.config.server_uid, |id| id.uid);
+        process::daemon_environment(
+            &self.config.server,
+            std::env::vars_os(),
+            process::account(uid).as_ref(),
+        )
+    }
+
+    fn spawn(&mut self, i: usize) -> io::Result<()> {
         let (config_read, config_write) = pipe()?;
         // The configuration is small: it fits in the pipe before the child reads it.
-        fs::File::from(config_write).write_all(&config)?;
+        fs::File::from(config_write).write_all(&self.worker_config(i))?;
         let role = c"worker";
         // Room for the display name when the title overwrites argv.
         let padding = CString::new(" ".repeat(96)).expect("no NUL");
@@ -705,19 +788,7 @@ impl Supervisor {
             padding.as_ptr(),
             std::ptr::null(),
         ];
-        // A user that does not exist is the daemon's to report, as it exits.
-        let uid = process::daemon_identity(
-            group.options.user.as_deref(),
-            group.options.group.as_deref(),
-            self.config.server_uid,
-            self.config.server_gid,
-        )
-        .map_or(self.config.server_uid, |id| id.uid);
-        let env = process::daemon_environment(
-            &self.config.server,
-            std::env::vars_os(),
-            process::account(uid).as_ref(),
-        );
+        let env = self.worker_environment(i);
         let envp: Vec<*const libc::c_char> = env
             .iter()
             .map(|var| var.as_ptr())
@@ -734,7 +805,7 @@ impl Supervisor {
             unsafe {
                 process::reset_signals();
                 process::move_fd(config_read.as_raw_fd(), 0);
-                process::move_fd(group.listener.as_raw_fd(), LISTEN_FD);
+                process::move_fd(self.groups[i].listener.as_raw_fd(), LISTEN_FD);
                 process::move_fd(self.status_write.as_raw_fd(), STATUS_FD);
                 process::close_from(STATUS_FD + 1);
                 libc::execve(self.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
@@ -886,48 +957,65 @@ fn keep(first: Supervisor) -> Supervisor {
     let config = first.config.clone();
     let mut next = Some(first);
     loop {
-        let supervisor = match next.take() {
-            Some(s) => s,
-            None => match Supervisor::new(config.clone()) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!(
-                        "restarting the daemon supervisor failed (next try in a second): {e}"
-                    );
-                    std::thread::sleep(Duration::from_secs(1));
-                    exit_if_lifeline_closed();
-                    continue;
-                }
-            },
-        };
-        // SAFETY: this process is single-threaded; the child goes on as the supervisor.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            return supervisor;
-        }
-        drop(supervisor);
-        if pid < 0 {
-            log::error!(
-                "cannot fork the daemon supervisor (next try in a second): {}",
-                io::Error::last_os_error()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-            exit_if_lifeline_closed();
-            continue;
-        }
-        process::set_title(None, "gateway-keeper");
-        let started = Instant::now();
-        let status = wait_for(pid);
-        exit_if_lifeline_closed();
-        log::error!(
-            "the daemon supervisor {pid} {}; starting a new one",
-            describe_status(status)
-        );
-        // One that dies at once is not restarted in a busy loop.
-        if started.elapsed() < Duration::from_secs(1) {
-            std::thread::sleep(Duration::from_secs(1));
+        match panic::catch(|| keep_once(&config, &mut next)) {
+            Ok(Some(supervisor)) => return supervisor,
+            Ok(None) => {}
+            Err(p) => {
+                log::error!(
+                    "{p} in the keeper of the daemon supervisor: {}; going on in a second",
+                    p.message
+                );
+                std::thread::sleep(Duration::from_secs(1));
+                exit_if_lifeline_closed();
+            }
         }
     }
+}
+
+/// One round of the keeper: forks a supervisor (`next`, or a new one for
+/// `config`) and returns it in the child; in the keeper, waits for it to end
+/// and returns None.
+fn keep_once(config: &SupervisorConfig, next: &mut Option<Supervisor>) -> Option<Supervisor> {
+    let supervisor = match next.take() {
+        Some(s) => s,
+        None => match Supervisor::new(config.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("restarting the daemon supervisor failed (next try in a second): {e}");
+                std::thread::sleep(Duration::from_secs(1));
+                exit_if_lifeline_closed();
+                return None;
+            }
+        },
+    };
+    // SAFETY: this process is single-threaded; the child goes on as the supervisor.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        return Some(supervisor);
+    }
+    drop(supervisor);
+    if pid < 0 {
+        log::error!(
+            "cannot fork the daemon supervisor (next try in a second): {}",
+            io::Error::last_os_error()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        exit_if_lifeline_closed();
+        return None;
+    }
+    process::set_title(None, "gateway-keeper");
+    let started = Instant::now();
+    let status = wait_for(pid);
+    exit_if_lifeline_closed();
+    log::error!(
+        "the daemon supervisor {pid} {}; starting a new one",
+        describe_status(status)
+    );
+    // One that dies at once is not restarted in a busy loop.
+    if started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    None
 }
 
 /// Waits for child `pid` to end; its wait status.
@@ -994,5 +1082,19 @@ mod tests {
             ..config
         };
         assert!(long.check().unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn start_reports_are_read_as_before() {
+        let exe = Path::new("/usr/lib/gateway-daemon");
+        assert_eq!(StartError::from_report("ok", exe), Ok(()));
+        let died = StartError::from_report("", exe).unwrap_err();
+        assert_eq!(died, StartError::ExitedAtStartup(exe.to_path_buf()));
+        assert_eq!(
+            io::Error::from(died).to_string(),
+            "the daemon supervisor (/usr/lib/gateway-daemon) exited at start-up"
+        );
+        let refused = StartError::from_report("cannot listen on /x: no", exe).unwrap_err();
+        assert_eq!(refused.to_string(), "cannot listen on /x: no");
     }
 }

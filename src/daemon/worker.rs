@@ -15,6 +15,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,9 @@ use super::auth::GroupAccess;
 use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
 use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
-use crate::common::config::DaemonOptions;
+use crate::common::config::{AppSpec, DaemonOptions};
 use crate::common::log::request_line;
+use crate::common::panic::{self, Panic};
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::{wsgi, ServerInfo};
@@ -88,47 +90,16 @@ fn fail(msg: &str) -> ! {
 /// The daemon process: never returns.
 pub fn run(argv: Option<ArgvArea>) -> ! {
     process::log_to_stderr();
-    let mut data = Vec::new();
-    // SAFETY: fd 0 is the configuration pipe from the supervisor; reading it to the end.
-    let read = unsafe { std::fs::File::from_raw_fd(0) }.read_to_end(&mut data);
-    let config = match read
-        .map_err(|e| e.to_string())
-        .and_then(|_| WorkerConfig::decode(&data).map_err(|e| e.to_string()))
-    {
-        Ok(c) => c,
-        Err(e) => fail(&format!(
-            "daemon process: cannot read its configuration: {e}"
-        )),
-    };
-    // SAFETY: replaces stdin with /dev/null and sends stdout (Python's print) to the error log.
-    unsafe {
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-        libc::dup2(null, 0);
-        libc::close(null);
-        libc::dup2(2, 1);
-    }
+    let config = read_config();
+    detach_stdio();
     let opts = &config.options;
     let title = opts
         .display_name
         .clone()
         .unwrap_or_else(|| format!("(gateway:{})", opts.name));
     process::set_title(argv, &title);
-    let id = process::daemon_identity(
-        opts.user.as_deref(),
-        opts.group.as_deref(),
-        config.server_uid,
-        config.server_gid,
-    )
-    .and_then(|id| process::drop_privileges(&id).map(|_| id))
-    .unwrap_or_else(|e| fail(&format!("daemon process of group '{}': {e}", opts.name)));
-    // The credential change cleared any parent-death signal: ask again now.
-    process::die_with_parent(libc::SIGKILL, config.supervisor_pid);
-    // The supervisor stops daemons with SIGTERM. A SIGINT left at its default would
-    // make Python install its KeyboardInterrupt handler: the daemon owns its signals.
-    // SAFETY: sets a disposition before any thread exists.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let signals = process::signal_fd(&[libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1])
-        .unwrap_or_else(|e| fail(&format!("daemon process: signalfd failed: {e}")));
+    let id = become_daemon_user(&config);
+    let signals = own_signals();
     let settings = PythonSettings {
         home: opts.python_home.clone(),
         path: opts.python_path.clone(),
@@ -143,19 +114,79 @@ pub fn run(argv: Option<ArgvArea>) -> ! {
         id.uid,
         opts.threads
     );
-    let info = ServerInfo {
+    let info = server_info(&config);
+    let accepted = std::iter::once(config.access).chain(config.previous);
+    let daemon = Daemon::new(config.options, accepted.collect(), info, signals)
+        .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
+    report(STATUS_READY);
+    daemon.serve()
+}
+
+/// The configuration the supervisor wrote on stdin.
+fn read_config() -> WorkerConfig {
+    let mut data = Vec::new();
+    // SAFETY: fd 0 is the configuration pipe from the supervisor; reading it to the end.
+    let read = unsafe { std::fs::File::from_raw_fd(0) }.read_to_end(&mut data);
+    let config = read
+        .map_err(|e| e.to_string())
+        .and_then(|_| WorkerConfig::decode(&data).map_err(|e| e.to_string()));
+    config.unwrap_or_else(|e| {
+        fail(&format!(
+            "daemon process: cannot read its configuration: {e}"
+        ))
+    })
+}
+
+/// Replaces stdin with /dev/null and sends stdout (Python's print) to the
+/// error log, as stderr.
+fn detach_stdio() {
+    // SAFETY: plain descriptor calls on this process's own standard descriptors.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        libc::dup2(null, 0);
+        libc::close(null);
+        libc::dup2(2, 1);
+    }
+}
+
+/// Switches for good to the user the group runs as, and asks to die with the
+/// supervisor.
+fn become_daemon_user(config: &WorkerConfig) -> process::Identity {
+    let opts = &config.options;
+    let id = process::daemon_identity(
+        opts.user.as_deref(),
+        opts.group.as_deref(),
+        config.server_uid,
+        config.server_gid,
+    )
+    .and_then(|id| process::drop_privileges(&id).map(|_| id))
+    .unwrap_or_else(|e| fail(&format!("daemon process of group '{}': {e}", opts.name)));
+    // The credential change cleared any parent-death signal: ask again now.
+    process::die_with_parent(libc::SIGKILL, config.supervisor_pid);
+    id
+}
+
+/// A signalfd for the signals the supervisor sends, which no thread handles.
+fn own_signals() -> RawFd {
+    // The supervisor stops daemons with SIGTERM. A SIGINT left at its default would
+    // make Python install its KeyboardInterrupt handler: the daemon owns its signals.
+    // SAFETY: sets a disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    process::signal_fd(&[libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1])
+        .unwrap_or_else(|e| fail(&format!("daemon process: signalfd failed: {e}")))
+}
+
+/// What the applications of this process see of their server (`gateway.*`, `wsgi.*`).
+fn server_info(config: &WorkerConfig) -> ServerInfo {
+    let opts = &config.options;
+    ServerInfo {
         server: Box::leak(config.server.clone().into_boxed_str()),
         mode: "daemon",
         process_group: opts.name.clone(),
         multithread: opts.threads > 1,
         multiprocess: opts.processes > 1,
         shared_interpreter: true,
-    };
-    let accepted = std::iter::once(config.access).chain(config.previous);
-    let daemon = Daemon::new(config.options, accepted.collect(), info, signals)
-        .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
-    report(STATUS_READY);
-    daemon.serve()
+    }
 }
 
 /// Tells the supervisor about this process (see the supervisor's status pipe).
@@ -183,9 +214,40 @@ struct Writer {
     /// Set by the watchdog once it answered for a timed-out request: nothing of
     /// that request may follow on the connection.
     poisoned: bool,
+    /// How far the response to the connection's current request went.
+    progress: Progress,
+}
+
+/// How far a response went, as the server sees it: what must follow if the
+/// request's thread panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Nothing of it yet: the server can still answer 500.
+    Waiting,
+    /// Its head went out (or waits in the buffer): it can only be cut short.
+    Started,
+    /// It ended (`End` or `Unavailable`): nothing more may follow.
+    Ended,
 }
 
 impl Writer {
+    /// Queues the `End` frame of the current request.
+    fn end(&mut self, outcome: Outcome) {
+        protocol::put_frame(
+            &mut self.buf,
+            Kind::End,
+            0,
+            &[protocol::outcome_code(outcome)],
+        );
+        self.progress = Progress::Ended;
+    }
+
+    /// Queues an `Unavailable` frame: the server answers 503 with `why`.
+    fn unavailable(&mut self, why: &str) {
+        let _ = protocol::put_with(&mut self.buf, Kind::Unavailable, |e| e.str(why));
+        self.progress = Progress::Ended;
+    }
+
     fn check(&self) -> io::Result<()> {
         if self.poisoned {
             Err(io::Error::new(
@@ -492,6 +554,7 @@ impl Shared {
                 stream,
                 buf: Vec::with_capacity(64 * 1024),
                 poisoned: false,
+                progress: Progress::Waiting,
             }),
         });
         let state = ConnState::Greeting {
@@ -660,24 +723,9 @@ impl Daemon {
         info: ServerInfo,
         signals: RawFd,
     ) -> io::Result<Daemon> {
-        // SAFETY: creating kernel objects owned by the returned values.
-        let (epoll, wake) = unsafe {
-            (
-                libc::epoll_create1(libc::EPOLL_CLOEXEC),
-                libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
-            )
-        };
-        if epoll < 0 || wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the descriptors were just created and are owned from here on.
-        let (epoll, wake, signals) = unsafe {
-            (
-                OwnedFd::from_raw_fd(epoll),
-                OwnedFd::from_raw_fd(wake),
-                OwnedFd::from_raw_fd(signals),
-            )
-        };
+        // SAFETY: the caller hands over its signalfd.
+        let signals = unsafe { OwnedFd::from_raw_fd(signals) };
+        let (epoll, wake) = epoll_and_wake()?;
         epoll_ctl(
             epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
@@ -705,82 +753,89 @@ impl Daemon {
             overflow: AtomicBool::new(false),
             slots: (0..threads).map(|_| Mutex::new(None)).collect(),
         });
-        for slot in 0..threads {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("gateway-{slot}"))
-                .spawn(move || request_thread(&shared, slot))?;
-        }
-        if shared.options.request_timeout > 0 {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("gateway-watchdog".into())
-                .spawn(move || watchdog(shared))?;
-        }
+        start_threads(&shared)?;
         Ok(Daemon { shared, signals })
     }
 
     /// The main thread: waits for a reason to drain, drains, exits.
     fn serve(self) -> ! {
-        let mut polled = [
-            libc::pollfd {
-                fd: self.signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.shared.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         let mut draining_since: Option<Instant> = None;
         let mut full_since: Option<Instant> = None;
         loop {
-            let timeout = if draining_since.is_some() {
-                20
-            } else {
-                OVERFLOW_DELAY.as_millis() as i32 / 2
-            };
-            // SAFETY: polls two descriptors we own.
-            unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
-            let mut drain_why = None;
-            if polled[0].revents != 0 {
-                if let Some(sig) = process::read_signals(self.signals.as_raw_fd()).first() {
-                    drain_why = Some(format!("received {}", process::signal_name(*sig)));
-                }
+            let drain_why = self.wait(draining_since.is_some());
+            panic::guard("the main thread of a daemon process", (), || {
+                self.turn(drain_why, &mut draining_since, &mut full_since)
+            });
+        }
+    }
+
+    /// Waits briefly for a signal or a thread that asks to drain: why to drain, if so.
+    fn wait(&self, draining: bool) -> Option<String> {
+        let watch = |fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut polled = [
+            watch(self.signals.as_raw_fd()),
+            watch(self.shared.wake.as_raw_fd()),
+        ];
+        let timeout = if draining {
+            20
+        } else {
+            OVERFLOW_DELAY.as_millis() as i32 / 2
+        };
+        // SAFETY: polls two descriptors we own.
+        unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, timeout) };
+        let mut drain_why = None;
+        if polled[0].revents != 0 {
+            if let Some(sig) = process::read_signals(self.signals.as_raw_fd()).first() {
+                drain_why = Some(format!("received {}", process::signal_name(*sig)));
             }
-            if polled[1].revents != 0 {
-                let mut v = 0u64;
-                // SAFETY: reads the eventfd counter into v.
-                unsafe { libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-                if let Some(why) = lock(&self.shared.drain_reason).clone() {
-                    drain_why = Some(why);
-                }
+        }
+        if polled[1].revents != 0 {
+            let mut v = 0u64;
+            // SAFETY: reads the eventfd counter into v.
+            unsafe { libc::read(self.shared.wake.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+            if let Some(why) = lock(&self.shared.drain_reason).clone() {
+                drain_why = Some(why);
             }
-            self.shared.drop_stalled_greetings();
-            if let (Some(why), None) = (drain_why, draining_since) {
-                self.begin_drain(&why);
-                draining_since = Some(Instant::now());
-            }
-            let Some(since) = draining_since else {
-                self.take_overflow(&mut full_since);
-                continue;
-            };
-            let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
-                && lock(&self.shared.parked).conns.is_empty();
-            if idle {
-                self.exit(0);
-            }
-            if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
-                log::warn!(
-                    "daemon process {}: {} request(s) still running after graceful-timeout={}s; exiting",
-                    std::process::id(),
-                    self.shared.in_flight.load(Ordering::Acquire),
-                    self.shared.options.graceful_timeout
-                );
-                self.exit(0);
-            }
+        }
+        drain_why
+    }
+
+    /// One round of the main thread: closes stalled greetings, begins to drain
+    /// when `drain_why` says so, and exits once drained (or graceful-timeout
+    /// after the drain began); meanwhile takes overflow connections.
+    fn turn(
+        &self,
+        drain_why: Option<String>,
+        draining_since: &mut Option<Instant>,
+        full_since: &mut Option<Instant>,
+    ) {
+        self.shared.drop_stalled_greetings();
+        if let (Some(why), None) = (drain_why, *draining_since) {
+            // Set first: even a drain that panicked half-way ends at graceful-timeout.
+            *draining_since = Some(Instant::now());
+            self.begin_drain(&why);
+        }
+        let Some(since) = *draining_since else {
+            self.take_overflow(full_since);
+            return;
+        };
+        let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
+            && lock(&self.shared.parked).conns.is_empty();
+        if idle {
+            self.exit(0);
+        }
+        if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
+            log::warn!(
+                "daemon process {}: {} request(s) still running after graceful-timeout={}s; exiting",
+                std::process::id(),
+                self.shared.in_flight.load(Ordering::Acquire),
+                self.shared.options.graceful_timeout
+            );
+            self.exit(0);
         }
     }
 
@@ -840,6 +895,40 @@ impl Daemon {
     }
 }
 
+/// A new epoll set, and the eventfd that wakes the main thread.
+fn epoll_and_wake() -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: creating kernel objects owned by the returned values.
+    let (epoll, wake) = unsafe {
+        (
+            libc::epoll_create1(libc::EPOLL_CLOEXEC),
+            libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK),
+        )
+    };
+    // SAFETY: each descriptor was just created, and is owned from here on.
+    let own = |fd| (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+    match (own(epoll), own(wake)) {
+        (Some(epoll), Some(wake)) => Ok((epoll, wake)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Starts the request threads and, with a request-timeout, the watchdog.
+fn start_threads(shared: &Arc<Shared>) -> io::Result<()> {
+    for slot in 0..shared.slots.len() {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("gateway-{slot}"))
+            .spawn(move || request_thread(&shared, slot))?;
+    }
+    if shared.options.request_timeout > 0 {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("gateway-watchdog".into())
+            .spawn(move || watchdog(shared))?;
+    }
+    Ok(())
+}
+
 fn has_pending_data(conn: &Conn) -> bool {
     let fd = lock(&conn.io.writer).stream.as_raw_fd();
     let mut b = 0u8;
@@ -867,37 +956,65 @@ fn request_thread(shared: &Shared, slot: usize) {
             continue;
         }
         let token = event[0].u64;
-        if token == TOKEN_LISTENER {
-            let overflow = shared.overflow.swap(false, Ordering::AcqRel);
-            shared.accept(overflow);
-            continue;
-        }
-        let Some(conn) = lock(&shared.parked).conns.remove(&token) else {
-            continue;
-        };
-        let Some(conn) = shared.admit(conn) else {
-            if shared.has_room() {
-                shared.arm_listener();
-            }
-            continue;
-        };
+        // A request's own panic is answered by serve_one; one around it (a new
+        // connection, a greeting) costs that connection, never the thread.
+        panic::guard("a request thread of a daemon process", (), || {
+            on_event(shared, slot, token, &mut payload)
+        });
+    }
+}
+
+/// Handles the event of `token`: new connections on the listener, or a
+/// request (or the rest of a greeting) on a parked connection.
+fn on_event(shared: &Shared, slot: usize, token: u64, payload: &mut Vec<u8>) {
+    if token == TOKEN_LISTENER {
+        let overflow = shared.overflow.swap(false, Ordering::AcqRel);
+        shared.accept(overflow);
+        return;
+    }
+    let Some(conn) = lock(&shared.parked).conns.remove(&token) else {
+        return;
+    };
+    if let Some(conn) = shared.admit(conn) {
+        serve_conn(shared, conn, slot, payload);
+    }
+    if shared.has_room() {
+        shared.arm_listener();
+    }
+}
+
+/// Serves the request waiting on `conn` (and, while the process drains, any
+/// that follows at once), then parks the connection for the next.
+fn serve_conn(shared: &Shared, conn: Conn, slot: usize, payload: &mut Vec<u8>) {
+    let _busy = InFlight::enter(shared);
+    let mut keep = serve_one(shared, &conn, slot, payload);
+    let max = shared.options.max_requests;
+    if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
+        shared.request_drain(format!("max-requests={max} reached"));
+    }
+    // While draining, a request already waiting on the connection is still served.
+    while keep && lock(&shared.parked).draining && has_pending_data(&conn) {
+        keep = serve_one(shared, &conn, slot, payload);
+    }
+    if keep {
+        shared.park(conn);
+    }
+}
+
+/// Counts a request in [`Shared::in_flight`] for as long as it lives, even if
+/// a panic ends it: the drain and the overflow connections rely on the count.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> InFlight<'a> {
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        let mut keep = serve_one(shared, &conn, slot, &mut payload);
-        let max = shared.options.max_requests;
-        if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
-            shared.request_drain(format!("max-requests={max} reached"));
-        }
-        // While draining, a request already waiting on the connection is still served.
-        while keep && lock(&shared.parked).draining && has_pending_data(&conn) {
-            keep = serve_one(shared, &conn, slot, &mut payload);
-        }
-        if keep {
-            shared.park(conn);
-        }
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if shared.has_room() {
-            shared.arm_listener();
-        }
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -963,12 +1080,7 @@ fn unknown_app(
         e.u8(protocol::level_code(log::Level::Error));
         e.str(&line);
     });
-    protocol::put_frame(
-        &mut w.buf,
-        Kind::End,
-        0,
-        &[protocol::outcome_code(Outcome::FAILED)],
-    );
+    w.end(Outcome::FAILED);
     w.flush().is_ok()
 }
 
@@ -990,25 +1102,66 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
             return false;
         }
     };
+    lock(&conn.io.writer).progress = Progress::Waiting;
+    let (method, uri) = (request.head.method, request.head.request_uri);
+    match panic::catch(move || answer(shared, conn, slot, generation, request)) {
+        Ok(keep) => keep,
+        Err(p) => {
+            lock(&shared.slots[slot]).take();
+            end_after_panic(conn, &p, method, uri);
+            false
+        }
+    }
+}
+
+/// Answers a request from the server processes of configuration generation
+/// `generation`: runs its application, or refuses it. False when the
+/// connection is done.
+fn answer(
+    shared: &Shared,
+    conn: &Conn,
+    slot: usize,
+    generation: usize,
+    request: protocol::DecodedRequest<'_>,
+) -> bool {
     let apps = &shared.accepted[generation].apps;
     let Some(app) = apps.get(request.app as usize) else {
         return unknown_app(shared, conn, &request, apps.len());
     };
-    let waited = protocol::monotonic_us().saturating_sub(request.queued_at);
-    let limit = shared.options.queue_timeout;
-    if limit > 0 && waited > limit * 1_000_000 {
+    if let Some(why) = waited_too_long(shared, &request) {
         // Too late to be of use: the client has likely given up, and running it
         // would only make the queue behind it longer.
-        let why = format!(
-            "the request waited {:.1}s for a thread of daemon process group '{}', longer than queue-timeout={limit}s",
-            waited as f64 / 1e6,
-            shared.options.name
-        );
         let mut w = lock(&conn.io.writer);
-        let _ = protocol::put_with(&mut w.buf, Kind::Unavailable, |e| e.str(&why));
+        w.unavailable(&why);
         let _ = w.flush();
         return false;
     }
+    respond(shared, conn, slot, app, request)
+}
+
+/// Why `request` is not worth running any more: it waited for a thread longer
+/// than queue-timeout.
+fn waited_too_long(shared: &Shared, request: &protocol::DecodedRequest<'_>) -> Option<String> {
+    let waited = protocol::monotonic_us().saturating_sub(request.queued_at);
+    let limit = shared.options.queue_timeout;
+    (limit > 0 && waited > limit * 1_000_000).then(|| {
+        format!(
+            "the request waited {:.1}s for a thread of daemon process group '{}', longer than queue-timeout={limit}s",
+            waited as f64 / 1e6,
+            shared.options.name
+        )
+    })
+}
+
+/// Runs application `app` for `request` (the watchdog watching it through the
+/// thread's slot) and ends the response; false when the connection is done.
+fn respond(
+    shared: &Shared,
+    conn: &Conn,
+    slot: usize,
+    app: &AppSpec,
+    request: protocol::DecodedRequest<'_>,
+) -> bool {
     *lock(&shared.slots[slot]) = Some(Running {
         started: Instant::now(),
         // SAFETY: pthread_self has no preconditions.
@@ -1028,23 +1181,48 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
         io: conn.io.clone(),
         file_buf: Vec::new(),
     };
-    let outcome = wsgi::run(
-        app,
-        &shared.info,
-        Request {
-            head: request.head,
-            has_body: request.has_body,
-            body: Box::new(body),
-            response: Box::new(response),
-        },
-    );
+    let request = Request {
+        head: request.head,
+        has_body: request.has_body,
+        body: Box::new(body),
+        response: Box::new(response),
+    };
+    panic::fault_point("daemon-job");
+    let outcome = wsgi::run(app, &shared.info, request);
     lock(&shared.slots[slot]).take();
     let mut w = lock(&conn.io.writer);
     if w.poisoned {
         return false;
     }
-    protocol::put_frame(&mut w.buf, Kind::End, 0, &[protocol::outcome_code(outcome)]);
+    w.end(outcome);
     w.flush().is_ok() && outcome != Outcome::ClientGone
+}
+
+/// Ends a request whose thread panicked while serving it: the server answers
+/// 500 if nothing of the response went out, or cuts it short. The connection
+/// is closed: what the panic left on it (half a request body?) is unknown.
+fn end_after_panic(conn: &Conn, p: &Panic, method: &[u8], uri: &[u8]) {
+    let mut w = lock(&conn.io.writer);
+    let what = match (w.poisoned, w.progress) {
+        (false, Progress::Waiting) => {
+            w.end(Outcome::FAILED);
+            "answering 500"
+        }
+        (false, Progress::Started) => {
+            protocol::put_frame(&mut w.buf, Kind::Abort, 0, &[]);
+            w.end(Outcome::Aborted);
+            "the response was cut short"
+        }
+        // The server has its answer already (the watchdog's 504, or the End).
+        (true, _) | (false, Progress::Ended) => "closing the connection",
+    };
+    let _ = w.flush();
+    let _ = w.stream.shutdown(std::net::Shutdown::Both);
+    let msg = format!("{p} in daemon process {}; {what}", std::process::id());
+    log::error!(
+        "{}",
+        request_line(method, uri, &msg).trim_start_matches("gateway: ")
+    );
 }
 
 /// `wsgi.input` in a daemon: pulls the body from the server as the application reads.
@@ -1093,6 +1271,7 @@ impl ResponseChannel for DaemonResponse {
         let mut w = lock(&self.io.writer);
         w.check()?;
         protocol::put_start(&mut w.buf, status, status_line, headers)?;
+        w.progress = Progress::Started;
         Ok(())
     }
 
@@ -1161,7 +1340,7 @@ impl ResponseChannel for DaemonResponse {
 /// regex, a heavy C call) must not stop the 504s of the process's other requests.
 fn watchdog(shared: Arc<Shared>) {
     let limit = Duration::from_secs(shared.options.request_timeout);
-    let (reports, queue) = std::sync::mpsc::channel();
+    let (reports, queue) = mpsc::channel();
     let reporter = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("gateway-stacks".into())
@@ -1171,17 +1350,29 @@ fn watchdog(shared: Arc<Shared>) {
     }
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        for (index, slot) in shared.slots.iter().enumerate() {
-            let mut slot = lock(slot);
-            if slot.as_ref().is_some_and(|r| r.stuck_outside_python(limit)) {
-                recycle_for(&shared, slot.take().expect("checked"), limit);
-            } else if let Some(running) = slot
-                .as_mut()
-                .filter(|r| !r.timed_out && r.started.elapsed() > limit)
-            {
-                if answer_timeout(&shared, running) {
-                    let _ = reports.send((index, running.started));
-                }
+        // A bug costs one round of checks: the next one comes 100 ms later.
+        panic::guard(
+            "the request-timeout watchdog of a daemon process",
+            (),
+            || check_requests(&shared, limit, &reports),
+        );
+    }
+}
+
+/// One round of the watchdog: answers each request past `limit` (and queues
+/// its stack for [`gil_reports`]), and recycles the process for one stuck
+/// outside Python code.
+fn check_requests(shared: &Shared, limit: Duration, reports: &Sender<(usize, Instant)>) {
+    for (index, slot) in shared.slots.iter().enumerate() {
+        let mut slot = lock(slot);
+        if slot.as_ref().is_some_and(|r| r.stuck_outside_python(limit)) {
+            recycle_for(shared, slot.take().expect("checked"), limit);
+        } else if let Some(running) = slot
+            .as_mut()
+            .filter(|r| !r.timed_out && r.started.elapsed() > limit)
+        {
+            if answer_timeout(shared, running) {
+                let _ = reports.send((index, running.started));
             }
         }
     }
@@ -1234,29 +1425,35 @@ fn answer_timeout(shared: &Shared, running: &mut Running) -> bool {
 /// its thread, when the GIL comes free. The GIL is taken before a slot's lock,
 /// never the other way round, and the request is checked to be the same one
 /// (its start time) so that a thread which moved on is left alone.
-fn gil_reports(shared: &Shared, queue: std::sync::mpsc::Receiver<(usize, Instant)>) {
+fn gil_reports(shared: &Shared, queue: Receiver<(usize, Instant)>) {
     for (index, started) in queue {
-        interpreter::with_gil(|py| {
-            let slot = lock(&shared.slots[index]);
-            let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
-                return;
-            };
-            let (method, uri) = &running.line;
-            for line in python_stack(py, running.thread).lines() {
-                log::error!(
-                    "{}",
-                    request_line(method, uri, line).trim_start_matches("gateway: ")
-                );
-            }
-            // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
-            unsafe {
-                pyo3::ffi::PyThreadState_SetAsyncExc(
-                    running.thread as _,
-                    pyo3::ffi::PyExc_TimeoutError,
-                )
-            };
+        // A bug costs this report, not the ones that follow.
+        panic::guard("the thread that logs stuck requests' stacks", (), || {
+            report_stuck(shared, index, started)
         });
     }
+}
+
+/// Logs the stack of the request that started at `started` in slot `index`,
+/// if it still runs, and raises TimeoutError in its thread.
+fn report_stuck(shared: &Shared, index: usize, started: Instant) {
+    interpreter::with_gil(|py| {
+        let slot = lock(&shared.slots[index]);
+        let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
+            return;
+        };
+        let (method, uri) = &running.line;
+        for line in python_stack(py, running.thread).lines() {
+            log::error!(
+                "{}",
+                request_line(method, uri, line).trim_start_matches("gateway: ")
+            );
+        }
+        // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
+        unsafe {
+            pyo3::ffi::PyThreadState_SetAsyncExc(running.thread as _, pyo3::ffi::PyExc_TimeoutError)
+        };
+    });
 }
 
 /// The Python stack of a thread, formatted like a traceback.
