@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV, battery_settings
-from harness import APACHE_MODULES, Apache, Mount, Settings
+from harness import APACHE_MODULES, VENV, Apache, Mount, Settings, battery_settings
 
 MPMS = ["event", "prefork"]
 
