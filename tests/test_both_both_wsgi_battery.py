@@ -1,5 +1,5 @@
 """The WSGI battery: every behaviour a WSGI application relies on, checked with
-real HTTP requests against every server kind (see conftest.SERVERS)."""
+real HTTP requests against every server kind (see harness.SERVERS)."""
 
 import hashlib
 import json

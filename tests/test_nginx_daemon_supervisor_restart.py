@@ -1,7 +1,7 @@
 """nginx: a daemon supervisor that dies (kill -9, a crash) is replaced by its
 keeper without a reload, and the keeper goes away with its generation (a stop,
 a reload, the master's kill -9). Apache's parent does the same from its monitor
-hook (test_daemon.py)."""
+hook (test_apache_daemon_specifics.py)."""
 
 import os
 import signal

@@ -1,6 +1,7 @@
 """What only nginx has: its configuration test, locations and server blocks, the
 Python threads inside each worker, temp-file bodies, HTTP/2, backpressure
-towards slow clients, reload and graceful quit."""
+towards slow clients, reload and graceful quit; embedded mostly, and type filters
+in both modes."""
 
 import gzip
 import hashlib

@@ -2,8 +2,8 @@
 fast, graceful reloads fail nothing, max-requests and request-timeout recycle and
 time out without hurting other requests, nothing outlives the server, the sockets
 are private, daemons drop privileges, groups are isolated, and bodies stream both
-ways. Every test runs on both servers; what differs lives in test_daemon.py and
-test_nginx_daemon.py."""
+ways. Every test runs on both servers; what differs lives in
+test_apache_daemon_specifics.py and test_nginx_daemon_specifics.py."""
 
 import json
 import os

@@ -1,7 +1,8 @@
 """Daemon mode under nginx: a reload with a broken group keeps the running
 configuration, workers that only forward start no Python, and configuration
-errors name file and line (a dead supervisor's keeper: test_supervisor_restart.py).
-What Apache and nginx do alike is in test_daemon_common.py."""
+errors name file and line (a dead supervisor's keeper:
+test_nginx_daemon_supervisor_restart.py). What Apache and nginx do alike is in
+test_both_daemon_common.py."""
 
 import os
 import time

@@ -1,4 +1,5 @@
-"""Apache-only behaviour: directives and their errors, virtual hosts, sections."""
+"""Apache-only behaviour: directives and their errors, virtual hosts, sections;
+embedded mostly, and an Alias beside a root mount in both modes."""
 
 import json
 import socket

@@ -1,6 +1,6 @@
 """Daemon mode under Apache: the monitor hook that replaces a dead supervisor,
 virtual hosts, and configuration errors. What Apache and nginx do alike is in
-test_daemon_common.py."""
+test_both_daemon_common.py."""
 
 import os
 import signal
