@@ -1,7 +1,13 @@
-"""Fixtures: the servers under test, each serving the whole battery of test apps.
-Hooks: the servers' private directories are removed after each test that passed."""
+"""Fixtures: the servers under test, each serving the whole battery of test apps,
+and daemon servers of each built server. Hooks: the servers' private directories
+are removed after each test that passed. Helpers live in harness.py.
 
-import os
+Test files are named test_<server>_<mode>_<topic>.py: <server> is apache, nginx or
+both, <mode> embedded, daemon or both, for what the file's tests run. Files about
+the repository rather than a server (its docs, packaging, housekeeping) are named
+test_repo_<topic>.py."""
+
+import functools
 import sys
 from pathlib import Path
 
@@ -10,72 +16,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import harness  # noqa: E402
-from harness import MODULES, Apache, Mount, Nginx, Settings  # noqa: E402
-
-# The virtualenv the tests run from doubles as the applications' virtualenv
-# (Flask and numpy live only there).
-VENV = os.environ.get("GATEWAY_TEST_VENV", sys.prefix)
-
-BATTERY = [
-    "hello", "environ", "echo", "echo_validated", "stream", "writer", "closing", "filewrapper",
-    "filewrapper_validated", "cookies", "status", "exc_info_before", "exc_info_after", "threadlocal",
-    "slow", "extensions", "empty", "raise_before", "raise_after", "bad_status", "crlf_header",
-    "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises", "single", "prints",
-    "framing",
-]
-
-
-def battery_mounts(mode="embedded", group=None):
-    mounts = [Mount(f"/{name}", "battery.py", name, mode=mode, group=group) for name in BATTERY]
-    mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode, group=group))
-    mounts.append(Mount("/django", "django_site/site_wsgi.py", mode=mode, group=group))
-    return mounts
-
-
-# The daemon group that serves the battery in the "-daemon" server kinds.
-BATTERY_GROUP = "battery"
-
-
-def is_daemon_kind(kind):
-    return kind.endswith("-daemon")
-
-
-def daemon_options(srv, processes=2, threads=4, extra=""):
-    """Options of a daemon group with the battery's virtualenv and python path."""
-    return f"processes={processes} threads={threads} python-home={VENV} python-path={srv.apps / 'lib'} {extra}".strip()
-
-
-def battery_settings():
-    """The battery's servers mount several scripts (its callables, Django, Flask) in
-    one interpreter on purpose."""
-    return Settings(python_home=VENV, python_path=[str(Path(__file__).parent / "apps" / "lib")],
-                    shared_interpreter=True)
-
-
-def make_server(kind, mounts, settings=None):
-    """A server of the given kind: 'apache-event', 'apache-prefork', 'apache-event-daemon'
-    (the event MPM forwarding every mount to a daemon group), 'nginx' or 'nginx-daemon'."""
-    if kind.startswith("apache-"):
-        return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
-    if kind in ("nginx", "nginx-daemon"):
-        return Nginx(mounts, settings, name=kind)
-    raise ValueError(kind)
-
-
-def available_servers():
-    kinds = []
-    if (MODULES / "mod_gateway.so").exists():
-        kinds += ["apache-event", "apache-prefork"]
-        if (MODULES / "gateway-daemon").exists():
-            kinds += ["apache-event-daemon", "apache-prefork-daemon"]
-    if (MODULES / "ngx_http_gateway_module.so").exists():
-        kinds.append("nginx")
-        if (MODULES / "gateway-daemon").exists():
-            kinds.append("nginx-daemon")
-    return kinds
-
-
-SERVERS = available_servers()
+from harness import (  # noqa: E402
+    BATTERY_GROUP, MODULE, SERVERS, battery_mounts, battery_settings, daemon_options, daemon_server,
+    is_daemon_kind, make_server, skip_unless_built,
+)
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -91,6 +35,13 @@ def server(request):
     srv.settings.python_path = [str(srv.apps / "lib")]
     with srv:
         yield srv
+
+
+@pytest.fixture(params=sorted(MODULE))
+def make_daemon_server(request):
+    """harness.daemon_server for each server that is built."""
+    skip_unless_built(request.param)
+    return functools.partial(daemon_server, request.param)
 
 
 def pytest_runtest_setup(item):

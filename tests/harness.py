@@ -1,5 +1,8 @@
-"""Starts Debian's real servers on loopback with generated configurations and the
-modules just built, and talks HTTP to them.
+"""The tests' one support module: starts Debian's real servers on loopback with
+generated configurations and the modules just built, and talks HTTP to them;
+the server kinds and the battery of test apps they serve; the helpers test
+files share (requests, daemon processes, users). conftest.py holds only
+fixtures and hooks; demo/run uses this module too, so it does not import pytest.
 
 A server is described by a list of Mount objects; every server class (Apache
 with a given MPM, nginx) turns the same mounts into its own configuration, so one
@@ -10,14 +13,20 @@ import atexit
 import gc
 import http.client
 import io
+import json
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +36,12 @@ MODULES = ROOT / "target" / "modules"
 APPS = ROOT / "tests" / "apps"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 RUN_USER = "www-data"
+WWW_DATA = pwd.getpwnam(RUN_USER)
+NOBODY = pwd.getpwnam("nobody")
+
+# The virtualenv the tests run from doubles as the applications' virtualenv
+# (Flask and numpy live only there).
+VENV = os.environ.get("GATEWAY_TEST_VENV", sys.prefix)
 
 
 class SharedReader(io.BufferedReader):
@@ -578,3 +593,192 @@ class Nginx(Server):
 
     def reload(self):
         self.send_signal(signal.SIGHUP)
+
+
+# --- Server kinds and the battery ---
+
+SERVER_CLASS = {"apache": Apache, "nginx": Nginx}
+
+# The module each server loads; daemon mode also needs gateway-daemon.
+MODULE = {"apache": "mod_gateway.so", "nginx": "ngx_http_gateway_module.so"}
+
+
+def built(kind: str, daemon: bool = True) -> bool:
+    """Whether the module of `kind` ('apache' or 'nginx') is built, and gateway-daemon
+    too unless `daemon` is False."""
+    return (MODULES / MODULE[kind]).exists() and (not daemon or (MODULES / "gateway-daemon").exists())
+
+
+def skip_unless_built(kind: str, daemon: bool = True):
+    # Imported here: demo/run imports this module where pytest may not be installed.
+    import pytest
+
+    if not built(kind, daemon):
+        pytest.skip(f"needs {MODULE[kind]} and gateway-daemon" if daemon else f"needs {MODULE[kind]}")
+
+
+BATTERY = [
+    "hello", "environ", "echo", "echo_validated", "stream", "writer", "closing", "filewrapper",
+    "filewrapper_validated", "cookies", "status", "exc_info_before", "exc_info_after", "threadlocal",
+    "slow", "extensions", "empty", "raise_before", "raise_after", "bad_status", "crlf_header",
+    "str_body", "raise_midway", "no_start_response", "returns_none", "close_raises", "single", "prints",
+    "framing",
+]
+
+
+def battery_mounts(mode="embedded", group=None):
+    mounts = [Mount(f"/{name}", "battery.py", name, mode=mode, group=group) for name in BATTERY]
+    mounts.append(Mount("/flask", "flask_app.py", "app", mode=mode, group=group))
+    mounts.append(Mount("/django", "django_site/site_wsgi.py", mode=mode, group=group))
+    return mounts
+
+
+# The daemon group that serves the battery in the "-daemon" server kinds.
+BATTERY_GROUP = "battery"
+
+
+def is_daemon_kind(kind):
+    return kind.endswith("-daemon")
+
+
+def daemon_options(srv, processes=2, threads=4, extra=""):
+    """Options of a daemon group with the battery's virtualenv and python path."""
+    return f"processes={processes} threads={threads} python-home={VENV} python-path={srv.apps / 'lib'} {extra}".strip()
+
+
+def battery_settings():
+    """The battery's servers mount several scripts (its callables, Django, Flask) in
+    one interpreter on purpose."""
+    return Settings(python_home=VENV, python_path=[str(APPS / "lib")], shared_interpreter=True)
+
+
+def make_server(kind, mounts, settings=None):
+    """A server of the given kind: 'apache-event', 'apache-prefork', 'apache-event-daemon'
+    (the event MPM forwarding every mount to a daemon group), 'nginx' or 'nginx-daemon'."""
+    if kind.startswith("apache-"):
+        return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
+    if kind in ("nginx", "nginx-daemon"):
+        return Nginx(mounts, settings, name=kind)
+    raise ValueError(kind)
+
+
+def available_servers():
+    kinds = []
+    if built("apache", daemon=False):
+        kinds += ["apache-event", "apache-prefork"]
+        if built("apache"):
+            kinds += ["apache-event-daemon", "apache-prefork-daemon"]
+    if built("nginx", daemon=False):
+        kinds.append("nginx")
+        if built("nginx"):
+            kinds.append("nginx-daemon")
+    return kinds
+
+
+SERVERS = available_servers()
+# One kind of each server in each mode, for tests too slow to run on every kind.
+EACH_SERVER_AND_MODE = [k for k in ("apache-event", "apache-event-daemon", "nginx", "nginx-daemon") if k in SERVERS]
+DAEMON_KINDS = [k for k in EACH_SERVER_AND_MODE if is_daemon_kind(k)]
+
+
+def real_app_server(kind, prefix, script, group, extra=""):
+    """A server of `kind` with `script` (under tests/apps/real_apps) at `prefix`; in
+    the "-daemon" kinds in daemon group `group` (with `extra` options)."""
+    if is_daemon_kind(kind):
+        srv = make_server(kind, [Mount(prefix, f"real_apps/{script}", mode="daemon", group=group)], Settings())
+        srv.settings.daemons = {group: daemon_options(srv, processes=1, threads=4, extra=extra)}
+    else:
+        srv = make_server(kind, [Mount(prefix, f"real_apps/{script}")], Settings(python_home=VENV))
+    return srv
+
+
+# --- Daemon groups ---
+
+def daemon_app(prefix, name, group="g", script="daemon_apps.py", vhost=None):
+    return Mount(prefix, script, name, mode="daemon", group=group, vhost=vhost)
+
+
+def daemon_server(kind, mounts, daemons, **kw):
+    """An event-MPM Apache or an nginx whose `daemons` ({name: options}) get the
+    test virtualenv."""
+    if kind == "apache":
+        srv = Apache(mounts, battery_settings(), **kw)
+    else:
+        srv = Nginx(mounts, battery_settings(), name="nginx-daemon", **kw)
+    srv.settings.daemons = {
+        name: f"python-home={VENV} {options}".strip() for name, options in daemons.items()
+    }
+    return srv
+
+
+def pgrep(*args) -> set[int]:
+    out = subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def pids_by_title(title):
+    """Pids of the processes whose command line is `title` (a daemon's display-name)."""
+    return pgrep("-fx", title)
+
+
+def wait_for_pids(title, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = pids_by_title(title)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.02)
+    raise AssertionError(f"expected {count} processes titled {title!r}, found {pids_by_title(title)}")
+
+
+def parent_of(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^PPid:\s+(\d+)$", status, re.M).group(1))
+
+
+def python_as(user: pwd.struct_passwd, code: str, *args) -> list[str]:
+    """The command that runs Python `code` with `args` as `user`, without root's groups."""
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+            "/usr/bin/python3", "-c", code, *map(str, args)]
+
+
+# --- Requests ---
+
+def token():
+    """A fresh name for a marker file or a log probe."""
+    return uuid.uuid4().hex[:12]
+
+
+def get_json(srv, path, **kw):
+    """The JSON body of a 200 answer to a GET (or `method=`) request."""
+    resp, data = srv.request(kw.pop("method", "GET"), path, **kw)
+    assert resp.status == 200, (resp.status, data[:2000], srv.log_text()[-3000:])
+    return json.loads(data)
+
+
+def timed_get(srv, path, timeout):
+    """Requests `path`; returns the status and how many seconds the answer took."""
+    start = time.monotonic()
+    resp, _ = srv.get(path, timeout=timeout)
+    return resp.status, time.monotonic() - start
+
+
+def in_background(srv, path, timeout=30.0, results=None):
+    """Requests `path` on a thread; returns the thread and the list (`results`, or a
+    new one) it appends (status, seconds) to once answered."""
+    results = [] if results is None else results
+
+    def run():
+        results.append(timed_get(srv, path, timeout=timeout))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, results
+
+
+# --- The repository ---
+
+def run_make(*args, **env) -> subprocess.CompletedProcess:
+    """Runs a target of the repository's Makefile with `env` added to the environment."""
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})

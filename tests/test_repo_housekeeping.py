@@ -3,7 +3,6 @@ use, the tests' virtualenv, the supervisor's log lines under nginx, repeated
 configuration and time units in daemon options."""
 
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -14,15 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV
-from harness import MODULES, ROOT, Apache, Mount, Nginx, Settings, port_range
+from harness import ROOT, VENV, WWW_DATA, Apache, Mount, Nginx, Settings, built, pids_by_title, port_range
 
-HAVE_APACHE = (MODULES / "mod_gateway.so").exists()
-HAVE_NGINX = (MODULES / "ngx_http_gateway_module.so").exists()
-HAVE_DAEMON = (MODULES / "gateway-daemon").exists()
-needs_apache = pytest.mark.skipif(not HAVE_APACHE, reason="mod_gateway.so is not built")
-needs_nginx = pytest.mark.skipif(not HAVE_NGINX, reason="ngx_http_gateway_module.so is not built")
-needs_nginx_daemon = pytest.mark.skipif(not (HAVE_NGINX and HAVE_DAEMON), reason="nginx daemon mode is not built")
+needs_apache = pytest.mark.skipif(not built("apache", daemon=False), reason="mod_gateway.so is not built")
+needs_nginx = pytest.mark.skipif(not built("nginx", daemon=False), reason="ngx_http_gateway_module.so is not built")
+needs_nginx_daemon = pytest.mark.skipif(not built("nginx"), reason="nginx daemon mode is not built")
 
 
 @pytest.fixture
@@ -104,7 +99,7 @@ def test_a_port_range_that_is_none_says_how_to_write_one(monkeypatch, value):
 def test_the_default_virtualenv_is_the_users_own_and_never_one_planted_by_another_user(private_tmp):
     """Another user (here root) made www-data's default virtualenv first, with a
     python that would run as www-data: tests/run must refuse it, not run it."""
-    uid = pwd.getpwnam("www-data").pw_uid
+    uid = WWW_DATA.pw_uid
     planted = Path(f"/var/tmp/gateway-test-venv-{uid}")
     if planted.exists() or planted.is_symlink():
         pytest.skip(f"{planted} exists already")
@@ -133,11 +128,6 @@ NGINX_LINE = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[(emerg|alert|crit|err
                         r"\d+#\d+: ")
 
 
-def daemon_pids(title: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-fx", title], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def nginx_daemon(tag: str, log_level: str) -> Nginx:
     srv = Nginx([Mount("/d", "hello.py", mode="daemon", group="g")], log_level=log_level)
     srv.settings.daemons = {"g": f"processes=1 threads=1 display-name=gateway-hk-{tag}-{srv.port}"}
@@ -163,11 +153,11 @@ def test_supervisor_honours_the_error_log_level():
     title = srv.settings.daemons["g"].split("display-name=")[1]
     with srv:
         assert srv.get("/d")[1] == b"Hello, world!"
-        (pid,) = daemon_pids(title)
+        (pid,) = pids_by_title(title)
         os.kill(pid, signal.SIGKILL)
         srv.wait_for_log("SIGKILL")
         deadline = time.monotonic() + 10
-        while daemon_pids(title) in ([], [pid]) and time.monotonic() < deadline:
+        while pids_by_title(title) in (set(), {pid}) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.get("/d")[1] == b"Hello, world!"
     text = srv.log_text()

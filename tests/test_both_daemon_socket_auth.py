@@ -12,7 +12,7 @@ import struct
 import subprocess
 import time
 
-from test_daemon_common import WWW_DATA, app, get_json, make_server, timed_get  # noqa: F401 (fixture)
+from harness import WWW_DATA, daemon_app, get_json, python_as, timed_get
 
 VERSION = 3
 HELLO, REQUEST, START, UNAVAILABLE, AUTH = 1, 2, 5, 11, 12
@@ -86,10 +86,8 @@ else:
 
 
 def as_www_data(*args, **kw):
-    return subprocess.Popen(
-        ["setpriv", f"--reuid={WWW_DATA.pw_uid}", f"--regid={WWW_DATA.pw_gid}", "--clear-groups",
-         "/usr/bin/python3", "-c", ATTACKER, *map(str, args)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(python_as(WWW_DATA, ATTACKER, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, **kw)
 
 
 def send_as_www_data(sock, data):
@@ -105,12 +103,12 @@ def group_socket(srv, group="g"):
     return sock
 
 
-def test_a_socket_peer_cannot_make_a_daemon_run_its_own_script(make_server):
+def test_a_socket_peer_cannot_make_a_daemon_run_its_own_script(make_daemon_server):
     """A www-data process that names its own script in a request frame does not
     get it run by a group of another user, with the protocol of the attack
     (version 2) or with this one without the secret; each attempt is refused
     with a warning naming the peer, and the server's requests go on."""
-    srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=2 user=nobody group=nogroup"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": "processes=1 threads=2 user=nobody group=nogroup"})
     marker = srv.marker("evil-ran")
     evil = srv.dir / "evil.py"
     evil.write_text(f"import os\nopen({str(marker)!r}, 'w').write(str(os.getuid()))\n"
@@ -136,11 +134,11 @@ def test_a_socket_peer_cannot_make_a_daemon_run_its_own_script(make_server):
         assert get_json(srv, "/who")["group"] == "g"
 
 
-def test_stalled_first_frames_do_not_make_a_group_unavailable(make_server):
+def test_stalled_first_frames_do_not_make_a_group_unavailable(make_daemon_server):
     """More connections than the group has threads, each sending one byte of a
     frame header and nothing more, delay a normal request by no more than a
     moment, and are closed with a warning once the greeting timeout passed."""
-    srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=2"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": "processes=1 threads=2"})
     with srv:
         get_json(srv, "/who")
         proc = as_www_data(group_socket(srv), "stall", bytes([VERSION]).hex(), 6)

@@ -5,8 +5,7 @@ line shows. So do the README's configuration blocks, pasted as they are."""
 import re
 
 import pytest
-from conftest import VENV
-from harness import MODULES, ROOT, Apache, Nginx, Settings
+from harness import ROOT, SERVER_CLASS, VENV, Settings, built
 
 EXAMPLES = sorted((ROOT / "conf").glob("*.conf"))
 
@@ -34,15 +33,12 @@ def test_every_example_shows_a_request():
         assert tries(example.read_text()), f"{example.name} has no '# Try: curl ...' line"
 
 
-SERVERS = {"apache": Apache, "nginx": Nginx}
-
-
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example(example):
     kind = example.name.split("-", 1)[0]
-    if kind == "nginx" and not (MODULES / "ngx_http_gateway_module.so").exists():
+    if kind == "nginx" and not built("nginx", daemon=False):
         pytest.skip("the nginx module is not built")
-    srv = SERVERS[kind]([], Settings())
+    srv = SERVER_CLASS[kind]([], Settings())
     srv.settings.extra = localise(example.read_text(), srv)
     result = srv.configtest()
     assert result.returncode == 0, result.stdout + result.stderr
@@ -73,9 +69,9 @@ def localise_readme(text, srv):
 
 @pytest.mark.parametrize("kind,block", README_BLOCKS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(README_BLOCKS)])
 def test_readme_block(kind, block):
-    if kind == "nginx" and not (MODULES / "ngx_http_gateway_module.so").exists():
+    if kind == "nginx" and not built("nginx", daemon=False):
         pytest.skip("the nginx module is not built")
-    srv = SERVERS[kind]([], Settings())
+    srv = SERVER_CLASS[kind]([], Settings())
     # /srv/myapp/static is the application directory's static/, as in the README.
     static = srv.apps / "static"
     static.mkdir()

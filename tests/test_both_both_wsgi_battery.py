@@ -1,26 +1,15 @@
 """The WSGI battery: every behaviour a WSGI application relies on, checked with
-real HTTP requests against every server kind (see conftest.SERVERS)."""
+real HTTP requests against every server kind (see harness.SERVERS)."""
 
 import hashlib
 import json
 import os
 import socket
 import time
-import uuid
 
 import pytest
 
-from harness import SharedReader
-
-
-def token():
-    return uuid.uuid4().hex
-
-
-def body_json(server, path, **kw):
-    resp, data = server.request(kw.pop("method", "GET"), path, **kw)
-    assert resp.status == 200, (resp.status, data[:2000], server.log_text()[-3000:])
-    return json.loads(data)
+from harness import get_json, pipelined, token
 
 
 def raw_request(server, request: bytes, timeout=15.0) -> bytes:
@@ -45,8 +34,8 @@ def test_hello(server):
 
 
 def test_environ_cgi_variables(server):
-    env = body_json(server, "/environ/a%20b/%C3%A9?x=1&y=%20z",
-                    headers={"X-Custom": "yes", "Content-Type": "text/x-test", "Content-Length": "0"})
+    env = get_json(server, "/environ/a%20b/%C3%A9?x=1&y=%20z",
+                   headers={"X-Custom": "yes", "Content-Type": "text/x-test", "Content-Length": "0"})
     assert env["REQUEST_METHOD"] == "GET"
     assert env["SCRIPT_NAME"] == "/environ"
     # Decoded, and UTF-8 bytes carried as latin-1 code points (PEP 3333).
@@ -66,7 +55,7 @@ def test_environ_cgi_variables(server):
 
 
 def test_environ_wsgi_and_gateway_keys(server):
-    env = body_json(server, "/environ")
+    env = get_json(server, "/environ")
     assert env["wsgi.version"] == [1, 0]
     assert env["wsgi.url_scheme"] == "http"
     assert env["wsgi.run_once"] is False
@@ -85,7 +74,7 @@ def test_environ_wsgi_and_gateway_keys(server):
 
 
 def test_multithread_follows_the_server(server):
-    env = body_json(server, "/environ")
+    env = get_json(server, "/environ")
     if server.name == "apache-prefork":
         assert env["wsgi.multithread"] is False
         assert env["wsgi.multiprocess"] is True
@@ -102,8 +91,8 @@ def test_multithread_follows_the_server(server):
 
 
 def test_spoofable_headers_are_dropped(server):
-    env = body_json(server, "/environ", headers={"Remote_User": "admin", "X_Forwarded_For": "1.2.3.4",
-                                                 "Proxy": "http://evil", "X-Ok": "1"})
+    env = get_json(server, "/environ", headers={"Remote_User": "admin", "X_Forwarded_For": "1.2.3.4",
+                                                "Proxy": "http://evil", "X-Ok": "1"})
     assert "REMOTE_USER" not in env
     assert not any(k.startswith("HTTP_X_FORWARDED") for k in env)
     assert "HTTP_PROXY" not in env
@@ -132,7 +121,7 @@ def test_request_battery_passes_wsgiref_validate(server, method, path, headers, 
 @pytest.mark.parametrize("how", ["read", "readn", "readline", "readline_n", "readlines", "iter"])
 def test_input_methods(server, how):
     payload = b"".join(b"line %d of the body\n" % i for i in range(5000)) + b"no newline at the end"
-    out = body_json(server, f"/echo?how={how}", method="POST", body=payload)
+    out = get_json(server, f"/echo?how={how}", method="POST", body=payload)
     assert out["length"] == len(payload)
     assert out["sha256"] == hashlib.sha256(payload).hexdigest()
     assert out["content_length"] == str(len(payload))
@@ -141,13 +130,13 @@ def test_input_methods(server, how):
 @pytest.mark.parametrize("how", ["readn", "readline", "readlines", "iter"])
 def test_input_methods_under_validator(server, how):
     payload = b"abc\n" * 20000
-    out = body_json(server, f"/echo_validated?how={how}", method="POST", body=payload)
+    out = get_json(server, f"/echo_validated?how={how}", method="POST", body=payload)
     assert out["length"] == len(payload)
 
 
 def test_large_body(server):
     payload = os.urandom(1 << 20) * 24  # 24 MiB
-    out = body_json(server, "/echo?how=readn", method="POST", body=payload, timeout=120)
+    out = get_json(server, "/echo?how=readn", method="POST", body=payload, timeout=120)
     assert out["length"] == len(payload)
     assert out["sha256"] == hashlib.sha256(payload).hexdigest()
 
@@ -186,22 +175,16 @@ def test_unread_body_keeps_connection_usable(server):
 def test_pipelined_requests_are_answered_in_order(server):
     """Requests sent back to back in one packet: a fixed-length response, one whose
     unread body must be skipped, a chunked one, then the last one closes."""
-    import http.client
     requests = (b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
                 b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde"
                 b"GET /writer HTTP/1.1\r\nHost: x\r\n\r\n"
                 b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
-        s.sendall(requests)
-        reader = SharedReader(socket.SocketIO(s, "rb"))
-        bodies = []
-        for method in ("GET", "POST", "GET", "GET"):
-            resp = http.client.HTTPResponse(reader, method=method)
-            resp.begin()
-            assert resp.status == 200, server.log_text()[-2000:]
-            bodies.append(resp.read())
-        assert reader.read() == b""
-    assert bodies == [b"Hello, world!", b"Hello, world!", b"written by write()", b"Hello, world!"]
+    responses, rest = pipelined(server.port, requests, ["GET", "POST", "GET", "GET"])
+    for response in responses:
+        assert not isinstance(response, Exception) and response[0] == 200, server.log_text()[-2000:]
+    assert rest == b""
+    assert [body for _, _, body in responses] == [b"Hello, world!", b"Hello, world!", b"written by write()",
+                                                  b"Hello, world!"]
 
 
 
@@ -326,8 +309,8 @@ def test_exc_info_replaces_response_before_headers(server):
 def test_flask_app(server):
     resp, data = server.get("/flask/")
     assert resp.status == 200 and data == b"Hello from Flask"
-    out = body_json(server, "/flask/items/42?x=1", method="POST", body=json.dumps({"a": 1}),
-                    headers={"Content-Type": "application/json"})
+    out = get_json(server, "/flask/items/42?x=1", method="POST", body=json.dumps({"a": 1}),
+                   headers={"Content-Type": "application/json"})
     assert out == {"id": 42, "method": "POST", "payload": {"a": 1}, "script_root": "/flask",
                    "path": "/items/42", "args": {"x": "1"}}
     resp, data = server.get("/flask/missing")
@@ -337,7 +320,7 @@ def test_flask_app(server):
 # --- The interpreter ---
 
 def test_virtualenv_extensions_and_python_path(server):
-    info = body_json(server, "/extensions")
+    info = get_json(server, "/extensions")
     assert info["ssl"].startswith("OpenSSL")
     assert info["sqlite"] and info["decimal"]
     assert info["numpy"] and info["numpy_sum"] == 45
@@ -453,8 +436,8 @@ def test_server_survives_a_burst_of_failures(server):
 def test_django_app(server):
     if "/django" not in [m.prefix for m in server.mounts]:
         pytest.skip("no Django mount on this server")
-    out = body_json(server, "/django/items/7/?q=1", method="POST", body=b"x" * 5000,
-                    headers={"Content-Type": "application/octet-stream"})
+    out = get_json(server, "/django/items/7/?q=1", method="POST", body=b"x" * 5000,
+                   headers={"Content-Type": "application/octet-stream"})
     assert out["framework"] == "django"
     assert out["path"] == "/django/items/7/" and out["script_name"] == "/django"
     assert out["query"] == {"q": "1"} and out["body_length"] == 5000

@@ -1,7 +1,7 @@
 """nginx: a daemon supervisor that dies (kill -9, a crash) is replaced by its
 keeper without a reload, and the keeper goes away with its generation (a stop,
 a reload, the master's kill -9). Apache's parent does the same from its monitor
-hook (test_daemon.py)."""
+hook (test_apache_daemon_specifics.py)."""
 
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_daemon_common import app, built, daemon_server, get_json, parent_of, token, wait_for_pids
+from harness import built, daemon_app, daemon_server, get_json, parent_of, token, wait_for_pids
 
 pytestmark = pytest.mark.skipif(
     not built("nginx"), reason="needs ngx_http_gateway_module.so and gateway-daemon (make nginx)",
@@ -44,7 +44,7 @@ def serve_again(srv, path, timeout):
 
 def test_a_killed_supervisor_is_replaced_without_a_reload():
     title = f"gw-keep-{token()}"
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
     with srv:
         before = wait_for_pids(title, 2)
         supervisor = parent_of(min(before))
@@ -66,7 +66,7 @@ def test_a_killed_supervisor_is_replaced_without_a_reload():
 
 def test_the_keeper_ends_with_its_generation_on_reload_and_on_kill_9_of_the_master():
     title = f"gw-keep-gen-{token()}"
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
     with srv:
         (first,) = wait_for_pids(title, 1)
         old_supervisor = parent_of(first)

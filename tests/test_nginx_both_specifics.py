@@ -1,6 +1,7 @@
 """What only nginx has: its configuration test, locations and server blocks, the
 Python threads inside each worker, temp-file bodies, HTTP/2, backpressure
-towards slow clients, reload and graceful quit."""
+towards slow clients, reload and graceful quit; embedded mostly, and type filters
+in both modes."""
 
 import gzip
 import hashlib
@@ -9,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +20,9 @@ import h2.connection
 import h2.events
 import pytest
 
-from conftest import VENV, battery_settings
-from harness import MODULES, ROOT, Mount, Nginx, Settings
+from harness import MODULES, VENV, Mount, Nginx, Settings, battery_settings, built, get_json, run_make
 
-pytestmark = pytest.mark.skipif(not (MODULES / "ngx_http_gateway_module.so").exists(),
+pytestmark = pytest.mark.skipif(not built("nginx", daemon=False),
                                 reason="ngx_http_gateway_module.so is not built (make nginx)")
 
 
@@ -31,12 +30,6 @@ def make(mounts, **kw):
     srv = Nginx(mounts, battery_settings(), **kw)
     srv.settings.python_path = [str(srv.apps / "lib")]
     return srv
-
-
-def get_json(srv, path, **kw):
-    resp, data = srv.request("GET", path, **kw)
-    assert resp.status == 200, (resp.status, data[:500], srv.log_text()[-3000:])
-    return json.loads(data)
 
 
 def threads_of(pid):
@@ -458,15 +451,11 @@ def test_quit_lets_a_running_request_finish():
 
 # --- Installation ---
 
-def make_target(*args):
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True)
-
-
 def test_install_to_another_layout_serves_requests(tmp_path):
     """NGINX_MODDIR/NGINX_CONFDIR relocate the install; the snippet it writes loads the module."""
     layout = [f"NGINX_MODDIR={tmp_path}/modules", f"NGINX_CONFDIR={tmp_path}/available",
               f"NGINX_ENABLEDDIR={tmp_path}/enabled"]
-    r = make_target("install-nginx", *layout)
+    r = run_make("install-nginx", *layout)
     assert r.returncode == 0, r.stdout + r.stderr
     snippet = tmp_path / "available" / "mod-http-gateway.conf"
     assert f"load_module {tmp_path}/modules/ngx_http_gateway_module.so;" in snippet.read_text()
@@ -477,6 +466,6 @@ def test_install_to_another_layout_serves_requests(tmp_path):
     srv.write_config = lambda: conf
     with srv:
         assert srv.get("/app")[1] == b"Hello, world!"
-    r = make_target("uninstall-nginx", *layout)
+    r = run_make("uninstall-nginx", *layout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not snippet.exists() and not (tmp_path / "modules" / "ngx_http_gateway_module.so").exists()

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import APACHE_MODULES, MODULES, ROOT, Apache, Mount, Settings
+from harness import APACHE_MODULES, MODULES, ROOT, Apache, Mount, Settings, built, pgrep, run_make
 
 DOCKER = ROOT / "docker"
 
@@ -53,16 +53,11 @@ def test_compose_builds_the_dockerfiles_that_exist():
         assert (ROOT / conf).exists(), conf
 
 
-def make(*args, **env):
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env})
-
-
 def test_apache_install_to_another_layout_serves_requests(tmp_path):
     """APACHE_MODDIR/APACHE_CONFDIR relocate the install; the .load snippet it writes works, and
     the module finds the daemon executable installed next to it."""
     moddir, confdir = tmp_path / "modules", tmp_path / "mods-available"
-    r = make("install-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
+    r = run_make("install-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
     assert r.returncode == 0, r.stdout + r.stderr
     load = (confdir / "gateway.load").read_text()
     assert f"LoadModule gateway_module {moddir}/mod_gateway.so" in load
@@ -77,9 +72,9 @@ def test_apache_install_to_another_layout_serves_requests(tmp_path):
     with srv:
         assert srv.get("/app")[1] == b"Hello, world!"
         assert srv.get("/d")[1] == b"Hello, world!"
-        daemons = subprocess.run(["pgrep", "-fx", r"\(gateway:g\)"], capture_output=True, text=True).stdout.split()
+        daemons = pgrep("-fx", r"\(gateway:g\)")
         assert [os.readlink(f"/proc/{pid}/exe") for pid in daemons] == [str(moddir / "gateway-daemon")]
-    r = make("uninstall-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
+    r = run_make("uninstall-apache", f"APACHE_MODDIR={moddir}", f"APACHE_CONFDIR={confdir}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (moddir / "mod_gateway.so").exists() and not (confdir / "gateway.load").exists()
     assert not (moddir / "gateway-daemon").exists()
@@ -96,10 +91,10 @@ def test_uninstall_from_a_staging_tree_removes_the_directories_install_made(tmp_
     (stage / "usr" / "lib" / "someone-elses").write_text("")
     (stage / "srv" / "empty-but-not-ours").mkdir(parents=True)
     before = sorted(stage.rglob("*"))
-    r = make(f"install-{server}", f"DESTDIR={stage}")
+    r = run_make(f"install-{server}", f"DESTDIR={stage}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (stage / "usr" / "share" / "nginx" if server == "nginx" else stage / "etc" / "apache2").is_dir()
-    r = make(f"uninstall-{server}", f"DESTDIR={stage}")
+    r = run_make(f"uninstall-{server}", f"DESTDIR={stage}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(stage.rglob("*")) == before
 
@@ -108,7 +103,7 @@ def test_uninstall_from_a_staging_tree_removes_the_directories_install_made(tmp_
 def test_system_install_enables_with_a2enmod():
     wsgi_enabled = Path("/etc/apache2/mods-enabled/wsgi.load").exists()
     wsgi_installed = Path("/etc/apache2/mods-available/wsgi.load").exists()
-    r = make("install-apache")
+    r = run_make("install-apache")
     assert r.returncode == 0, r.stdout + r.stderr
     try:
         assert (APACHE_MODULES / "mod_gateway.so").exists()
@@ -127,7 +122,7 @@ def test_system_install_enables_with_a2enmod():
     finally:
         if wsgi_enabled:
             subprocess.run(["a2enmod", "-q", "wsgi"], check=True)
-        r = make("uninstall-apache")
+        r = run_make("uninstall-apache")
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (APACHE_MODULES / "mod_gateway.so").exists()
     assert not Path("/etc/apache2/mods-enabled/gateway.load").exists()
@@ -155,7 +150,7 @@ def test_build_says_what_to_install(tmp_path, feature, env, message):
 
 
 def test_build_refuses_a_python_without_shared_library():
-    r = make("check-python", "PYTHON=/bin/true")
+    r = run_make("check-python", "PYTHON=/bin/true")
     assert r.returncode != 0
     assert "has no shared libpython" in r.stderr and "python3-dev" in r.stderr, r.stderr
 
@@ -166,10 +161,10 @@ def test_nginx_install_checks_the_module_fits_the_installed_nginx():
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "does not fit" in r.stderr and "Rebuild it against this nginx's sources" in r.stderr, r.stderr
-    if (MODULES / "ngx_http_gateway_module.so").exists():
+    if built("nginx", daemon=False):
         r = subprocess.run([str(ROOT / "tools" / "check-nginx-module"), str(MODULES / "ngx_http_gateway_module.so")],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "fits" in r.stdout, r.stdout + r.stderr
-        r = make("install-nginx", "NGINX=/nonexistent/nginx", "DESTDIR=/nonexistent-stage")
+        r = run_make("install-nginx", "NGINX=/nonexistent/nginx", "DESTDIR=/nonexistent-stage")
         assert r.returncode != 0 and "/nonexistent/nginx not found" in r.stderr, r.stderr
         assert not Path("/nonexistent-stage").exists()

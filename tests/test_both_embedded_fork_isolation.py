@@ -11,17 +11,13 @@ import time
 
 import pytest
 
-from conftest import battery_settings
-from harness import MODULES, Apache, Mount, Nginx
-
-KINDS = {"nginx": "ngx_http_gateway_module.so", "apache": "mod_gateway.so"}
+from harness import MODULE, Apache, Mount, Nginx, battery_settings, skip_unless_built
 
 
-@pytest.fixture(params=sorted(KINDS))
+@pytest.fixture(params=sorted(MODULE))
 def make_server(request):
     kind = request.param
-    if not (MODULES / KINDS[kind]).exists():
-        pytest.skip(f"needs {KINDS[kind]}")
+    skip_unless_built(kind, daemon=False)
 
     def build(app):
         mounts = [Mount("/child", "nginx_sec_apps.py", app)]

@@ -3,13 +3,11 @@ shared fairly. Each daemon group (and the embedded applications) holds at most
 its share of them, so slow requests to one group wait in that group's queue
 instead of making requests to a healthy group wait behind them."""
 
-import threading
 import time
 
 import pytest
 
-from harness import Mount
-from test_daemon_common import app, built, daemon_server, get_json, timed_get, token
+from harness import Mount, built, daemon_app, daemon_server, get_json, in_background, timed_get, token
 
 pytestmark = pytest.mark.skipif(
     not built("nginx"), reason="needs ngx_http_gateway_module.so and gateway-daemon (make nginx)",
@@ -18,19 +16,10 @@ pytestmark = pytest.mark.skipif(
 SLOW = 4  # seconds each slow request holds a daemon thread of group a
 
 
-def in_background(srv, path, results):
-    def run():
-        results.append(timed_get(srv, path, timeout=60))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
 def saturate(srv, prefix, count, results):
     """`count` slow requests to `prefix`; returns their threads once the first run."""
     tokens = [token() for _ in range(count)]
-    threads = [in_background(srv, f"{prefix}?s={SLOW}&token={t}", results) for t in tokens]
+    threads = [in_background(srv, f"{prefix}?s={SLOW}&token={t}", timeout=60, results=results)[0] for t in tokens]
     deadline = time.monotonic() + 10
     while sum(srv.marker(t).exists() for t in tokens) < min(count, 2):
         assert time.monotonic() < deadline, srv.log_text()[-3000:]
@@ -51,7 +40,7 @@ def assert_fast_while_saturated(srv, slow_prefix, fast_path, slow_count):
 
 
 def test_a_saturated_group_does_not_hold_up_another_group():
-    srv = daemon_server("nginx", [app("/a", "slow", group="a"), app("/b", "whoami", group="b")],
+    srv = daemon_server("nginx", [daemon_app("/a", "slow", group="a"), daemon_app("/b", "whoami", group="b")],
                         {"a": "processes=1 threads=2", "b": "processes=1 threads=2"},
                         workers=1, threads=4)
     with srv:
@@ -61,7 +50,7 @@ def test_a_saturated_group_does_not_hold_up_another_group():
 
 
 def test_a_saturated_group_does_not_hold_up_embedded_applications():
-    mounts = [app("/a", "slow", group="a"), Mount("/emb", "daemon_apps.py", "whoami")]
+    mounts = [daemon_app("/a", "slow", group="a"), Mount("/emb", "daemon_apps.py", "whoami")]
     srv = daemon_server("nginx", mounts, {"a": "processes=1 threads=2"}, workers=1, threads=4)
     with srv:
         assert get_json(srv, "/emb")["mode"] == "embedded"
@@ -71,8 +60,8 @@ def test_a_saturated_group_does_not_hold_up_embedded_applications():
 def test_a_wait_for_the_groups_share_counts_against_its_queue_timeout():
     """A request queued in the worker because its group holds its whole share gets
     the group's queue-timeout 503 in time, not when a thread frees up."""
-    srv = daemon_server("nginx", [app("/a", "slow", group="a"), app("/who", "whoami", group="a"),
-                                  app("/b", "whoami", group="b")],
+    srv = daemon_server("nginx", [daemon_app("/a", "slow", group="a"), daemon_app("/who", "whoami", group="a"),
+                                  daemon_app("/b", "whoami", group="b")],
                         {"a": "processes=1 threads=1 queue-timeout=1", "b": "processes=1 threads=1"},
                         workers=1, threads=2)
     with srv:

@@ -2,103 +2,20 @@
 fast, graceful reloads fail nothing, max-requests and request-timeout recycle and
 time out without hurting other requests, nothing outlives the server, the sockets
 are private, daemons drop privileges, groups are isolated, and bodies stream both
-ways. Every test runs on both servers; what differs lives in test_daemon.py and
-test_nginx_daemon.py."""
+ways. Every test runs on both servers; what differs lives in
+test_apache_daemon_specifics.py and test_nginx_daemon_specifics.py."""
 
-import functools
 import json
 import os
-import pwd
 import re
 import signal
 import subprocess
 import threading
 import time
-import uuid
 from pathlib import Path
 
-import pytest
-
-from conftest import VENV, battery_settings
-from harness import MODULES, Apache, Mount, Nginx
-
-WWW_DATA = pwd.getpwnam("www-data")
-NOBODY = pwd.getpwnam("nobody")
-
-# The module each server loads; both also need gateway-daemon.
-MODULE = {"apache": "mod_gateway.so", "nginx": "ngx_http_gateway_module.so"}
-
-
-def built(kind):
-    """Whether the module of `kind` ('apache' or 'nginx') and gateway-daemon are built."""
-    return (MODULES / MODULE[kind]).exists() and (MODULES / "gateway-daemon").exists()
-
-
-def skip_unless_built(kind):
-    if not built(kind):
-        pytest.skip(f"needs {MODULE[kind]} and gateway-daemon")
-
-
-def daemon_server(kind, mounts, daemons, **kw):
-    """An event-MPM Apache or an nginx whose `daemons` ({name: options}) get the
-    test virtualenv."""
-    if kind == "apache":
-        srv = Apache(mounts, battery_settings(), **kw)
-    else:
-        srv = Nginx(mounts, battery_settings(), name="nginx-daemon", **kw)
-    srv.settings.daemons = {
-        name: f"python-home={VENV} {options}".strip() for name, options in daemons.items()
-    }
-    return srv
-
-
-@pytest.fixture(params=sorted(MODULE))
-def make_server(request):
-    """daemon_server for each server that is built."""
-    skip_unless_built(request.param)
-    return functools.partial(daemon_server, request.param)
-
-
-def token():
-    return uuid.uuid4().hex[:12]
-
-
-def app(prefix, name, group="g", script="daemon_apps.py", vhost=None):
-    return Mount(prefix, script, name, mode="daemon", group=group, vhost=vhost)
-
-
-def pids_by_title(title):
-    """Pids of the processes whose command line is `title` (a daemon's display-name)."""
-    out = subprocess.run(["pgrep", "-fx", title], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
-
-
-def wait_for_pids(title, count, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = pids_by_title(title)
-        if len(pids) == count:
-            return pids
-        time.sleep(0.02)
-    raise AssertionError(f"expected {count} processes titled {title!r}, found {pids_by_title(title)}")
-
-
-def parent_of(pid):
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^PPid:\s+(\d+)$", status, re.M).group(1))
-
-
-def get_json(srv, path, **kw):
-    resp, data = srv.get(path, **kw)
-    assert resp.status == 200, (resp.status, data[:500], srv.log_text()[-3000:])
-    return json.loads(data)
-
-
-def timed_get(srv, path, timeout):
-    """Requests `path`; returns the status and how many seconds the answer took."""
-    start = time.monotonic()
-    resp, _ = srv.get(path, timeout=timeout)
-    return resp.status, time.monotonic() - start
+from harness import (NOBODY, VENV, WWW_DATA, daemon_app, get_json, parent_of, pids_by_title, python_as, timed_get,
+                     token, wait_for_pids)
 
 
 def load(srv, path, clients, seconds, during=None):
@@ -131,19 +48,18 @@ def load(srv, path, clients, seconds, during=None):
 def _connect_as(user, path):
     code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\n"
             "try:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e:\n print(type(e).__name__)")
-    out = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
-                          "/usr/bin/python3", "-c", code, path], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(python_as(user, code, path), capture_output=True, text=True, timeout=10)
     return out.stdout.strip()
 
 
 # --- Supervision ---
 
-def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_server):
+def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_daemon_server):
     """A daemon killed under load costs only its own requests, each with a 502 and a
     log line, and is replaced within a second."""
     title = f"gw-kill-{token()}"
-    srv = make_server([app("/slow", "slow"), app("/who", "whoami")],
-                      {"g": f"processes=2 threads=3 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/slow", "slow"), daemon_app("/who", "whoami")],
+                             {"g": f"processes=2 threads=3 display-name={title}"})
     with srv:
         before = wait_for_pids(title, 2)
         victim = min(before)
@@ -176,11 +92,11 @@ def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_serv
         assert get_json(srv, "/who")["pid"] in replaced
 
 
-def test_graceful_reloads_under_load_fail_nothing_and_replace_the_daemons(make_server):
+def test_graceful_reloads_under_load_fail_nothing_and_replace_the_daemons(make_daemon_server):
     """Two graceful reloads under load fail no request, and a new generation of
     daemons takes over."""
     title = f"gw-graceful-{token()}"
-    srv = make_server([app("/slow", "slow")], {"g": f"processes=2 threads=4 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/slow", "slow")], {"g": f"processes=2 threads=4 display-name={title}"})
     with srv:
         before = wait_for_pids(title, 2)
 
@@ -202,11 +118,11 @@ def test_graceful_reloads_under_load_fail_nothing_and_replace_the_daemons(make_s
         assert get_json(srv, "/slow?s=0")["pid"] in after
 
 
-def test_503_at_once_when_the_group_cannot_start(make_server):
+def test_503_at_once_when_the_group_cannot_start(make_daemon_server):
     """A group whose daemons die at start-up answers 503 at once and says why; the
     other groups serve on."""
-    srv = make_server([app("/who", "whoami", group="broken"), app("/ok", "whoami")],
-                      {"g": "processes=1 threads=1", "broken": "processes=1 threads=1"})
+    srv = make_daemon_server([daemon_app("/who", "whoami", group="broken"), daemon_app("/ok", "whoami")],
+                             {"g": "processes=1 threads=1", "broken": "processes=1 threads=1"})
     empty_home = srv.dir / "not-a-python"
     empty_home.mkdir()
     srv.settings.daemons["broken"] = f"processes=1 threads=1 python-home={empty_home}"
@@ -220,8 +136,8 @@ def test_503_at_once_when_the_group_cannot_start(make_server):
         assert get_json(srv, "/ok")["group"] == "g"
 
 
-def test_socket_timeout_answers_504_when_the_daemon_says_nothing(make_server):
-    srv = make_server([app("/slow", "slow")], {"g": "processes=1 threads=2 socket-timeout=1"})
+def test_socket_timeout_answers_504_when_the_daemon_says_nothing(make_daemon_server):
+    srv = make_daemon_server([daemon_app("/slow", "slow")], {"g": "processes=1 threads=2 socket-timeout=1"})
     with srv:
         status, seconds = timed_get(srv, "/slow?s=3", timeout=30)
         assert status == 504
@@ -231,11 +147,11 @@ def test_socket_timeout_answers_504_when_the_daemon_says_nothing(make_server):
         assert get_json(srv, "/slow?s=0")["pid"]
 
 
-def test_no_orphans_after_kill_9_of_the_main_process(make_server):
+def test_no_orphans_after_kill_9_of_the_main_process(make_daemon_server):
     """Killing the server's main process with SIGKILL takes the supervisor and
     its daemons down too."""
     title = f"gw-orphan-{token()}"
-    srv = make_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
     srv.start()
     children = []
     try:
@@ -262,11 +178,11 @@ def test_no_orphans_after_kill_9_of_the_main_process(make_server):
                 pass
 
 
-def test_daemons_stop_with_the_server(make_server):
+def test_daemons_stop_with_the_server(make_daemon_server):
     """Stopping the server stops the supervisor and its daemons and removes the
     run directory."""
     title = f"gw-stop-{token()}"
-    srv = make_server([app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
     with srv:
         daemons = wait_for_pids(title, 2)
         supervisor = parent_of(min(daemons))
@@ -280,8 +196,8 @@ def test_daemons_stop_with_the_server(make_server):
     assert not run_dir.exists(), list(run_dir.iterdir())
 
 
-def test_max_requests_recycles_without_failing_a_request(make_server):
-    srv = make_server([app("/slow", "slow")], {"g": "processes=1 threads=2 max-requests=15"})
+def test_max_requests_recycles_without_failing_a_request(make_daemon_server):
+    srv = make_daemon_server([daemon_app("/slow", "slow")], {"g": "processes=1 threads=2 max-requests=15"})
     with srv:
         results, pids, lock = [], set(), threading.Lock()
 
@@ -303,9 +219,9 @@ def test_max_requests_recycles_without_failing_a_request(make_server):
         assert "max-requests=15 reached" in srv.log_text()
 
 
-def test_request_timeout_answers_504_logs_the_stack_and_spares_other_requests(make_server):
-    srv = make_server([app("/stuck", "stuck"), app("/slow", "slow")],
-                        {"g": "processes=1 threads=4 request-timeout=2"})
+def test_request_timeout_answers_504_logs_the_stack_and_spares_other_requests(make_daemon_server):
+    srv = make_daemon_server([daemon_app("/stuck", "stuck"), daemon_app("/slow", "slow")],
+                             {"g": "processes=1 threads=4 request-timeout=2"})
     with srv:
         pid = get_json(srv, "/slow?s=0")["pid"]
         t = token()
@@ -342,10 +258,10 @@ def test_request_timeout_answers_504_logs_the_stack_and_spares_other_requests(ma
         assert get_json(srv, "/slow?s=0")["pid"] == pid
 
 
-def test_a_request_stuck_outside_python_recycles_the_process_gently(make_server):
+def test_a_request_stuck_outside_python_recycles_the_process_gently(make_daemon_server):
     title = f"gw-stuckc-{token()}"
-    srv = make_server([app("/sleeper", "sleeper"), app("/slow", "slow")],
-                        {"g": f"processes=1 threads=4 request-timeout=1 graceful-timeout=2 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/sleeper", "sleeper"), daemon_app("/slow", "slow")],
+                             {"g": f"processes=1 threads=4 request-timeout=1 graceful-timeout=2 display-name={title}"})
     with srv:
         (pid,) = wait_for_pids(title, 1)
         outcome = {}
@@ -374,14 +290,14 @@ def test_a_request_stuck_outside_python_recycles_the_process_gently(make_server)
         assert get_json(srv, "/slow?s=0")["pid"] != pid
 
 
-def test_a_request_holding_the_gil_in_c_gets_its_504_and_spares_the_next_requests(make_server):
+def test_a_request_holding_the_gil_in_c_gets_its_504_and_spares_the_next_requests(make_daemon_server):
     """A catastrophic regex holds the GIL in C code for longer than request-timeout
     and then writes its response: the stuck request gets its 504 at
     request-timeout, the requests after it are answered within request-timeout
     (by this process once it recovers, or by its replacement)."""
     title = f"gw-redos-{token()}"
-    srv = make_server([app("/redos", "redos"), app("/slow", "slow")],
-                      {"g": f"processes=1 threads=4 request-timeout=2 graceful-timeout=3 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/redos", "redos"), daemon_app("/slow", "slow")],
+                             {"g": f"processes=1 threads=4 request-timeout=2 graceful-timeout=3 display-name={title}"})
     with srv:
         (pid,) = wait_for_pids(title, 1)
         status, elapsed = timed_get(srv, "/redos?n=28", timeout=60)
@@ -402,10 +318,10 @@ def test_a_request_holding_the_gil_in_c_gets_its_504_and_spares_the_next_request
 
 # --- Security ---
 
-def test_socket_reachable_only_by_the_server_user(make_server):
+def test_socket_reachable_only_by_the_server_user(make_daemon_server):
     """A group's socket belongs to the user of the server's workers, its directory
     to root and their group (issue 10, item 1), and no other user can connect."""
-    srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=1"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": "processes=1 threads=1"})
     with srv:
         sockets = list(srv.runtime_dir.glob("gateway-*/g.sock"))
         assert len(sockets) == 1
@@ -417,13 +333,13 @@ def test_socket_reachable_only_by_the_server_user(make_server):
         assert _connect_as(WWW_DATA, str(sock)) == "connected"
 
 
-def test_daemons_drop_privileges_and_show_their_display_name(make_server):
+def test_daemons_drop_privileges_and_show_their_display_name(make_daemon_server):
     """user= and group= leave no trace of root in a daemon, and display-name= is
     its command line."""
     title = f"gw-who-{token()}"
-    srv = make_server([app("/nobody", "whoami", group="as_nobody"), app("/default", "whoami")],
-                      {"as_nobody": f"processes=1 threads=1 user=nobody group=nogroup display-name={title}",
-                       "g": "processes=1 threads=1"})
+    srv = make_daemon_server([daemon_app("/nobody", "whoami", group="as_nobody"), daemon_app("/default", "whoami")],
+                             {"as_nobody": f"processes=1 threads=1 user=nobody group=nogroup display-name={title}",
+                              "g": "processes=1 threads=1"})
     with srv:
         me = get_json(srv, "/nobody")
         assert (me["uid"], me["euid"], me["gid"]) == (NOBODY.pw_uid, NOBODY.pw_uid, 65534)
@@ -440,9 +356,9 @@ def test_daemons_drop_privileges_and_show_their_display_name(make_server):
 
 # --- Isolation ---
 
-def test_two_groups_with_two_virtualenvs(make_server):
+def test_two_groups_with_two_virtualenvs(make_daemon_server):
     """Each group runs the Python of its own python-home, in its own processes."""
-    srv = make_server([app("/a", "whoami", group="a"), app("/b", "whoami", group="b")], {})
+    srv = make_daemon_server([daemon_app("/a", "whoami", group="a"), daemon_app("/b", "whoami", group="b")], {})
     venv2 = srv.dir / "venv2"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv2)], check=True)
     subprocess.run(["chmod", "-R", "a+rX", str(venv2)], check=True)
@@ -458,8 +374,9 @@ def test_two_groups_with_two_virtualenvs(make_server):
 
 # --- Streaming ---
 
-def test_large_upload_and_download_stream_through_a_daemon(make_server):
-    srv = make_server([app("/up", "upload"), app("/down", "download")], {"g": "processes=1 threads=2"})
+def test_large_upload_and_download_stream_through_a_daemon(make_daemon_server):
+    srv = make_daemon_server([daemon_app("/up", "upload"), daemon_app("/down", "download")],
+                             {"g": "processes=1 threads=2"})
     with srv:
         size = 256 << 20
         block = os.urandom(1 << 20)

@@ -7,25 +7,20 @@ import json
 
 import pytest
 
-from conftest import VENV
-from harness import MODULES, Apache, Mount, Nginx, Settings
+from harness import MODULE, SERVER_CLASS, VENV, Mount, Settings, skip_unless_built
 
-KINDS = {"apache": "mod_gateway.so", "nginx": "ngx_http_gateway_module.so"}
 SHARE = {"apache": "GatewaySharedInterpreter On", "nginx": "gateway_shared_interpreter on;"}
 
 
-@pytest.fixture(params=sorted(KINDS))
+@pytest.fixture(params=sorted(MODULE))
 def kind(request):
-    if not (MODULES / KINDS[request.param]).exists():
-        pytest.skip(f"needs {KINDS[request.param]}")
-    if not (MODULES / "gateway-daemon").exists():
-        pytest.skip("needs gateway-daemon")
+    skip_unless_built(request.param)
     return request.param
 
 
 def server(kind, mounts, shared=False, daemons=None, **kw):
     settings = Settings(python_home=VENV, shared_interpreter=shared, daemons=daemons or {})
-    return Apache(mounts, settings, **kw) if kind == "apache" else Nginx(mounts, settings, **kw)
+    return SERVER_CLASS[kind](mounts, settings, **kw)
 
 
 def two_djangos(mode="embedded"):
@@ -74,8 +69,7 @@ def test_apache_refuses_a_second_script_at_its_first_request_when_sections_decid
     """A <Location> naming a daemon group may take any mount of its server out of
     embedded mode, which only a request tells: the interpreter refuses the second
     script itself, with a 500 and the same explanation."""
-    if not (MODULES / "mod_gateway.so").exists():
-        pytest.skip("needs mod_gateway.so")
+    skip_unless_built("apache", daemon=False)
     mounts = [Mount("/a", "hello.py"), Mount("/b", "battery.py", "hello"),
               Mount("/c", "daemon_apps.py", "whoami", mode="daemon", group="g")]
     # One child process, so that /a and /b meet in one interpreter.

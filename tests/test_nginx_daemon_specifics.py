@@ -1,15 +1,15 @@
 """Daemon mode under nginx: a reload with a broken group keeps the running
 configuration, workers that only forward start no Python, and configuration
-errors name file and line (a dead supervisor's keeper: test_supervisor_restart.py).
-What Apache and nginx do alike is in test_daemon_common.py."""
+errors name file and line (a dead supervisor's keeper:
+test_nginx_daemon_supervisor_restart.py). What Apache and nginx do alike is in
+test_both_daemon_common.py."""
 
 import os
 import time
 
 import pytest
 
-from harness import Mount
-from test_daemon_common import app, built, daemon_server, get_json, pids_by_title, token, wait_for_pids
+from harness import Mount, built, daemon_app, daemon_server, get_json, pids_by_title, token, wait_for_pids
 
 pytestmark = pytest.mark.skipif(
     not built("nginx"), reason="needs ngx_http_gateway_module.so and gateway-daemon (make nginx)",
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_a_reload_with_a_broken_group_keeps_the_running_configuration():
     title = f"gw-nbroken-{token()}"
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": f"processes=1 threads=1 display-name={title}"})
     with srv:
         (pid,) = wait_for_pids(title, 1)
         srv.settings.daemons["g"] += " user=no-such-user-here"
@@ -37,7 +37,7 @@ def test_a_reload_with_a_broken_group_keeps_the_running_configuration():
 # --- Embedded and daemon side by side ---
 
 def test_embedded_and_daemon_locations_side_by_side_in_one_server():
-    mounts = [Mount("/emb", "daemon_apps.py", "whoami"), app("/dmn", "whoami")]
+    mounts = [Mount("/emb", "daemon_apps.py", "whoami"), daemon_app("/dmn", "whoami")]
     srv = daemon_server("nginx", mounts, {"g": "processes=1 threads=2"})
     with srv:
         emb, dmn = get_json(srv, "/emb"), get_json(srv, "/dmn")
@@ -49,7 +49,7 @@ def test_embedded_and_daemon_locations_side_by_side_in_one_server():
 
 
 def test_workers_of_a_daemon_only_server_do_not_start_python():
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": "processes=1 threads=2"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": "processes=1 threads=2"})
     with srv:
         assert get_json(srv, "/who")["mode"] == "daemon"
         started = srv.workers_started()
@@ -60,7 +60,7 @@ def test_workers_of_a_daemon_only_server_do_not_start_python():
 # --- Configuration errors ---
 
 def test_configtest_names_an_undefined_group_with_file_and_line():
-    srv = daemon_server("nginx", [app("/who", "whoami", group="nope")], {})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami", group="nope")], {})
     r = srv.configtest()
     assert r.returncode != 0
     where = f"{srv.conf}:{srv.line_of('gateway_mode daemon nope')}"
@@ -68,7 +68,7 @@ def test_configtest_names_an_undefined_group_with_file_and_line():
 
 
 def test_configtest_accepts_a_group_defined_after_its_use():
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": "processes=1"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": "processes=1"})
     lines = srv.write_config().read_text().splitlines()
     define = next(line for line in lines if "gateway_daemon g" in line)
     lines.remove(define)
@@ -80,7 +80,7 @@ def test_configtest_accepts_a_group_defined_after_its_use():
 
 
 def test_configtest_rejects_an_unknown_daemon_option_with_file_and_line():
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": "processes=1 colour=red"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": "processes=1 colour=red"})
     r = srv.configtest()
     assert r.returncode != 0
     assert "unknown daemon option 'colour'" in r.stderr
@@ -88,7 +88,7 @@ def test_configtest_rejects_an_unknown_daemon_option_with_file_and_line():
 
 
 def test_configtest_rejects_an_unknown_user_with_file_and_line():
-    srv = daemon_server("nginx", [app("/who", "whoami")], {"g": "user=no-such-user-here"})
+    srv = daemon_server("nginx", [daemon_app("/who", "whoami")], {"g": "user=no-such-user-here"})
     r = srv.configtest()
     assert r.returncode != 0
     assert "user 'no-such-user-here' does not exist" in r.stderr, r.stderr

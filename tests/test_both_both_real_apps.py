@@ -5,16 +5,13 @@ root shell (a git push then must not look for /root/.gitconfig)."""
 
 import json
 import os
-import pwd
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SERVERS, VENV, daemon_options, make_server
-from harness import Mount, Settings
+from harness import DAEMON_KINDS, EACH_SERVER_AND_MODE, WWW_DATA, real_app_server
 
-WWW_DATA = pwd.getpwnam("www-data")
 GROUP = "apps"
 BIG = 20 * 1024 * 1024
 
@@ -24,14 +21,8 @@ SHELL_ENV = {"HOME": "/root", "USER": "root", "LOGNAME": "root", "OLDPWD": "/x",
 
 
 def real_server(kind, prefix, script):
-    """A server of `kind` with `script` (under tests/apps/real_apps) at `prefix`; in
-    the "-daemon" kinds in a daemon group that runs as www-data."""
-    if kind.endswith("-daemon"):
-        srv = make_server(kind, [Mount(prefix, f"real_apps/{script}", mode="daemon", group=GROUP)], Settings())
-        srv.settings.daemons = {GROUP: daemon_options(srv, processes=1, threads=4, extra="user=www-data")}
-    else:
-        srv = make_server(kind, [Mount(prefix, f"real_apps/{script}")], Settings(python_home=VENV))
-    return srv
+    """`script` at `prefix`; in the "-daemon" kinds in a daemon group that runs as www-data."""
+    return real_app_server(kind, prefix, script, GROUP, extra="user=www-data")
 
 
 def add_main_directives(srv, lines):
@@ -44,9 +35,6 @@ def add_main_directives(srv, lines):
         return conf
 
     srv.write_config = write_config
-
-
-DAEMON_KINDS = [k for k in ("apache-event-daemon", "nginx-daemon") if k in SERVERS]
 
 
 @pytest.mark.parametrize("kind", DAEMON_KINDS)
@@ -104,8 +92,7 @@ def served_repo(srv, work: Path) -> tuple[Path, str]:
     return repo, git("rev-parse", "HEAD", cwd=src)
 
 
-@pytest.mark.parametrize("kind", [k for k in ("apache-event", "apache-event-daemon", "nginx", "nginx-daemon")
-                                  if k in SERVERS])
+@pytest.mark.parametrize("kind", EACH_SERVER_AND_MODE)
 def test_dulwich_serves_git_clone_and_a_chunked_push(kind, tmp_path, monkeypatch):
     """`git clone` gets the repository, and a push of a 20 MiB file, which git sends
     chunked (http.postBuffer is smaller), lands in the server's repository: dulwich

@@ -1,4 +1,5 @@
-"""Apache-only behaviour: directives and their errors, virtual hosts, sections."""
+"""Apache-only behaviour: directives and their errors, virtual hosts, sections;
+embedded mostly, and an Alias beside a root mount in both modes."""
 
 import json
 import socket
@@ -7,8 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV, battery_settings
-from harness import APACHE_MODULES, Apache, Mount, Settings
+from harness import APACHE_MODULES, VENV, Apache, Mount, Settings, battery_settings
 
 MPMS = ["event", "prefork"]
 

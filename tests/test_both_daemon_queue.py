@@ -2,12 +2,11 @@
 queue, `listen-backlog` bounds it and `queue-timeout` bounds the wait, each with a
 503 and a log line that says why. The same on Apache and nginx."""
 
-import threading
 import time
 
 import pytest
 
-from test_daemon_common import app, daemon_server, skip_unless_built, timed_get, token
+from harness import daemon_app, daemon_server, in_background, skip_unless_built, token
 
 # One server process: its pool of connections to the daemons is the only one.
 SINGLE_PROCESS = {"apache": {"mpm": "event1"}, "nginx": {"workers": 1}}
@@ -19,22 +18,10 @@ def make_server(request):
     skip_unless_built(kind)
 
     def build(options):
-        return daemon_server(kind, [app("/slow", "slow"), app("/who", "whoami")], {"g": options},
+        return daemon_server(kind, [daemon_app("/slow", "slow"), daemon_app("/who", "whoami")], {"g": options},
                              **SINGLE_PROCESS[kind])
 
     return build
-
-
-def in_background(srv, path):
-    """Requests `path` on a thread; the result is [(status, seconds)] once it is done."""
-    result = []
-
-    def run():
-        result.append(timed_get(srv, path, timeout=30))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, result
 
 
 def start_slow(srv, seconds):

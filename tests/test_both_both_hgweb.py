@@ -3,20 +3,16 @@ push of a changeset with a large file, on each server and mode. Mercurial writes
 bytes to sys.stdout.buffer, which every request of hgweb reaches."""
 
 import os
-import pwd
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import SERVERS, VENV, daemon_options, make_server
-from harness import Mount, Settings
+from harness import EACH_SERVER_AND_MODE, VENV, WWW_DATA, real_app_server
 
-WWW_DATA = pwd.getpwnam("www-data")
 GROUP = "hg"
 BIG = 12 * 1024 * 1024
 HG = str(Path(VENV) / "bin" / "hg")
-KINDS = [k for k in ("apache-event", "apache-event-daemon", "nginx", "nginx-daemon") if k in SERVERS]
 
 # The served repository's own configuration: anyone may push, over plain http.
 HGRC = "[web]\nallow-push = *\npush_ssl = false\n"
@@ -30,16 +26,6 @@ def hg(*args, cwd=None, server=None, timeout=300):
     log = server.log_text()[-3000:] if server else ""
     assert r.returncode == 0, f"hg {' '.join(args)} failed:\n{r.stdout}{r.stderr}\n{log}"
     return r.stdout.strip()
-
-
-def hg_server(kind):
-    """hgweb at /hg, embedded or in a daemon group of the server's default user (www-data)."""
-    if kind.endswith("-daemon"):
-        srv = make_server(kind, [Mount("/hg", "real_apps/hg_app.py", mode="daemon", group=GROUP)], Settings())
-        srv.settings.daemons = {GROUP: daemon_options(srv, processes=1, threads=4)}
-    else:
-        srv = make_server(kind, [Mount("/hg", "real_apps/hg_app.py")], Settings(python_home=VENV))
-    return srv
 
 
 def served_repo(srv, work: Path) -> tuple[Path, str]:
@@ -59,11 +45,12 @@ def served_repo(srv, work: Path) -> tuple[Path, str]:
     return repo, hg("log", "-r", "tip", "-T", "{node}", cwd=src)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EACH_SERVER_AND_MODE)
 def test_hg_clone_and_push_of_a_large_file(kind, tmp_path):
     """`hg clone` gets the repository through hgweb, and a pushed changeset that adds
     a 12 MiB file lands in the served repository, byte for byte."""
-    srv = hg_server(kind)
+    # hgweb in a daemon group runs as the server's default user (www-data).
+    srv = real_app_server(kind, "/hg", "hg_app.py", GROUP)
     repo, first = served_repo(srv, tmp_path)
     with srv:
         url = f"http://127.0.0.1:{srv.port}/hg"

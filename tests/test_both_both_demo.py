@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT
+from harness import ROOT, pgrep
 
 
 def test_demo_serves_every_server_and_mode():
@@ -28,11 +28,6 @@ def test_demo_serves_every_server_and_mode():
         for line in served:
             if f", {mode}:" in line:
                 assert f"mode:          {mode}" in r.stdout
-
-
-def pids(*pgrep_args) -> set[int]:
-    out = subprocess.run(["pgrep", *pgrep_args], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
 
 
 def alive(pid: int) -> bool:
@@ -53,7 +48,7 @@ def test_demo_stops_its_servers_when_its_terminal_closes_or_it_is_terminated(sig
     started, on the ports GATEWAY_DEMO_PORTS gave it, as Ctrl-C does."""
     tmp = Path(tempfile.mkdtemp(prefix="demo-signal-"))
     tmp.chmod(0o755)
-    daemons_before = pids("-fx", "gateway-demo")
+    daemons_before = pgrep("-fx", "gateway-demo")
     env = {**os.environ, "TMPDIR": str(tmp), "GATEWAY_DEMO_PORTS": "21000-21099", "PYTHONUNBUFFERED": "1"}
     demo = subprocess.Popen([sys.executable, str(ROOT / "demo" / "run")], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -68,8 +63,8 @@ def test_demo_stops_its_servers_when_its_terminal_closes_or_it_is_terminated(sig
                 break
         assert "Serving" in output, output
         ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/", output)]
-        servers = pids("-f", str(tmp))
-        daemons = pids("-fx", "gateway-demo") - daemons_before
+        servers = pgrep("-f", str(tmp))
+        daemons = pgrep("-fx", "gateway-demo") - daemons_before
         assert servers and ports and all(port_open(p) for p in ports), output
         demo.send_signal(sig)
         demo.wait(timeout=60)

@@ -1,14 +1,13 @@
 """Daemon mode under Apache: the monitor hook that replaces a dead supervisor,
 virtual hosts, and configuration errors. What Apache and nginx do alike is in
-test_daemon_common.py."""
+test_both_daemon_common.py."""
 
 import os
 import signal
 
 import pytest
 
-from harness import Mount
-from test_daemon_common import app, built, daemon_server, get_json, parent_of, token, wait_for_pids
+from harness import Mount, built, daemon_app, daemon_server, get_json, parent_of, token, wait_for_pids
 
 pytestmark = pytest.mark.skipif(not built("apache"), reason="needs mod_gateway.so and gateway-daemon (make apache)")
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.skipif(not built("apache"), reason="needs mod_gateway.s
 
 def test_a_dead_supervisor_is_replaced():
     title = f"gw-super-{token()}"
-    srv = daemon_server("apache", [app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
+    srv = daemon_server("apache", [daemon_app("/who", "whoami")], {"g": f"processes=2 threads=1 display-name={title}"})
     with srv:
         before = wait_for_pids(title, 2)
         os.kill(parent_of(min(before)), signal.SIGKILL)
@@ -32,7 +31,7 @@ def test_a_dead_supervisor_is_replaced():
 
 def test_embedded_and_daemon_virtual_hosts_side_by_side():
     mounts = [Mount("/who", "daemon_apps.py", "whoami", vhost="embedded.test"),
-              app("/who", "whoami", vhost="daemon.test")]
+              daemon_app("/who", "whoami", vhost="daemon.test")]
     srv = daemon_server("apache", mounts, {"g": "processes=1 threads=2"})
     with srv:
         emb = get_json(srv, "/who", host="embedded.test")
@@ -45,7 +44,7 @@ def test_embedded_and_daemon_virtual_hosts_side_by_side():
 # --- Configuration errors ---
 
 def test_configtest_names_an_undefined_group_with_file_and_line():
-    srv = daemon_server("apache", [app("/who", "whoami", group="nope")], {})
+    srv = daemon_server("apache", [daemon_app("/who", "whoami", group="nope")], {})
     r = srv.configtest()
     assert r.returncode != 0
     where = f"{srv.conf}:{srv.line_of('GatewayMode daemon nope')}"
@@ -53,7 +52,7 @@ def test_configtest_names_an_undefined_group_with_file_and_line():
 
 
 def test_configtest_rejects_an_unknown_daemon_option():
-    srv = daemon_server("apache", [app("/who", "whoami")], {"g": "processes=1 colour=red"})
+    srv = daemon_server("apache", [daemon_app("/who", "whoami")], {"g": "processes=1 colour=red"})
     r = srv.configtest()
     out = r.stdout + r.stderr
     assert r.returncode != 0
@@ -62,7 +61,7 @@ def test_configtest_rejects_an_unknown_daemon_option():
 
 
 def test_configtest_rejects_an_unknown_user():
-    srv = daemon_server("apache", [app("/who", "whoami")], {"g": "user=no-such-user-here"})
+    srv = daemon_server("apache", [daemon_app("/who", "whoami")], {"g": "user=no-such-user-here"})
     r = srv.configtest()
     assert r.returncode != 0
     assert "user 'no-such-user-here' does not exist" in r.stdout + r.stderr

@@ -5,7 +5,6 @@ that make root write through a symlink; and a socket removed by a tmp cleaner or
 an operator comes back without a reload."""
 
 import os
-import pwd
 import shutil
 import signal
 import stat
@@ -17,24 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from test_daemon_common import (MODULE, app, daemon_server, get_json, skip_unless_built, token,
-                                wait_for_pids)
+from harness import WWW_DATA, daemon_app, get_json, python_as, token, wait_for_pids
 
-WWW_DATA = pwd.getpwnam("www-data")
 SECRET = b"root's own data\n"
-
-
-@pytest.fixture(params=sorted(MODULE))
-def make_server(request):
-    skip_unless_built(request.param)
-    return lambda *a, **kw: daemon_server(request.param, *a, **kw)
 
 
 def as_www_data(code, *args):
     """Runs Python `code` as the server's worker user; returns what it printed."""
-    out = subprocess.run(["setpriv", f"--reuid={WWW_DATA.pw_uid}", f"--regid={WWW_DATA.pw_gid}",
-                          "--clear-groups", "/usr/bin/python3", "-c", code, *args],
-                         capture_output=True, text=True, timeout=10)
+    out = subprocess.run(python_as(WWW_DATA, code, *args), capture_output=True, text=True, timeout=10)
     return out.stdout.strip() or out.stderr.strip()
 
 
@@ -66,21 +55,14 @@ def run_dir_of(srv):
     return dirs[0]
 
 
-def wait_for_log(srv, text, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while text not in srv.log_text():
-        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{srv.log_text()[-3000:]}"
-        time.sleep(0.05)
-
-
-def test_a_planted_exit_record_symlink_does_not_make_root_overwrite_a_file(make_server, root_file):
+def test_a_planted_exit_record_symlink_does_not_make_root_overwrite_a_file(make_daemon_server, root_file):
     """The worker user links exit-<pid> of a live daemon to a root-only file and the
     daemon is killed mid-request: the file keeps its content and mode, and the
     operator still reads why the daemon died, from the supervisor and from the
     request it was serving."""
     title = f"gw-rundir-{token()}"
-    srv = make_server([app("/slow", "slow"), app("/who", "whoami")],
-                      {"g": f"processes=1 threads=2 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/slow", "slow"), daemon_app("/who", "whoami")],
+                             {"g": f"processes=1 threads=2 display-name={title}"})
     with srv:
         victim = wait_for_pids(title, 1).pop()
         run_dir = run_dir_of(srv)
@@ -91,21 +73,23 @@ def test_a_planted_exit_record_symlink_does_not_make_root_overwrite_a_file(make_
         time.sleep(0.5)
         os.kill(victim, signal.SIGKILL)
         request.join(timeout=20)
-        wait_for_log(srv, f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL); starting a replacement")
+        srv.wait_for_log(f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL); starting a replacement",
+                         timeout=5)
         replacement = wait_for_pids(title, 1).pop()
         assert replacement != victim
         assert_untouched(root_file)
         assert planted == "PermissionError", planted
         assert statuses == [502]
-        wait_for_log(srv, f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL) while serving this request")
+        srv.wait_for_log(f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL) while serving this "
+                         "request", timeout=5)
         assert get_json(srv, "/who")["pid"] == replacement
 
 
-def test_the_worker_user_cannot_create_or_replace_entries_in_the_run_directory(make_server, root_file):
+def test_the_worker_user_cannot_create_or_replace_entries_in_the_run_directory(make_daemon_server, root_file):
     """The run directory belongs to root: the worker user can reach the sockets and
     read exit records but cannot plant the temporary socket name the supervisor
     binds, nor replace or remove a socket."""
-    srv = make_server([app("/who", "whoami")], {"g": "processes=1 threads=1"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": "processes=1 threads=1"})
     with srv:
         run_dir = run_dir_of(srv)
         assert as_www_data(PLANT, str(root_file), str(run_dir / ".g.12345")) == "PermissionError"
@@ -118,11 +102,11 @@ def test_the_worker_user_cannot_create_or_replace_entries_in_the_run_directory(m
     assert_untouched(root_file)
 
 
-def test_a_deleted_socket_is_recreated_without_a_reload(make_server):
+def test_a_deleted_socket_is_recreated_without_a_reload(make_daemon_server):
     """A tmp cleaner removes a group's socket and the daemon then dies: within
     seconds requests are answered again, without a reload, and the log says why."""
     title = f"gw-rebind-{token()}"
-    srv = make_server([app("/who", "whoami")], {"g": f"processes=1 threads=2 display-name={title}"})
+    srv = make_daemon_server([daemon_app("/who", "whoami")], {"g": f"processes=1 threads=2 display-name={title}"})
     with srv:
         victim = wait_for_pids(title, 1).pop()
         sock = run_dir_of(srv) / "g.sock"

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SERVERS, make_server
-from harness import Mount, Settings
+from harness import DAEMON_KINDS, EACH_SERVER_AND_MODE, SERVERS, Mount, Settings, make_server
 
-KINDS = [k for k in ("apache-event", "apache-event-daemon", "nginx", "nginx-daemon") if k in SERVERS]
 GROUP = "locked"
 
 
@@ -46,7 +44,7 @@ def server_with_home(kind, home):
     return srv
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EACH_SERVER_AND_MODE)
 @pytest.mark.parametrize("locked,denied", [("locked", "locked"), ("open", "open/venv")])
 def test_configtest_says_which_user_is_denied_where(kind, locked, denied, venvs):
     """configtest fails, naming www-data and the first path it cannot enter: the
@@ -60,7 +58,7 @@ def test_configtest_says_which_user_is_denied_where(kind, locked, denied, venvs)
     assert "not a directory" not in out and "codec" not in out, out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EACH_SERVER_AND_MODE)
 def test_configtest_passes_with_a_readable_virtualenv(kind, venvs):
     """The same virtualenv made readable passes: the check is made for www-data,
     not against anything a 0700 directory of root's happens to look like."""
@@ -70,9 +68,6 @@ def test_configtest_passes_with_a_readable_virtualenv(kind, venvs):
     finally:
         (venvs / "locked").chmod(0o700)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-DAEMON_KINDS = [k for k in KINDS if k.endswith("-daemon")]
 
 
 @pytest.mark.parametrize("kind", DAEMON_KINDS)
