@@ -5,6 +5,8 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::common::account::Account;
+
 /// Installs a `log` sink that writes each line to stderr, which the server has
 /// pointed at its error log, in the server's own format.
 pub fn log_to_stderr() {
@@ -153,33 +155,6 @@ pub fn daemon_identity(
         );
     }
     Ok(id)
-}
-
-/// A user's name and home directory, from the password database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Account {
-    pub name: Vec<u8>,
-    pub home: Vec<u8>,
-}
-
-/// The password database entry of `uid`, if there is one.
-pub fn account(uid: u32) -> Option<Account> {
-    // SAFETY: passwd is plain data; all zeroes is a valid value that getpwuid_r overwrites.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16384];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r fills pw from buf, both owned here; on success its strings point
-    // into buf, which outlives their copies below.
-    unsafe {
-        libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result);
-        if result.is_null() || pw.pw_name.is_null() || pw.pw_dir.is_null() {
-            return None;
-        }
-        Some(Account {
-            name: std::ffi::CStr::from_ptr(pw.pw_name).to_bytes().to_vec(),
-            home: std::ffi::CStr::from_ptr(pw.pw_dir).to_bytes().to_vec(),
-        })
-    }
 }
 
 /// The search path of a daemon process whose server passed none (nginx keeps only
@@ -493,11 +468,6 @@ mod tests {
         let env = environment("apache", &[("GATEWAY_FAULT", "daemon-job")], None);
         let passed = env.contains(&"GATEWAY_FAULT=daemon-job".to_string());
         assert_eq!(passed, cfg!(feature = "fault-injection"));
-    }
-
-    #[test]
-    fn accounts_come_from_the_password_database() {
-        assert_eq!(account(0).unwrap().name, b"root");
     }
 
     #[test]

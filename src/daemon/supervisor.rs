@@ -771,7 +771,7 @@ impl Supervisor {
         process::daemon_environment(
             &self.config.server,
             std::env::vars_os(),
-            process::account(uid).as_ref(),
+            crate::common::account::account(uid).as_ref(),
         )
     }
 
