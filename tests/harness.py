@@ -99,6 +99,8 @@ class Settings:
     extra: str = ""  # raw configuration appended at server level
     daemons: dict[str, str] = field(default_factory=dict)  # daemon group -> "key=value ..." options
     shared_interpreter: bool = False  # embedded apps of different scripts may share the interpreter
+    modules: Path = MODULES  # where the modules and gateway-daemon come from
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
 
 def port_range(variable: str) -> range | None:
@@ -405,7 +407,7 @@ class Apache(Server):
             APACHE_MPM[self.mpm].format(mods=APACHE_MODULES),
             f"LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so",
             f"LoadModule alias_module {APACHE_MODULES}/mod_alias.so",
-            f"LoadModule gateway_module {MODULES}/mod_gateway.so",
+            f"LoadModule gateway_module {s.modules}/mod_gateway.so",
             f"ErrorLog {self.error_log}",
             f"DefaultRuntimeDir {self.runtime_dir}",
             "LogLevel info",
@@ -447,7 +449,8 @@ class Apache(Server):
         return directive
 
     def apache2(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run(["apache2", "-f", str(self.conf), *args], capture_output=True, text=True, timeout=30)
+        return subprocess.run(["apache2", "-f", str(self.conf), *args], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, **self.settings.env})
 
     def configtest(self) -> subprocess.CompletedProcess:
         self.write_config()
@@ -533,7 +536,8 @@ class Nginx(Server):
             body = listen + [f"server_name {host or 'default.test'};"] + [self.location(m) for m in ms]
             http.append("server {\n    " + "\n    ".join(body) + "\n}")
         lines = [
-            f"load_module {MODULES}/ngx_http_gateway_module.so;",
+            f"load_module {s.modules}/ngx_http_gateway_module.so;",
+            *(f"env {name};" for name in s.env),
             f"user {RUN_USER};" if os.geteuid() == 0 else "",
             f"worker_processes {self.workers};",
             f"pid {d}/nginx.pid;",
@@ -552,7 +556,7 @@ class Nginx(Server):
 
     def nginx(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run(["nginx", "-p", str(self.dir), "-c", str(self.conf), *args],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, env={**os.environ, **self.settings.env})
 
     def configtest(self) -> subprocess.CompletedProcess:
         self.write_config()
