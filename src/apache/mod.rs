@@ -6,4 +6,5 @@ mod abi;
 mod config;
 mod ffi;
 mod hooks;
+mod records;
 mod request;
