@@ -68,9 +68,14 @@ def test_a_planted_exit_record_symlink_does_not_make_root_overwrite_a_file(make_
         run_dir = run_dir_of(srv)
         planted = as_www_data(PLANT, str(root_file), str(run_dir / f"exit-{victim}"))
         statuses = []
-        request = threading.Thread(target=lambda: statuses.append(srv.get("/slow?s=5", timeout=20)[0].status))
+        started = srv.marker("slow-started")
+        request = threading.Thread(
+            target=lambda: statuses.append(srv.get(f"/slow?s=5&token={started.name}", timeout=20)[0].status))
         request.start()
-        time.sleep(0.5)
+        # Killed while the application runs: a request not yet taken would be retried elsewhere.
+        deadline = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         request.join(timeout=20)
         srv.wait_for_log(f"daemon process {victim} of group 'g' was killed by signal 9 (SIGKILL); starting a replacement",
