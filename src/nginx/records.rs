@@ -8,7 +8,8 @@
 //! `# Safety` section says what its caller vouches for: that the record is live
 //! for the view's lifetime, on the event loop's thread. The methods are safe, and
 //! every read and write of nginx's memory is here. Like nginx, the views stay on
-//! the loop's thread: they are neither `Send` nor `Sync`.
+//! the loop's thread: they are neither `Send` nor `Sync`. The two that live in
+//! statics ([`Watcher`], [`Timer`]) are, and their methods say "loop thread only".
 
 use std::cell::UnsafeCell;
 use std::collections::VecDeque;
@@ -281,7 +282,8 @@ impl<'c> Cycle<'c> {
     }
 
     /// Runs `f` with this process's current cycle; None before nginx made one.
-    /// From any thread: `f` only reads what nginx set before it started any.
+    /// Its log may be written from any thread (see [`Cycle::log`]); the rest is
+    /// for the loop thread, or a forked child's only one.
     pub fn with_current<T>(f: impl FnOnce(Cycle<'_>) -> T) -> Option<T> {
         // SAFETY: nginx sets ngx_cycle before it loads modules and keeps a cycle alive
         // while it is the current one; the view does not outlive f.
@@ -299,7 +301,9 @@ impl<'c> Cycle<'c> {
         unsafe { self.raw.as_ref() }
     }
 
-    /// Logs `msg` at nginx's `level` (`NGX_LOG_*`) to the cycle's error log.
+    /// Logs `msg` at nginx's `level` (`NGX_LOG_*`) to the cycle's error log. From
+    /// any thread: the log has no request context to read, and writes with a stack
+    /// buffer.
     pub fn log(&self, level: u32, msg: &str) {
         // SAFETY: the cycle's log is set before modules run, and writes with a stack buffer.
         unsafe { write_log(self.get().log, level, msg) };
