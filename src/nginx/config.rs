@@ -2,15 +2,17 @@
 //! their merging, and one handler per directive. nginx adds the file and line to
 //! every error a handler returns.
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ffi::*;
+use super::records::{Conf, Location};
 use crate::common::config::{
     self, split_path_list, AppSpec, ConfigError, DaemonOptions, Groups, Mode,
 };
 use crate::common::mount::Prefix;
+use crate::common::panic::catch;
 use crate::daemon::auth::Generation;
 use crate::daemon::supervisor::SupervisorConfig;
 use crate::python::interpreter::{self, HomeUser};
@@ -68,36 +70,37 @@ pub struct LocConfig {
     pub mode: Option<Mode>,
 }
 
-/// Moves `value` into memory owned by `pool`: it is dropped with the pool.
-fn pool_owned<T>(pool: *mut ngx_pool_t, value: T) -> *mut c_void {
-    unsafe extern "C" fn drop_box<T>(data: *mut c_void) {
-        // SAFETY: data came from Box::into_raw below and the pool runs this once.
-        drop(unsafe { Box::from_raw(data.cast::<T>()) });
-    }
-    // SAFETY: pool is a live configuration pool; the cleanup frees the box with it.
-    let cln = unsafe { ngx_pool_cleanup_add(pool, 0) };
-    if cln.is_null() {
-        return std::ptr::null_mut();
-    }
-    let ptr = Box::into_raw(Box::new(value)).cast::<c_void>();
-    // SAFETY: cln is a fresh cleanup record of pool.
-    unsafe {
-        (*cln).handler = Some(drop_box::<T>);
-        (*cln).data = ptr;
-    }
-    ptr
+/// Runs a configuration hook (`what`) that answers nginx with `fallback` on a
+/// failure: a panic in it is logged, with the file and line being parsed, and
+/// fails the configuration.
+fn hook<T>(cf: &Conf<'_>, what: &str, fallback: T, f: impl FnOnce() -> T) -> T {
+    catch(f).unwrap_or_else(|p| {
+        cf.log(NGX_LOG_EMERG, &format!("gateway: {p} in {what}"));
+        fallback
+    })
+}
+
+/// Makes a record in the configuration's pool (dropped with it); NULL fails.
+fn create<T: 'static>(cf: &Conf<'_>, what: &str, make: impl FnOnce() -> T) -> *mut c_void {
+    hook(cf, what, std::ptr::null_mut(), || {
+        cf.pool()
+            .own(make())
+            .map_or(std::ptr::null_mut(), |p| p.as_ptr().cast())
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn gateway_create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: nginx passes its live configuration context.
-    pool_owned(unsafe { (*cf).pool }, MainConfig::default())
+    let cf = unsafe { Conf::from_raw(cf) };
+    create(&cf, "the http block", MainConfig::default)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn gateway_create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
-    // SAFETY: as above.
-    pool_owned(unsafe { (*cf).pool }, LocConfig::default())
+    // SAFETY: nginx passes its live configuration context.
+    let cf = unsafe { Conf::from_raw(cf) };
+    create(&cf, "a location", LocConfig::default)
 }
 
 /// Runs once the http block is read: every group that `gateway_mode daemon`
@@ -109,72 +112,81 @@ pub unsafe extern "C" fn gateway_init_main_conf(
     user: libc::uid_t,
     group: libc::gid_t,
 ) -> *mut c_char {
-    // SAFETY: nginx passes the record made by gateway_create_main_conf.
-    let mcf = unsafe { &*conf.cast::<MainConfig>() };
-    let mut ok = true;
-    for (name, at) in mcf.groups.undefined() {
-        let msg = format!(
-            "gateway_mode: daemon process group '{name}' is not defined \
-             (define it in the http block with 'gateway_daemon {name} ...') in {at}"
-        );
-        let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
-        // SAFETY: cf->log is the configuration's live log.
-        unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
-        ok = false;
-    }
+    // SAFETY: nginx passes its live configuration context and the record made by
+    // gateway_create_main_conf.
+    let (cf, mcf) = unsafe { (Conf::from_raw(cf), &*conf.cast::<MainConfig>()) };
+    hook(&cf, "the http block", NGX_CONF_ERROR, || {
+        let problems = init_main_conf(mcf, user, group);
+        for problem in &problems {
+            cf.log(NGX_LOG_EMERG, problem);
+        }
+        if problems.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            NGX_CONF_ERROR
+        }
+    })
+}
+
+/// What is wrong with the http block's settings, in words for `nginx -t`.
+fn init_main_conf(mcf: &MainConfig, user: libc::uid_t, group: libc::gid_t) -> Vec<String> {
+    let mut problems: Vec<String> = mcf
+        .groups
+        .undefined()
+        .map(|(name, at)| {
+            format!(
+                "gateway_mode: daemon process group '{name}' is not defined \
+                 (define it in the http block with 'gateway_daemon {name} ...') in {at}"
+            )
+        })
+        .collect();
     // The groups' own problems (unknown user, missing python-home) fail here
     // rather than in init_module, so that a reload with them keeps the running
-    // configuration instead of ending the master. Without `user` so far, the
-    // workers' user is not known yet: any user other than root will do here.
-    let unset = |id: u32| id == u32::MAX;
-    let generation = match Generation::new(&[], []) {
-        Ok(g) => g,
+    // configuration instead of ending the master.
+    let config = match checking_config(user, group) {
+        Ok(config) => config,
         Err(e) => {
-            let msg =
-                CString::new(format!("gateway: daemon mode cannot start: {e}")).unwrap_or_default();
-            // SAFETY: cf->log is the configuration's live log.
-            unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
-            return NGX_CONF_ERROR;
+            problems.push(format!("gateway: daemon mode cannot start: {e}"));
+            return problems;
         }
     };
-    let config = SupervisorConfig {
+    problems.extend(embedded_home_problem(mcf, &config));
+    problems.extend(super::daemons::problems(&mcf.groups, &config));
+    problems
+}
+
+/// The supervisor's settings as far as they are known while the configuration
+/// is read. Without `user` so far, the workers' user is not known yet: any user
+/// other than root will do here.
+fn checking_config(user: libc::uid_t, group: libc::gid_t) -> std::io::Result<SupervisorConfig> {
+    let unset = |id: u32| id == u32::MAX;
+    Ok(SupervisorConfig {
         server: "nginx".into(),
         run_dir: PathBuf::new(),
         server_pid: 0,
         server_uid: if unset(user) { NOBODY } else { user },
         server_gid: if unset(group) { NOBODY } else { group },
         groups: Vec::new(),
-        generation,
+        generation: Generation::new(&[], [])?,
         previous: None,
-    };
-    let embedded_home = mcf.python_home.as_ref().and_then(|home| {
-        // Workers run as `user` (nobody without it) when the master is root, else as its user.
-        // SAFETY: geteuid has no preconditions.
-        let worker = if unsafe { libc::geteuid() } != 0 {
-            HomeUser::current()
-        } else {
-            HomeUser::new(config.server_uid, config.server_gid, true)
-        };
-        let e = interpreter::check_home_access(home, &worker).err()?;
-        Some(format!(
-            "gateway_python_home: {e} in {}",
-            mcf.python_home_at
-        ))
-    });
-    for problem in embedded_home
-        .into_iter()
-        .chain(super::daemons::problems(&mcf.groups, &config))
-    {
-        let msg = CString::new(problem.replace('\0', "\\0")).unwrap_or_default();
-        // SAFETY: cf->log is the configuration's live log.
-        unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
-        ok = false;
-    }
-    if ok {
-        std::ptr::null_mut()
+    })
+}
+
+/// Whether the workers' user can read `gateway_python_home`.
+fn embedded_home_problem(mcf: &MainConfig, config: &SupervisorConfig) -> Option<String> {
+    let home = mcf.python_home.as_ref()?;
+    // Workers run as `user` (nobody without it) when the master is root, else as its user.
+    // SAFETY: geteuid has no preconditions.
+    let worker = if unsafe { libc::geteuid() } != 0 {
+        HomeUser::current()
     } else {
-        NGX_CONF_ERROR
-    }
+        HomeUser::new(config.server_uid, config.server_gid, true)
+    };
+    let e = interpreter::check_home_access(home, &worker).err()?;
+    Some(format!(
+        "gateway_python_home: {e} in {}",
+        mcf.python_home_at
+    ))
 }
 
 #[no_mangle]
@@ -184,14 +196,32 @@ pub unsafe extern "C" fn gateway_merge_loc_conf(
     child: *mut c_void,
     mcf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: nginx passes two records made by gateway_create_loc_conf; the shim the main record.
-    let (parent, child, mcf) = unsafe {
+    // SAFETY: nginx passes its live configuration context and two records made by
+    // gateway_create_loc_conf; the shim the main record. All three are distinct.
+    let (cf, parent, child, mcf) = unsafe {
         (
+            Conf::from_raw(cf),
             &*parent.cast::<LocConfig>(),
             &mut *child.cast::<LocConfig>(),
             &mut *mcf.cast::<MainConfig>(),
         )
     };
+    hook(&cf, "a location", NGX_CONF_ERROR, || {
+        match merge_loc_conf(parent, child, mcf) {
+            Ok(()) => std::ptr::null_mut(),
+            Err(clash) => {
+                cf.log(NGX_LOG_EMERG, &clash);
+                NGX_CONF_ERROR
+            }
+        }
+    })
+}
+
+fn merge_loc_conf(
+    parent: &LocConfig,
+    child: &mut LocConfig,
+    mcf: &mut MainConfig,
+) -> Result<(), String> {
     if child.mode.is_none() {
         child.mode = parent.mode.clone();
     }
@@ -202,15 +232,12 @@ pub unsafe extern "C" fn gateway_merge_loc_conf(
         (Some(mount), _) => {
             mcf.embedded += 1;
             if let Some(clash) = embedded_clash(mcf, mount) {
-                let msg = CString::new(clash.replace('\0', "\\0")).unwrap_or_default();
-                // SAFETY: cf->log is the configuration's live log.
-                unsafe { gateway_ngx_log((*cf).log, NGX_LOG_EMERG as ngx_uint_t, msg.as_ptr()) };
-                return NGX_CONF_ERROR;
+                return Err(clash);
             }
         }
         (None, _) => {}
     }
-    std::ptr::null_mut()
+    Ok(())
 }
 
 /// A second script in embedded mode, which would share the worker's one
@@ -229,55 +256,25 @@ fn embedded_clash(mcf: &mut MainConfig, mount: &Arc<Mount>) -> Option<String> {
     })
 }
 
-/// `FILE:LINE` of the directive `cf` is parsing.
-///
-/// # Safety
-/// `cf` must be nginx's live configuration context inside a directive handler.
-unsafe fn position(cf: *mut ngx_conf_t) -> String {
-    // SAFETY: cf->conf_file is the file being parsed; its name lives in the cycle's pool.
-    unsafe {
-        let file = &*(*cf).conf_file;
-        format!(
-            "{}:{}",
-            String::from_utf8_lossy(str_bytes(&file.file.name)),
-            file.line
-        )
-    }
-}
-
 /// The arguments of one directive, and how to read its paths.
 struct Args<'a> {
     values: Vec<&'a str>,
     /// nginx's prefix (`-p`): relative paths are relative to it, as for nginx's own directives.
     prefix: &'a Path,
+    /// Where the directive is written (`FILE:LINE`).
+    at: String,
 }
 
 impl<'a> Args<'a> {
     /// The arguments of the directive `cf` is parsing, without its name.
-    ///
-    /// # Safety
-    /// `cf` must be nginx's live configuration context inside a directive handler.
-    unsafe fn of(cf: *mut ngx_conf_t) -> Result<Args<'a>, ConfigError> {
-        // SAFETY: cf->args is the array of ngx_str_t nginx parsed for this directive, and
-        // cf->cycle->prefix is set for the whole configuration pass; both outlive the handler.
-        let (all, prefix) = unsafe {
-            let a = &*(*cf).args;
-            (
-                std::slice::from_raw_parts(a.elts.cast::<ngx_str_t>(), a.nelts),
-                str_bytes(&(*(*cf).cycle).prefix),
-            )
-        };
+    fn of(cf: &Conf<'a>) -> Result<Args<'a>, ConfigError> {
         let utf8 = |b: &'a [u8]| {
             std::str::from_utf8(b).map_err(|_| ConfigError("arguments must be UTF-8".into()))
         };
         Ok(Args {
-            values: all
-                .iter()
-                .skip(1)
-                // SAFETY: each ngx_str_t of the array points into the configuration buffer.
-                .map(|s| utf8(unsafe { str_bytes(s) }))
-                .collect::<Result<_, _>>()?,
-            prefix: Path::new(utf8(prefix)?),
+            values: cf.args().skip(1).map(utf8).collect::<Result<_, _>>()?,
+            prefix: Path::new(utf8(cf.prefix())?),
+            at: cf.position(),
         })
     }
 
@@ -286,35 +283,21 @@ impl<'a> Args<'a> {
     }
 }
 
-/// Runs a directive handler on its record of type `T` and turns its result into
-/// what nginx expects: NGX_CONF_OK (NULL) or a message in the configuration pool,
-/// which nginx prints after the directive's name and before its file and line.
-///
-/// # Safety
-/// `cf` must be the live configuration context and `conf` the record of type `T`
-/// that the directive table's offset selects.
-unsafe fn directive<T>(
-    cf: *mut ngx_conf_t,
-    conf: *mut c_void,
+/// Runs a directive handler on its record and turns its result into what nginx
+/// expects: NGX_CONF_OK (NULL) or a message, which nginx prints after the
+/// directive's name and before its file and line. A panic is such a message.
+fn directive<T>(
+    cf: &Conf<'_>,
+    record: &mut T,
     handler: impl FnOnce(&mut T, &Args<'_>) -> Result<(), ConfigError>,
 ) -> *mut c_char {
-    // SAFETY: guaranteed by the caller.
-    let r =
-        unsafe { Args::of(cf) }.and_then(|args| handler(unsafe { &mut *conf.cast::<T>() }, &args));
-    let Err(e) = r else {
-        return std::ptr::null_mut();
+    let done = catch(|| Args::of(cf).and_then(|args| handler(record, &args)));
+    let msg = match done {
+        Ok(Ok(())) => return std::ptr::null_mut(),
+        Ok(Err(e)) => e.0,
+        Err(p) => p.to_string(),
     };
-    let msg = CString::new(e.0.replace('\0', "\\0")).unwrap_or_default();
-    let bytes = msg.as_bytes_with_nul();
-    // SAFETY: cf->pool is live; the copy (with its NUL) fits the allocation.
-    unsafe {
-        let p = ngx_pnalloc((*cf).pool, bytes.len()).cast::<u8>();
-        if p.is_null() {
-            return NGX_CONF_ERROR;
-        }
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        p.cast()
-    }
+    cf.message(&msg)
 }
 
 fn duplicate() -> ConfigError {
@@ -337,30 +320,29 @@ pub unsafe extern "C" fn gateway_conf_app(
     mcf: *mut c_void,
     clcf: *mut ngx_http_core_loc_conf_t,
 ) -> *mut c_char {
-    // SAFETY: the shim passes the main record and the location's core record of this location;
-    // lcf is this location's record of this module.
-    let (mcf, clcf) = unsafe { (&mut *mcf.cast::<MainConfig>(), &*clcf) };
-    // SAFETY: the location's name lives in the configuration pool.
-    let name = unsafe { str_bytes(&clcf.name) };
-    // SAFETY: cf is live inside this handler.
-    let at = unsafe { position(cf) };
-    let literal = clcf.regex.is_null() && clcf.named() == 0;
-    let prefix = Prefix::new(if literal { name } else { b"" });
-    // SAFETY: see above.
-    unsafe {
-        directive(cf, lcf, |lcf: &mut LocConfig, args| {
-            if lcf.mount.is_some() {
-                return Err(duplicate());
-            }
-            lcf.mount = Some(Arc::new(Mount {
-                app: AppSpec::parse_in(args.values[0], args.prefix)?,
-                prefix,
-                at,
-            }));
-            mcf.apps += 1;
-            Ok(())
-        })
-    }
+    // SAFETY: nginx passes its live configuration context; the shim this location's
+    // record of this module, the main record and the location's core record.
+    let (cf, lcf, mcf, location) = unsafe {
+        (
+            Conf::from_raw(cf),
+            &mut *lcf.cast::<LocConfig>(),
+            &mut *mcf.cast::<MainConfig>(),
+            Location::from_raw(clcf),
+        )
+    };
+    directive(&cf, lcf, |lcf, args| {
+        if lcf.mount.is_some() {
+            return Err(duplicate());
+        }
+        let literal = location.is_literal();
+        lcf.mount = Some(Arc::new(Mount {
+            app: AppSpec::parse_in(args.values[0], args.prefix)?,
+            prefix: Prefix::new(if literal { location.name() } else { b"" }),
+            at: args.at.clone(),
+        }));
+        mcf.apps += 1;
+        Ok(())
+    })
 }
 
 #[no_mangle]
@@ -369,22 +351,39 @@ pub unsafe extern "C" fn gateway_conf_mode(
     lcf: *mut c_void,
     mcf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: the shim passes this level's LocConfig and the MainConfig.
-    let (mcf, at) = unsafe { (&mut *mcf.cast::<MainConfig>(), position(cf)) };
-    // SAFETY: as above.
-    unsafe {
-        directive(cf, lcf, |lcf: &mut LocConfig, args| {
-            if lcf.mode.is_some() {
-                return Err(duplicate());
-            }
-            let mode = Mode::parse(&args.values)?;
-            if let Mode::Daemon(name) = &mode {
-                mcf.groups.refer(name, at);
-            }
-            lcf.mode = Some(mode);
-            Ok(())
-        })
-    }
+    // SAFETY: nginx passes its live configuration context; the shim this level's
+    // LocConfig and the MainConfig.
+    let (cf, lcf, mcf) = unsafe {
+        (
+            Conf::from_raw(cf),
+            &mut *lcf.cast::<LocConfig>(),
+            &mut *mcf.cast::<MainConfig>(),
+        )
+    };
+    directive(&cf, lcf, |lcf, args| {
+        if lcf.mode.is_some() {
+            return Err(duplicate());
+        }
+        let mode = Mode::parse(&args.values)?;
+        if let Mode::Daemon(name) = &mode {
+            mcf.groups.refer(name, args.at.clone());
+        }
+        lcf.mode = Some(mode);
+        Ok(())
+    })
+}
+
+/// The context and record of a directive of the http block.
+///
+/// # Safety
+/// `cf` must be nginx's live configuration context and `conf` the MainConfig
+/// (NGX_HTTP_MAIN_CONF_OFFSET), as nginx passes them to a directive handler.
+unsafe fn main_directive<'c>(
+    cf: *mut ngx_conf_t,
+    conf: *mut c_void,
+) -> (Conf<'c>, &'c mut MainConfig) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { (Conf::from_raw(cf), &mut *conf.cast::<MainConfig>()) }
 }
 
 #[no_mangle]
@@ -393,20 +392,17 @@ pub unsafe extern "C" fn gateway_conf_daemon(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: cf is live inside this handler.
-    let at = unsafe { position(cf) };
-    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
-    unsafe {
-        directive(cf, conf, |mcf: &mut MainConfig, args| {
-            let mut options = DaemonOptions::parse(&args.values)?;
-            // Relative paths are relative to nginx's prefix, as for gateway_python_home.
-            options.python_home = options.python_home.map(|h| args.prefix.join(h));
-            for dir in &mut options.python_path {
-                *dir = args.prefix.join(&*dir);
-            }
-            mcf.groups.define(options, at)
-        })
-    }
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        let mut options = DaemonOptions::parse(&args.values)?;
+        // Relative paths are relative to nginx's prefix, as for gateway_python_home.
+        options.python_home = options.python_home.map(|h| args.prefix.join(h));
+        for dir in &mut options.python_path {
+            *dir = args.prefix.join(&*dir);
+        }
+        mcf.groups.define(options, args.at.clone())
+    })
 }
 
 #[no_mangle]
@@ -415,21 +411,18 @@ pub unsafe extern "C" fn gateway_conf_python_home(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: cf is live inside this handler.
-    let at = unsafe { position(cf) };
-    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
-    unsafe {
-        directive(cf, conf, |mcf: &mut MainConfig, args| {
-            if mcf.python_home.is_some() {
-                return Err(duplicate());
-            }
-            let dir = args.path(args.values[0]);
-            interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
-            mcf.python_home = Some(dir);
-            mcf.python_home_at = at;
-            Ok(())
-        })
-    }
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        if mcf.python_home.is_some() {
+            return Err(duplicate());
+        }
+        let dir = args.path(args.values[0]);
+        interpreter::check_home(&dir).map_err(|e| ConfigError(e.to_string()))?;
+        mcf.python_home = Some(dir);
+        mcf.python_home_at = args.at.clone();
+        Ok(())
+    })
 }
 
 #[no_mangle]
@@ -438,16 +431,15 @@ pub unsafe extern "C" fn gateway_conf_python_path(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
-    unsafe {
-        directive(cf, conf, |mcf: &mut MainConfig, args| {
-            let dirs = split_path_list(args.values[0])
-                .into_iter()
-                .map(|d| args.prefix.join(d));
-            mcf.python_path.extend(dirs);
-            Ok(())
-        })
-    }
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        let dirs = split_path_list(args.values[0])
+            .into_iter()
+            .map(|d| args.prefix.join(d));
+        mcf.python_path.extend(dirs);
+        Ok(())
+    })
 }
 
 #[no_mangle]
@@ -456,17 +448,16 @@ pub unsafe extern "C" fn gateway_conf_shared_interpreter(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
-    unsafe {
-        directive(cf, conf, |mcf: &mut MainConfig, args| {
-            let on = match args.values[0] {
-                "on" => true,
-                "off" => false,
-                other => return Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
-            };
-            set_once(&mut mcf.shared_interpreter, on)
-        })
-    }
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        let on = match args.values[0] {
+            "on" => true,
+            "off" => false,
+            other => return Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
+        };
+        set_once(&mut mcf.shared_interpreter, on)
+    })
 }
 
 #[no_mangle]
@@ -475,16 +466,15 @@ pub unsafe extern "C" fn gateway_conf_threads(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: NGX_HTTP_MAIN_CONF_OFFSET: conf is the MainConfig.
-    unsafe {
-        directive(cf, conf, |mcf: &mut MainConfig, args| {
-            let value = args.values[0];
-            match value.parse::<usize>() {
-                Ok(n) if (1..=MAX_THREADS).contains(&n) => set_once(&mut mcf.threads, n),
-                _ => Err(ConfigError(format!(
-                    "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
-                ))),
-            }
-        })
-    }
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        let value = args.values[0];
+        match value.parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => set_once(&mut mcf.threads, n),
+            _ => Err(ConfigError(format!(
+                "needs a number of threads from 1 to {MAX_THREADS}, got '{value}'"
+            ))),
+        }
+    })
 }

@@ -6,15 +6,19 @@
 //! started with a keeper ([`supervisor::start_kept`]) that starts a new one if it
 //! dies. Daemon processes that die are replaced by the supervisor itself.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::io;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 
 use super::config::MainConfig;
 use super::ffi::*;
-use crate::common::config::Groups;
+use super::records::{self, Cycle};
+use crate::common::config::{DaemonOptions, Groups};
 use crate::common::log::{nginx_level_name, STDERR_LOG_VAR};
+use crate::common::panic::catch;
 use crate::daemon::auth::Generation;
 use crate::daemon::launch::{self, Problem};
 use crate::daemon::{self, supervisor};
@@ -29,16 +33,6 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 /// The running generation's secret and applications: the next generation's
 /// daemons also serve its workers, which finish their requests after a reload.
 static GENERATION: Mutex<Option<Generation>> = Mutex::new(None);
-
-/// Logs `msg` to `cycle`'s log.
-///
-/// # Safety
-/// `cycle` must be a live cycle.
-unsafe fn log(cycle: *mut ngx_cycle_t, level: u32, msg: &str) {
-    let msg = CString::new(msg.replace('\0', "\\0")).unwrap_or_default();
-    // SAFETY: guaranteed by the caller; the message is NUL-terminated.
-    unsafe { gateway_ngx_log((*cycle).log, level as ngx_uint_t, msg.as_ptr()) };
-}
 
 /// The run directory of this master, once chosen. Every generation uses the
 /// same one: a new generation's sockets replace the old ones under the same
@@ -74,122 +68,178 @@ pub unsafe extern "C" fn gateway_init_module(
     pid_file: *const ngx_str_t,
     daemonizing: ngx_uint_t,
 ) -> ngx_int_t {
-    // SAFETY: the shim passes the http main record, or NULL without an http block.
-    let mcf = unsafe { mcf.cast::<MainConfig>().as_ref() };
+    // SAFETY: nginx passes its live cycle; the shim the http main record (made by
+    // gateway_create_main_conf), or NULL without an http block, and the core
+    // module's pid path, which lives in the cycle's pool.
+    let (cycle, mcf, pid_file) = unsafe {
+        (
+            Cycle::from_raw(cycle),
+            mcf.cast::<MainConfig>().as_ref(),
+            str_bytes(&*pid_file),
+        )
+    };
+    let start = Start {
+        test: test != 0,
+        user,
+        group,
+        pid_file: PathBuf::from(String::from_utf8_lossy(pid_file).as_ref()),
+        daemonizing: daemonizing != 0,
+    };
+    // SAFETY: nginx runs init_module in its master, which runs no other thread.
+    match catch(|| unsafe { init_module(cycle, mcf, &start) }) {
+        Ok(rc) => rc,
+        Err(p) => {
+            let msg = format!("gateway: {p} in the module's start");
+            refuse(cycle, &[msg], start.reload())
+        }
+    }
+}
+
+/// What nginx tells init_module of the start.
+struct Start {
+    test: bool,
+    user: libc::uid_t,
+    group: libc::gid_t,
+    pid_file: PathBuf,
+    daemonizing: bool,
+}
+
+impl Start {
+    /// A reload (kill -HUP), rather than a first start or `nginx -t`.
+    fn reload(&self) -> bool {
+        !self.test && STARTED.load(Ordering::Relaxed)
+    }
+}
+
+/// # Safety
+/// In nginx's master, which runs no other thread (the supervisor is started
+/// with the process's environment and standard output swapped).
+unsafe fn init_module(cycle: Cycle<'_>, mcf: Option<&MainConfig>, start: &Start) -> ngx_int_t {
     let groups = mcf.map(|m| m.groups.clone()).unwrap_or_default();
+    let options = groups.options();
     // Made here, in the master before the workers fork: they inherit it in memory.
     let mounts = mcf.iter().flat_map(|m| &m.daemon_mounts);
-    let options = groups.options();
     let generation = match Generation::new(&options, mounts.map(|(g, app)| (g.as_str(), app))) {
         Ok(g) => g,
         Err(e) => {
-            // SAFETY: nginx passes its live cycle.
-            unsafe {
-                log(
-                    cycle,
-                    NGX_LOG_EMERG,
-                    &format!("gateway: daemon mode cannot start: {e}"),
-                )
-            };
-            return NGX_ERROR as ngx_int_t;
+            cycle.log(
+                NGX_LOG_EMERG,
+                &format!("gateway: daemon mode cannot start: {e}"),
+            );
+            return records::ERROR;
         }
     };
     let mut running = GENERATION.lock().unwrap_or_else(|e| e.into_inner());
-    // Without `user` (nginx not started as root) the workers run as the master's user.
-    // SAFETY: geteuid and getegid cannot fail.
-    let (uid, gid) = unsafe {
-        (
-            if user == libc::uid_t::MAX {
-                libc::geteuid()
-            } else {
-                user
-            },
-            if group == libc::gid_t::MAX {
-                libc::getegid()
-            } else {
-                group
-            },
-        )
-    };
-    // SAFETY: the core module's pid path lives in the cycle's pool.
-    let pid_file =
-        PathBuf::from(String::from_utf8_lossy(unsafe { str_bytes(&*pid_file) }).as_ref());
-    let config = supervisor::SupervisorConfig {
-        server: "nginx".into(),
-        run_dir: run_dir(&pid_file, test != 0),
-        server_pid: if daemonizing != 0 {
-            0
-        } else {
-            std::process::id()
-        },
-        server_uid: uid,
-        server_gid: gid,
-        groups: options,
-        generation,
-        previous: running.clone(),
-    };
-    // A reload (kill -HUP) must not end the master, which nginx does when
-    // init_module fails: it keeps the previous daemon groups instead.
-    let reload = test == 0 && STARTED.load(Ordering::Relaxed);
+    let config = supervisor_config(start, options, generation, running.clone());
+    let reload = start.reload();
     let problems = problems(&groups, &config);
     if !problems.is_empty() {
-        for problem in &problems {
-            let level = if reload { NGX_LOG_ALERT } else { NGX_LOG_EMERG };
-            // SAFETY: nginx passes its live cycle.
-            unsafe { log(cycle, level, problem) };
-        }
-        if !reload {
-            return NGX_ERROR as ngx_int_t;
-        }
-        // SAFETY: as above.
-        unsafe {
-            log(
-                cycle,
-                NGX_LOG_ALERT,
-                "gateway: the new daemon groups cannot start; the previous ones keep serving",
-            )
-        };
-        return NGX_OK as ngx_int_t;
+        return refuse(cycle, &problems, reload);
     }
-    if test != 0 {
-        return NGX_OK as ngx_int_t;
+    if start.test {
+        return records::OK;
     }
     STARTED.store(true, Ordering::Relaxed);
     let previous = LIFELINE.load(Ordering::Relaxed);
-    // SAFETY: nginx passes its live cycle, in its single-threaded master.
+    // SAFETY: the master runs no other thread (caller).
     let started = launch::start_generation(&config, previous, |config| unsafe {
-        let exe = daemon::executable_beside(gateway_init_module as *const () as usize)
-            .map_err(std::io::Error::other)?;
-        with_worker_environment(cycle, || {
-            with_log_settings(cycle, || start_logging_to(cycle, &exe, config))
-        })
+        start_supervisor(cycle, config)
     });
     let fd = match started {
         Ok(fd) => fd,
-        Err(e) => {
-            let msg = format!("gateway: starting the daemon supervisor failed: {e}");
-            if !reload {
-                // SAFETY: as above.
-                unsafe { log(cycle, NGX_LOG_EMERG, &msg) };
-                return NGX_ERROR as ngx_int_t;
-            }
-            // A failed reload must not end the master (nginx exits when init_module
-            // fails): the previous generation's daemons keep serving.
-            // SAFETY: as above.
-            unsafe {
-                log(
-                    cycle,
-                    NGX_LOG_ALERT,
-                    &format!("{msg}; the previous daemon groups keep serving"),
-                )
-            };
-            return NGX_OK as ngx_int_t;
-        }
+        Err(e) => return failed(cycle, e, reload),
     };
     // The new generation takes new connections now; the old one finishes its requests.
     LIFELINE.store(fd, Ordering::Relaxed);
     *running = (fd >= 0).then(|| config.generation.clone());
-    NGX_OK as ngx_int_t
+    records::OK
+}
+
+/// The supervisor's settings for a start by nginx (`start`).
+fn supervisor_config(
+    start: &Start,
+    groups: Vec<DaemonOptions>,
+    generation: Generation,
+    previous: Option<Generation>,
+) -> supervisor::SupervisorConfig {
+    // Without `user` (nginx not started as root) the workers run as the master's user.
+    // SAFETY: geteuid and getegid cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    supervisor::SupervisorConfig {
+        server: "nginx".into(),
+        run_dir: run_dir(&start.pid_file, start.test),
+        server_pid: if start.daemonizing {
+            0
+        } else {
+            std::process::id()
+        },
+        server_uid: if start.user == libc::uid_t::MAX {
+            euid
+        } else {
+            start.user
+        },
+        server_gid: if start.group == libc::gid_t::MAX {
+            egid
+        } else {
+            start.group
+        },
+        groups,
+        generation,
+        previous,
+    }
+}
+
+/// Logs why the new daemon groups cannot start. A reload (kill -HUP) must not
+/// end the master, which nginx does when init_module fails: it keeps the
+/// previous daemon groups instead.
+fn refuse(cycle: Cycle<'_>, problems: &[String], reload: bool) -> ngx_int_t {
+    let level = if reload { NGX_LOG_ALERT } else { NGX_LOG_EMERG };
+    for problem in problems {
+        cycle.log(level, problem);
+    }
+    if !reload {
+        return records::ERROR;
+    }
+    cycle.log(
+        NGX_LOG_ALERT,
+        "gateway: the new daemon groups cannot start; the previous ones keep serving",
+    );
+    records::OK
+}
+
+/// The supervisor did not start.
+fn failed(cycle: Cycle<'_>, e: io::Error, reload: bool) -> ngx_int_t {
+    let msg = format!("gateway: starting the daemon supervisor failed: {e}");
+    if !reload {
+        cycle.log(NGX_LOG_EMERG, &msg);
+        return records::ERROR;
+    }
+    // A failed reload must not end the master (nginx exits when init_module
+    // fails): the previous generation's daemons keep serving.
+    cycle.log(
+        NGX_LOG_ALERT,
+        &format!("{msg}; the previous daemon groups keep serving"),
+    );
+    records::OK
+}
+
+/// Starts the supervisor of `config` beside this module, with the workers'
+/// environment and the cycle's error log.
+///
+/// # Safety
+/// In nginx's master, which runs no other thread.
+unsafe fn start_supervisor(
+    cycle: Cycle<'_>,
+    config: &supervisor::SupervisorConfig,
+) -> io::Result<supervisor::Lifeline> {
+    let exe = daemon::executable_beside(gateway_init_module as *const () as usize)
+        .map_err(io::Error::other)?;
+    // SAFETY: no other thread (caller).
+    unsafe {
+        with_worker_environment(cycle, || {
+            with_log_settings(cycle, || start_logging_to(cycle, &exe, config))
+        })
+    }
 }
 
 /// What stops the daemon `groups` from starting with the settings of `config`,
@@ -207,31 +257,18 @@ pub fn problems(groups: &Groups, config: &supervisor::SupervisorConfig) -> Vec<S
 /// (as embedded applications do), not the shell nginx was started from.
 ///
 /// # Safety
-/// `cycle` must be the live cycle being initialized, in the single-threaded master.
+/// As for [`with_environ`].
 unsafe fn with_worker_environment<T>(
-    cycle: *mut ngx_cycle_t,
-    start: impl FnOnce() -> std::io::Result<T>,
-) -> std::io::Result<T> {
-    let mut extra: ngx_uint_t = 0;
-    // The environment nginx's `env` directives keep (`TZ` and the variables listed).
-    // SAFETY: the caller passes the live cycle; with `extra` given nginx only builds a
-    // copy (a new array, freed below) and leaves `environ` alone.
-    let env = unsafe { ngx_set_environment(cycle, &mut extra) };
-    if env.is_null() {
-        return Err(std::io::Error::other(
+    cycle: Cycle<'_>,
+    start: impl FnOnce() -> io::Result<T>,
+) -> io::Result<T> {
+    let Some(env) = cycle.worker_environment() else {
+        return Err(io::Error::other(
             "cannot build the environment of nginx's env directives (out of memory)",
         ));
-    }
-    // SAFETY: no other thread runs in the master to read `environ` while it is swapped;
-    // it is restored before the array nginx allocated is freed.
-    unsafe {
-        let saved = environ;
-        environ = env;
-        let started = start();
-        environ = saved;
-        libc::free(env.cast());
-        started
-    }
+    };
+    // SAFETY: as the caller guarantees; env lives until after the call.
+    unsafe { with_environ(env.as_ptr(), start) }
 }
 
 /// Runs `start` with [`STDERR_LOG_VAR`] added to the environment: nginx's format
@@ -240,20 +277,20 @@ unsafe fn with_worker_environment<T>(
 /// level holds for them too.
 ///
 /// # Safety
-/// As for [`with_worker_environment`], and called inside it.
+/// As for [`with_environ`].
 unsafe fn with_log_settings<T>(
-    cycle: *mut ngx_cycle_t,
-    start: impl FnOnce() -> std::io::Result<T>,
-) -> std::io::Result<T> {
-    // SAFETY: the cycle's log is set before init_module runs.
-    let level = unsafe { (*cycle).log.as_ref() }.map_or(NGX_LOG_ERR as usize, |l| l.log_level);
+    cycle: Cycle<'_>,
+    start: impl FnOnce() -> io::Result<T>,
+) -> io::Result<T> {
+    let level = cycle.log_level().unwrap_or(NGX_LOG_ERR as usize);
     let setting = CString::new(format!(
         "{STDERR_LOG_VAR}=nginx:{}",
         nginx_level_name(level)
     ))
     .expect("no NUL in a level name");
     let mut env = vec![setting.as_ptr().cast_mut()];
-    // SAFETY: environ is NULL or a NULL-terminated array of C strings; only read here.
+    // SAFETY: environ is NULL or a NULL-terminated array of C strings, which no
+    // other thread changes (caller); only read here.
     unsafe {
         let mut var = environ;
         while !var.is_null() && !(*var).is_null() {
@@ -265,57 +302,81 @@ unsafe fn with_log_settings<T>(
         }
     }
     env.push(std::ptr::null_mut());
-    // SAFETY: as in with_worker_environment: no other thread reads `environ`, and it
-    // is restored while `env` and `setting` are still alive.
-    unsafe {
-        let saved = environ;
-        environ = env.as_mut_ptr();
-        let started = start();
-        environ = saved;
-        started
+    // SAFETY: as the caller guarantees; env and setting live until after the call.
+    unsafe { with_environ(env.as_mut_ptr(), start) }
+}
+
+/// Runs `f` with `env` as the process's environment, restored afterwards (also
+/// should `f` panic).
+///
+/// # Safety
+/// No other thread may read or change the environment meanwhile (nginx's master
+/// runs none), and `env` must be a NULL-terminated array of `NAME=value` strings
+/// that stays valid until this returns.
+unsafe fn with_environ<T>(env: *mut *mut c_char, f: impl FnOnce() -> T) -> T {
+    struct Restore(*mut *mut c_char);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back what with_environ found, on the same thread.
+            unsafe { environ = self.0 };
+        }
     }
+    // SAFETY: no other thread uses environ, and env is valid during f (caller).
+    let _restore = unsafe {
+        let saved = Restore(environ);
+        environ = env;
+        saved
+    };
+    f()
 }
 
 /// Starts a supervisor whose standard output and error (where it and its
 /// daemons log) are the cycle's error log: nginx points its own there only
 /// later, and the supervisor must not hold on to the terminal or pipes nginx
 /// was started with.
-///
-/// # Safety
-/// `cycle` must be the live cycle being initialized, in the single-threaded master.
-unsafe fn start_logging_to(
-    cycle: *mut ngx_cycle_t,
+fn start_logging_to(
+    cycle: Cycle<'_>,
     exe: &Path,
     config: &supervisor::SupervisorConfig,
-) -> std::io::Result<supervisor::Lifeline> {
-    // SAFETY: the cycle's log and its open file are set before init_module runs.
-    let log_fd = unsafe {
-        let log = (*cycle).log;
-        if log.is_null() || (*log).file.is_null() {
-            -1
-        } else {
-            (*(*log).file).fd
+) -> io::Result<supervisor::Lifeline> {
+    match cycle.log_fd() {
+        Some(log_fd) if log_fd != libc::STDERR_FILENO => {
+            let _restore = StdoutToLog::swap(log_fd);
+            supervisor::start_kept(exe, config)
         }
-    };
-    if log_fd < 0 || log_fd == libc::STDERR_FILENO {
-        return supervisor::start_kept(exe, config);
+        _ => supervisor::start_kept(exe, config),
     }
-    let std = [libc::STDOUT_FILENO, libc::STDERR_FILENO];
-    // SAFETY: fds 1 and 2 are swapped for the log only while the supervisor forks, then
-    // restored; the master runs no other thread that could write to them meanwhile.
-    unsafe {
-        let saved = std.map(|fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3));
-        for fd in std {
-            libc::dup2(log_fd, fd);
+}
+
+/// Standard output and error pointed at a log until dropped (also on a panic).
+/// nginx's master runs no other thread that could write to them meanwhile.
+struct StdoutToLog([RawFd; 2]);
+
+const STD: [RawFd; 2] = [libc::STDOUT_FILENO, libc::STDERR_FILENO];
+
+impl StdoutToLog {
+    fn swap(log_fd: RawFd) -> StdoutToLog {
+        // SAFETY: fcntl and dup2 on descriptors only: no memory arguments.
+        let saved = STD.map(|fd| unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) });
+        for fd in STD {
+            // SAFETY: as above.
+            unsafe { libc::dup2(log_fd, fd) };
         }
-        let started = supervisor::start_kept(exe, config);
-        for (fd, copy) in std.into_iter().zip(saved) {
+        StdoutToLog(saved)
+    }
+}
+
+impl Drop for StdoutToLog {
+    fn drop(&mut self) {
+        for (fd, copy) in STD.into_iter().zip(self.0) {
             if copy >= 0 {
-                libc::dup2(copy, fd);
-                libc::close(copy);
+                // SAFETY: copy is our duplicate of fd's original, closed once put back.
+                unsafe {
+                    libc::dup2(copy, fd);
+                    libc::close(copy);
+                }
             }
         }
-        started
     }
 }
 

@@ -9,8 +9,8 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::common::transport::Header;
-use crate::common::transport::Outcome;
+use crate::common::log::request_line;
+use crate::common::transport::{Header, Outcome};
 
 /// Bytes a request may have queued for the loop before its thread waits.
 const QUEUE_LIMIT: usize = 256 * 1024;
@@ -56,19 +56,40 @@ struct Queue {
     gone: bool,
     /// The thread waits for room (saves a wake-up syscall when it does not).
     waiting: bool,
+    /// A response head was queued: the client may have it.
+    started: bool,
+    /// The `End` was queued.
+    ended: bool,
 }
 
 /// The shared state of one request between its Python thread and the loop.
-#[derive(Default)]
 pub struct Exchange {
     queue: Mutex<Queue>,
     space: Condvar,
     /// The loop's state of this request while nginx still has it; touched by the
     /// loop thread only.
     pub loop_state: AtomicPtr<c_void>,
+    /// The request's method and URI, for log lines about it from any thread.
+    method: Box<[u8]>,
+    uri: Box<[u8]>,
 }
 
 impl Exchange {
+    pub fn new(method: &[u8], uri: &[u8]) -> Exchange {
+        Exchange {
+            queue: Mutex::default(),
+            space: Condvar::new(),
+            loop_state: AtomicPtr::default(),
+            method: method.into(),
+            uri: uri.into(),
+        }
+    }
+
+    /// A log line about the request: `gateway: METHOD URI: message`.
+    pub fn request_line(&self, message: &str) -> String {
+        request_line(&self.method, &self.uri, message)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -98,6 +119,8 @@ impl Exchange {
                 q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         }
+        q.started |= matches!(piece, Piece::Start { .. });
+        q.ended |= end;
         q.bytes += size;
         q.pieces.push_back(piece);
         let schedule = !q.scheduled;
@@ -107,6 +130,23 @@ impl Exchange {
             wake(self.clone());
         }
         Ok(())
+    }
+
+    /// Ends the response of a job that failed (panicked) before it queued its
+    /// `End`: a 500 if no head was queued, else the response is cut short.
+    pub fn end_failed(self: &Arc<Self>, wake: impl FnOnce(Arc<Exchange>)) {
+        let outcome = {
+            let q = self.lock();
+            if q.ended {
+                return;
+            }
+            if q.started {
+                Outcome::Aborted
+            } else {
+                Outcome::FAILED
+            }
+        };
+        let _ = self.push(Piece::End(outcome), wake);
     }
 
     /// The next piece for the loop. An empty queue is no longer scheduled: the

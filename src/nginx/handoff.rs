@@ -3,15 +3,17 @@
 //! touches nginx's memory once the hand-off is taken.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::Mount;
 use super::exchange::{Exchange, Piece};
-use super::ffi::*;
+use super::records::{self, BodyPart};
 use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
@@ -26,18 +28,12 @@ pub struct Handoff {
 }
 
 impl Handoff {
-    /// Copies what the application needs out of `r`.
-    ///
-    /// # Safety
-    /// `r` must be a live request whose body nginx finished reading, on the loop thread.
-    pub unsafe fn take(r: *mut ngx_http_request_t) -> io::Result<Handoff> {
-        // SAFETY: guaranteed by the caller.
-        unsafe {
-            Ok(Handoff {
-                snapshot: Snapshot::take(r),
-                body: body_segments(r)?,
-            })
-        }
+    /// Copies what the application needs out of `r`, whose body nginx has read.
+    pub fn take(r: &records::Request<'_>) -> io::Result<Handoff> {
+        Ok(Handoff {
+            snapshot: Snapshot::take(r),
+            body: body_segments(r)?,
+        })
     }
 
     /// Runs the request (on a module thread, which waits for it) with `runner`
@@ -108,85 +104,54 @@ struct Snapshot {
     https: bool,
 }
 
-impl Snapshot {
-    fn add(bytes: &mut Vec<u8>, s: &[u8]) -> Range<usize> {
-        let start = bytes.len();
-        bytes.extend_from_slice(s);
-        start..bytes.len()
-    }
+/// The bytes of a [`Snapshot`] as they are copied in.
+#[derive(Default)]
+struct Bytes(Vec<u8>);
 
-    /// # Safety
-    /// `r` must be a live request on the loop thread.
-    unsafe fn take(r: *mut ngx_http_request_t) -> Snapshot {
-        // SAFETY: the caller guarantees r is live; every pointer read here belongs to r, its connection or its configuration.
-        unsafe {
-            let c = (*r).connection;
-            let hin = &(*r).headers_in;
-            let mut bytes = Vec::with_capacity(1024);
-            let add = Snapshot::add;
-            let method = add(&mut bytes, str_bytes(&(*r).method_name));
-            let path = add(&mut bytes, str_bytes(&(*r).uri));
-            let query = add(&mut bytes, str_bytes(&(*r).args));
-            let request_uri = add(&mut bytes, str_bytes(&(*r).unparsed_uri));
-            let protocol = add(&mut bytes, str_bytes(&(*r).http_protocol));
-            let host = str_bytes(&hin.server);
-            let server_name = if host.is_empty() {
-                add(
-                    &mut bytes,
-                    str_bytes(&(*gateway_ngx_core_srv_conf(r)).server_name),
-                )
-            } else {
-                add(&mut bytes, host)
-            };
-            let mut text = [0u8; 256];
-            let mut local = ngx_str_t {
-                len: text.len(),
-                data: text.as_mut_ptr(),
-            };
-            let server_addr =
-                if ngx_connection_local_sockaddr(c, &mut local, 0) == NGX_OK as ngx_int_t {
-                    add(&mut bytes, str_bytes(&local))
-                } else {
-                    add(&mut bytes, b"")
-                };
-            let server_port = if (*c).local_sockaddr.is_null() {
-                0
-            } else {
-                ngx_inet_get_port((*c).local_sockaddr)
-            };
-            let remote_addr = add(&mut bytes, str_bytes(&(*c).addr_text));
-            let remote_port = ngx_inet_get_port((*c).sockaddr);
-            let user = (hin.user.len > 0).then(|| add(&mut bytes, str_bytes(&hin.user)));
-            let mut headers = Vec::with_capacity(16);
-            let mut part: *const ngx_list_part_t = &hin.headers.part;
-            while !part.is_null() {
-                let elts = std::slice::from_raw_parts(
-                    (*part).elts.cast::<ngx_table_elt_t>(),
-                    (*part).nelts,
-                );
-                for h in elts {
-                    let name = add(&mut bytes, str_bytes(&h.key));
-                    let value = add(&mut bytes, str_bytes(&h.value));
-                    headers.push((name, value));
-                }
-                part = (*part).next;
-            }
-            Snapshot {
-                bytes,
-                method,
-                path,
-                query,
-                request_uri,
-                protocol,
-                server_name,
-                server_addr,
-                remote_addr,
-                user,
-                headers,
-                server_port,
-                remote_port,
-                https: !(*c).ssl.is_null(),
-            }
+impl Bytes {
+    fn add(&mut self, s: &[u8]) -> Range<usize> {
+        let start = self.0.len();
+        self.0.extend_from_slice(s);
+        start..self.0.len()
+    }
+}
+
+impl Snapshot {
+    fn take(r: &records::Request<'_>) -> Snapshot {
+        let c = r.connection();
+        let mut b = Bytes(Vec::with_capacity(1024));
+        let method = b.add(r.method());
+        let path = b.add(r.uri());
+        let query = b.add(r.args());
+        let request_uri = b.add(r.unparsed_uri());
+        let protocol = b.add(r.protocol());
+        let host = r.host();
+        let server_name = b.add(if host.is_empty() {
+            r.server_name()
+        } else {
+            host
+        });
+        let server_addr = b.add(c.local_addr(&mut [0u8; 256]));
+        // Known once local_addr has asked for it.
+        let server_port = c.local_port();
+        let remote_addr = b.add(c.remote_addr());
+        let user = (!r.user().is_empty()).then(|| b.add(r.user()));
+        let headers = r.headers().map(|(k, v)| (b.add(k), b.add(v))).collect();
+        Snapshot {
+            bytes: b.0,
+            method,
+            path,
+            query,
+            request_uri,
+            protocol,
+            server_name,
+            server_addr,
+            remote_addr,
+            user,
+            headers,
+            server_port,
+            remote_port: c.remote_port(),
+            https: c.is_ssl(),
         }
     }
 
@@ -220,51 +185,26 @@ enum Segment {
     /// A range of the temporary file nginx spooled the body to (a duplicate of its
     /// descriptor: nginx closes and removes the file with the request).
     File {
-        fd: OwnedFd,
+        file: File,
         pos: u64,
         end: u64,
     },
 }
 
 /// The body nginx read (from memory or its temporary file), in order.
-///
-/// # Safety
-/// `r` must be a live request whose body nginx finished reading.
-unsafe fn body_segments(r: *mut ngx_http_request_t) -> io::Result<VecDeque<Segment>> {
+fn body_segments(r: &records::Request<'_>) -> io::Result<VecDeque<Segment>> {
     let mut segments = VecDeque::new();
-    // SAFETY: the caller guarantees r is live.
-    let rb = unsafe { (*r).request_body };
-    if rb.is_null() {
-        return Ok(segments);
-    }
-    // SAFETY: rb is the live body record of r.
-    let mut cl = unsafe { (*rb).bufs };
-    while !cl.is_null() {
-        // SAFETY: cl is a link of the body's chain, in r's pool.
-        let b = unsafe { (*cl).buf };
-        // SAFETY: b is a buffer of the body's chain; its memory or file belongs to r until it is freed.
-        unsafe {
-            if (*b).in_file() != 0 && !(*b).file.is_null() {
-                if (*b).file_last > (*b).file_pos {
-                    let fd = libc::fcntl((*(*b).file).fd, libc::F_DUPFD_CLOEXEC, 0);
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    segments.push_back(Segment::File {
-                        fd: OwnedFd::from_raw_fd(fd),
-                        pos: (*b).file_pos as u64,
-                        end: (*b).file_last as u64,
-                    });
-                }
-            } else if !(*b).pos.is_null() && (*b).last > (*b).pos {
-                let data =
-                    std::slice::from_raw_parts((*b).pos, (*b).last.offset_from((*b).pos) as usize);
-                match segments.back_mut() {
-                    Some(Segment::Memory(v)) => v.extend_from_slice(data),
-                    _ => segments.push_back(Segment::Memory(data.to_vec())),
-                }
-            }
-            cl = (*cl).next;
+    for part in r.body() {
+        match part {
+            BodyPart::File { fd, pos, end } => segments.push_back(Segment::File {
+                file: File::from(fd.try_clone_to_owned()?),
+                pos,
+                end,
+            }),
+            BodyPart::Memory(data) => match segments.back_mut() {
+                Some(Segment::Memory(v)) => v.extend_from_slice(data),
+                _ => segments.push_back(Segment::Memory(data.to_vec())),
+            },
         }
     }
     Ok(segments)
@@ -292,20 +232,9 @@ impl RequestBody for NginxBody {
                     self.offset += n;
                     n
                 }
-                Segment::File { fd, pos, end } => {
+                Segment::File { file, pos, end } => {
                     let want = buf.len().min((*end - *pos) as usize);
-                    // SAFETY: buf is valid for want bytes; fd is our duplicate.
-                    let n = unsafe {
-                        libc::pread(
-                            fd.as_raw_fd(),
-                            buf.as_mut_ptr().cast(),
-                            want,
-                            *pos as libc::off_t,
-                        )
-                    };
-                    if n < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                    let n = file.read_at(&mut buf[..want], *pos)?;
                     if n == 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -313,7 +242,7 @@ impl RequestBody for NginxBody {
                         ));
                     }
                     *pos += n as u64;
-                    n as usize
+                    n
                 }
             };
             let done = match front {
@@ -360,13 +289,8 @@ impl ResponseChannel for NginxResponse {
 
     fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
         // The application closes its file when the request returns; nginx sends later.
-        // SAFETY: F_DUPFD_CLOEXEC has no memory arguments; the new fd is ours.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: dup was just created and is owned here only.
-        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+        // SAFETY: fd is the application's open file, for the length of this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
         self.exchange
             .push(Piece::File { fd, offset, len }, runtime::wake)
     }

@@ -12,5 +12,6 @@ mod exchange;
 mod ffi;
 mod handoff;
 mod inherit;
+mod records;
 mod request;
 mod runtime;

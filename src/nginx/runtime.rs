@@ -3,27 +3,62 @@
 //! runs Python; the threads never call nginx.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::OnceLock;
 
 use super::config::{MainConfig, DEFAULT_THREADS, MAX_THREADS};
 use super::daemons;
 use super::exchange::Exchange;
 use super::ffi::*;
 use super::inherit;
+use super::records::{self, Cycle, Timer, Watcher};
 use super::request;
 use crate::common::config::DaemonOptions;
+use crate::common::log::escape_controls;
+use crate::common::panic::{catch, fault_point, guard};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
 
-/// Work for a Python thread.
-pub type Job = Box<dyn FnOnce(&ServerInfo) + Send>;
+/// Work for a module thread: one request, and the exchange that ends its
+/// response should the work fail.
+pub struct Job {
+    exchange: Arc<Exchange>,
+    work: Box<dyn FnOnce(&ServerInfo) + Send>,
+}
+
+impl Job {
+    pub fn new(exchange: Arc<Exchange>, work: impl FnOnce(&ServerInfo) + Send + 'static) -> Job {
+        Job {
+            exchange,
+            work: Box::new(work),
+        }
+    }
+
+    /// Runs the request. A panic in it costs that request only: it is logged
+    /// with its method and URI, and its response ends (a 500, or cut short once
+    /// its head went out), so that the loop finishes it and counts it done.
+    fn run(self, info: &ServerInfo) {
+        let Job { exchange, work } = self;
+        let ran = catch(|| {
+            fault_point("nginx-job");
+            work(info)
+        });
+        if let Err(p) = ran {
+            log_line(log::Level::Error, &exchange.request_line(&p.to_string()));
+            exchange.end_failed(wake);
+        }
+    }
+}
+
+/// What a module thread is given: a share's turn ([`Share::run_from`]).
+type Task = Box<dyn FnOnce(&ServerInfo) + Send>;
 
 /// How long `exit_process` waits for the Python threads to finish their requests.
 const THREAD_EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -63,9 +98,10 @@ impl Share {
     }
 
     /// Runs `job`, then this share's waiting jobs, on the thread it was given.
+    /// A job does not panic (see [`Job::run`]), so the count of running ones stays right.
     fn run_from(&self, mut job: Job, info: &ServerInfo) {
         loop {
-            job(info);
+            job.run(info);
             let mut state = self.lock();
             match state.waiting.pop_front() {
                 Some((_, next)) => job = next,
@@ -138,13 +174,14 @@ fn shares(cfg: &MainConfig, threads: usize) -> Arc<Vec<Share>> {
 
 /// What this worker runs requests with, or why it cannot.
 pub struct Runtime {
-    jobs: Mutex<Option<Sender<Job>>>,
+    tasks: Mutex<Option<Sender<Task>>>,
     shares: Arc<Vec<Share>>,
     info: ServerInfo,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    wakeup: OwnedFd,
+    /// The eventfd through which the threads wake the loop.
+    wakeup: File,
     /// The loop's connection watching `wakeup`.
-    watcher: std::sync::atomic::AtomicPtr<ngx_connection_t>,
+    watcher: Watcher,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
@@ -156,31 +193,23 @@ static RUNNING: AtomicUsize = AtomicUsize::new(0);
 static READY: Mutex<Vec<Arc<Exchange>>> = Mutex::new(Vec::new());
 
 /// Keeps a quitting worker alive while requests run (nginx waits for timers).
-// SAFETY: ngx_event_t is plain C data for which all zeroes is nginx's initial state.
-static mut BUSY_TIMER: ngx_event_t = unsafe { std::mem::zeroed() };
+static BUSY_TIMER: Timer = Timer::new();
 static QUIT_SEEN: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// nginx's level for a `log` level.
-fn ngx_level(level: log::Level) -> ngx_uint_t {
-    (match level {
+fn ngx_level(level: log::Level) -> u32 {
+    match level {
         log::Level::Error => NGX_LOG_ERR,
         log::Level::Warn => NGX_LOG_WARN,
         log::Level::Info => NGX_LOG_INFO,
         log::Level::Debug | log::Level::Trace => NGX_LOG_DEBUG,
-    }) as ngx_uint_t
+    }
 }
 
 /// Writes a finished line to the worker's error log. Safe from any thread: the
 /// cycle's log has no request context to read.
 pub fn log_line(level: log::Level, line: &str) {
-    let line = crate::common::log::c_line(line);
-    // SAFETY: ngx_cycle is set for the worker's life; its log writes with a stack buffer.
-    unsafe {
-        let cycle = ngx_cycle;
-        if !cycle.is_null() {
-            gateway_ngx_log((*cycle).log, ngx_level(level), line.as_ptr());
-        }
-    }
+    Cycle::with_current(|cycle| cycle.log(ngx_level(level), &escape_controls(line)));
 }
 
 #[no_mangle]
@@ -189,87 +218,49 @@ pub unsafe extern "C" fn gateway_init_process(
     mcf: *mut std::ffi::c_void,
     worker_processes: ngx_int_t,
 ) -> ngx_int_t {
-    // SAFETY: the shim passes the http main record, or NULL without an http block.
-    let Some(cfg) = (unsafe { mcf.cast::<MainConfig>().as_ref() }) else {
-        return NGX_OK as ngx_int_t;
-    };
-    // SAFETY: ngx_process is set before init_process runs and only read here.
-    let process = unsafe { ngx_process } as u32;
+    // SAFETY: nginx passes the worker's live cycle; the shim the http main record
+    // (made by gateway_create_main_conf), or NULL without an http block.
+    let (cycle, cfg) = unsafe { (Cycle::from_raw(cycle), mcf.cast::<MainConfig>().as_ref()) };
+    // A panic costs this worker its applications, as a failed start does (their
+    // requests get a 500), not the worker: nginx would not start another.
+    if let Err(p) = catch(|| init_process(cycle, cfg, worker_processes)) {
+        cycle.log(NGX_LOG_ERR, &format!("gateway: {p} in the worker's start"));
+        let _ = RUNTIME.set(Err(p.to_string()));
+    }
+    records::OK
+}
+
+fn init_process(cycle: Cycle<'_>, cfg: Option<&MainConfig>, worker_processes: ngx_int_t) {
+    let Some(cfg) = cfg else { return };
+    let process = records::process_kind();
     // With `master_process off` this is the master itself, which keeps the lifeline.
     if process == NGX_PROCESS_WORKER || process == NGX_PROCESS_HELPER {
         daemons::release_lifeline();
     }
     // Cache manager and loader processes run init_process too, but serve no requests.
     if cfg.apps == 0 || process == NGX_PROCESS_HELPER {
-        return NGX_OK as ngx_int_t;
+        return;
     }
     crate::common::log::install(log_line);
-    // SAFETY: nginx calls init_process in the worker with its live cycle.
-    let runtime = unsafe { start(cycle, cfg, worker_processes) };
+    let runtime = start(cycle, cfg, worker_processes);
     if let Err(e) = &runtime {
         log::error!("{e}");
     }
     let _ = RUNTIME.set(runtime);
-    NGX_OK as ngx_int_t
 }
 
-unsafe fn start(
-    cycle: *mut ngx_cycle_t,
+fn start(
+    cycle: Cycle<'_>,
     cfg: &MainConfig,
     worker_processes: ngx_int_t,
 ) -> Result<Runtime, String> {
     // A worker whose applications all run in daemon groups only forwards: no Python.
     let python = cfg.embedded > 0;
     if python {
-        // Applications may start processes: they must not inherit nginx's sockets.
-        // SAFETY: init_process, on the loop thread, before it accepts connections.
-        unsafe { inherit::protect(cycle) };
-        let settings = PythonSettings {
-            home: cfg.python_home.clone(),
-            path: cfg.python_path.clone(),
-        };
-        interpreter::initialize(&settings).map_err(|e| e.to_string())?;
+        start_python(cycle, cfg)?;
     }
-    // SAFETY: eventfd has no memory arguments; the fd is ours.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!(
-            "cannot create an eventfd: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd was just created and is owned here only.
-    let wakeup = unsafe { OwnedFd::from_raw_fd(fd) };
-    // The loop's connection gets a duplicate: closing it at exit leaves `wakeup` valid.
-    // SAFETY: F_DUPFD_CLOEXEC has no memory arguments.
-    let watched = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if watched < 0 {
-        return Err(format!(
-            "cannot duplicate the eventfd: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: cycle is the worker's cycle; the handler lives as long as the module.
-    let watcher = unsafe { gateway_ngx_watch_fd(cycle, watched, Some(on_wakeup)) };
-    if watcher.is_null() {
-        // SAFETY: watched is ours and unused.
-        unsafe { libc::close(watched) };
-        return Err("cannot watch the wake-up eventfd (worker_connections exhausted?)".into());
-    }
-    // A thread waits for each request forwarded to a daemon group: by default
-    // enough for every daemon thread of every group to be busy, besides the
-    // embedded applications' own.
-    let daemon_capacity: usize = cfg
-        .groups
-        .iter()
-        .map(|(d, _)| (d.processes as usize).saturating_mul(d.threads as usize))
-        .sum();
-    let embedded = if python { DEFAULT_THREADS } else { 0 };
-    let count = cfg.threads.unwrap_or_else(|| {
-        embedded
-            .saturating_add(daemon_capacity)
-            .clamp(DEFAULT_THREADS, MAX_THREADS)
-    });
+    let (wakeup, watcher) = watch_wakeups(cycle)?;
+    let count = thread_count(cfg, python);
     let info = ServerInfo {
         server: "nginx",
         mode: "embedded",
@@ -278,23 +269,94 @@ unsafe fn start(
         multiprocess: worker_processes > 1,
         shared_interpreter: cfg.shared_interpreter.unwrap_or(false),
     };
-    let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-    let mut threads = Vec::with_capacity(count);
-    for i in 0..count {
-        let rx: Receiver<Job> = rx.clone();
-        let info = info.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("gateway-py-{i}"))
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job(&info);
-                }
-            });
-        match spawned {
-            Ok(t) => threads.push(t),
-            Err(e) => return Err(format!("cannot start Python thread {i}: {e}")),
+    let (tx, rx) = crossbeam_channel::unbounded::<Task>();
+    let threads = spawn_threads(count, &info, &rx)?;
+    log_started(python, count);
+    Ok(Runtime {
+        tasks: Mutex::new(Some(tx)),
+        shares: shares(cfg, count),
+        info,
+        threads: Mutex::new(threads),
+        wakeup,
+        watcher,
+    })
+}
+
+fn start_python(cycle: Cycle<'_>, cfg: &MainConfig) -> Result<(), String> {
+    // Applications may start processes: they must not inherit nginx's sockets.
+    inherit::protect(cycle);
+    let settings = PythonSettings {
+        home: cfg.python_home.clone(),
+        path: cfg.python_path.clone(),
+    };
+    interpreter::initialize(&settings).map_err(|e| e.to_string())
+}
+
+/// The eventfd the threads wake the loop through, and the loop's watch of it.
+fn watch_wakeups(cycle: Cycle<'_>) -> Result<(File, Watcher), String> {
+    // SAFETY: eventfd has no memory arguments; the descriptor it returns is ours alone.
+    let wakeup = unsafe {
+        let fd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        if fd < 0 {
+            return Err(format!(
+                "cannot create an eventfd: {}",
+                std::io::Error::last_os_error()
+            ));
         }
+        File::from(OwnedFd::from_raw_fd(fd))
+    };
+    // The loop's connection gets a duplicate: closing it at exit leaves `wakeup` valid.
+    let watched = wakeup
+        .try_clone()
+        .map_err(|e| format!("cannot duplicate the eventfd: {e}"))?;
+    let watcher = cycle
+        .watch(watched.into(), on_wakeup)
+        .ok_or("cannot watch the wake-up eventfd (worker_connections exhausted?)")?;
+    Ok((wakeup, watcher))
+}
+
+/// The worker's threads: `gateway_threads`, or by default one for each request
+/// forwarded to a daemon group that its daemon threads can take at once, besides
+/// the embedded applications' own.
+fn thread_count(cfg: &MainConfig, python: bool) -> usize {
+    let daemon_capacity: usize = cfg
+        .groups
+        .iter()
+        .map(|(d, _)| (d.processes as usize).saturating_mul(d.threads as usize))
+        .sum();
+    let embedded = if python { DEFAULT_THREADS } else { 0 };
+    cfg.threads.unwrap_or_else(|| {
+        embedded
+            .saturating_add(daemon_capacity)
+            .clamp(DEFAULT_THREADS, MAX_THREADS)
+    })
+}
+
+fn spawn_threads(
+    count: usize,
+    info: &ServerInfo,
+    rx: &Receiver<Task>,
+) -> Result<Vec<JoinHandle<()>>, String> {
+    (0..count)
+        .map(|i| {
+            let (rx, info) = (rx.clone(), info.clone());
+            std::thread::Builder::new()
+                .name(format!("gateway-py-{i}"))
+                .spawn(move || serve(&rx, &info))
+                .map_err(|e| format!("cannot start Python thread {i}: {e}"))
+        })
+        .collect()
+}
+
+/// A module thread: runs what it is given until the worker closes the channel.
+fn serve(rx: &Receiver<Task>, info: &ServerInfo) {
+    while let Ok(task) = rx.recv() {
+        // Each job guards itself (Job::run); this keeps the thread should the rest fail.
+        guard("a Python thread's task", (), || task(info));
     }
+}
+
+fn log_started(python: bool, count: usize) {
     if python {
         log::info!(
             "Gateway/{} started Python with {count} thread(s) in worker {}",
@@ -308,14 +370,6 @@ unsafe fn start(
             std::process::id()
         );
     }
-    Ok(Runtime {
-        jobs: Mutex::new(Some(tx)),
-        shares: shares(cfg, count),
-        info,
-        threads: Mutex::new(threads),
-        wakeup,
-        watcher: std::sync::atomic::AtomicPtr::new(watcher),
-    })
 }
 
 /// This worker's runtime, or why requests cannot run.
@@ -332,8 +386,8 @@ impl Runtime {
     /// the threads, or to the group's queue while it holds its share of them.
     /// Loop thread only.
     pub fn submit(&self, job: Job, group: Option<&str>) -> Result<(), &'static str> {
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = jobs.as_ref().ok_or("the worker is shutting down")?;
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = tasks.as_ref().ok_or("the worker is shutting down")?;
         let index = self
             .shares
             .iter()
@@ -342,7 +396,7 @@ impl Runtime {
         let mut state = self.shares[index].lock();
         if state.running < self.shares[index].limit {
             let shares = self.shares.clone();
-            let run: Job = Box::new(move |info| shares[index].run_from(job, info));
+            let run: Task = Box::new(move |info| shares[index].run_from(job, info));
             tx.send(run)
                 .map_err(|_| "the Python threads have stopped")?;
             state.running += 1;
@@ -351,20 +405,18 @@ impl Runtime {
         }
         drop(state);
         if RUNNING.fetch_add(1, Ordering::Relaxed) == 0 {
-            arm_busy_timer();
+            BUSY_TIMER.arm(on_busy_tick, BUSY_TICK_MS);
         }
         Ok(())
     }
-}
 
-impl Runtime {
     /// Lets each job that waited in its group's queue past the group's
     /// queue-timeout answer its 503 (which it does at once, without blocking).
     /// Loop thread only.
     fn answer_expired(&self) {
         for share in self.shares.iter() {
             for job in share.expired() {
-                job(&self.info);
+                job.run(&self.info);
             }
         }
     }
@@ -384,47 +436,36 @@ pub fn wake(exchange: Arc<Exchange>) {
     drop(ready);
     if first {
         if let Ok(rt) = runtime() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a local to our eventfd.
-            unsafe { libc::write(rt.wakeup.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            let _ = (&rt.wakeup).write(&1u64.to_ne_bytes());
         }
     }
 }
 
-unsafe extern "C" fn on_wakeup(_ev: *mut ngx_event_t) {
-    let Ok(rt) = runtime() else { return };
-    let mut count: u64 = 0;
-    // SAFETY: reads 8 bytes into a local from our non-blocking eventfd.
-    unsafe { libc::read(rt.wakeup.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
-    let batch = std::mem::take(&mut *READY.lock().unwrap_or_else(|e| e.into_inner()));
-    for exchange in batch {
-        request::on_ready(&exchange);
-    }
-}
-
-fn arm_busy_timer() {
-    // SAFETY: the timer event is only touched on the loop thread.
-    unsafe {
-        let ev = &raw mut BUSY_TIMER;
-        if (*ev).timer_set() != 0 {
-            return;
+/// The loop's handler of the wake-up eventfd: sends what the threads queued.
+extern "C" fn on_wakeup(_ev: *mut ngx_event_t) {
+    guard("the wake-up handler", (), || {
+        let Ok(rt) = runtime() else { return };
+        let _ = (&rt.wakeup).read(&mut [0u8; 8]);
+        let batch = std::mem::take(&mut *READY.lock().unwrap_or_else(|e| e.into_inner()));
+        for exchange in batch {
+            // Guarded for each request: a panic costs that one, not the rest of the batch.
+            request::on_ready(&exchange);
         }
-        (*ev).handler = Some(on_busy_tick);
-        (*ev).log = (*ngx_cycle).log;
-        (*ev).set_cancelable(0);
-        gateway_ngx_add_timer(ev, BUSY_TICK_MS);
-    }
+    })
 }
 
-unsafe extern "C" fn on_busy_tick(_ev: *mut ngx_event_t) {
+extern "C" fn on_busy_tick(_ev: *mut ngx_event_t) {
+    guard("the busy timer", (), busy_tick)
+}
+
+fn busy_tick() {
     if RUNNING.load(Ordering::Relaxed) == 0 {
         return;
     }
     if let Ok(rt) = runtime() {
         rt.answer_expired();
     }
-    // SAFETY: ngx_exiting is written by the loop thread only (signal flags are copied there).
-    if unsafe { ngx_exiting } != 0 {
+    if records::exiting() {
         let mut seen = QUIT_SEEN.lock().unwrap_or_else(|e| e.into_inner());
         let since = *seen.get_or_insert_with(Instant::now);
         if since.elapsed() > QUIT_GRACE {
@@ -437,19 +478,21 @@ unsafe extern "C" fn on_busy_tick(_ev: *mut ngx_event_t) {
             return;
         }
     }
-    arm_busy_timer();
+    BUSY_TIMER.arm(on_busy_tick, BUSY_TICK_MS);
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
+pub extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
+    guard("the worker's exit", (), exit_process)
+}
+
+fn exit_process() {
     let Some(Ok(rt)) = RUNTIME.get() else { return };
     // Closing the channel ends each thread after its current request.
-    drop(rt.jobs.lock().unwrap_or_else(|e| e.into_inner()).take());
+    drop(rt.tasks.lock().unwrap_or_else(|e| e.into_inner()).take());
     let threads = std::mem::take(&mut *rt.threads.lock().unwrap_or_else(|e| e.into_inner()));
-    // SAFETY: ngx_terminate is a flag the loop thread reads and nginx's signal handler sets.
-    let stopping = unsafe { ngx_terminate } != 0;
     let deadline = Instant::now()
-        + if stopping {
+        + if records::terminating() {
             THREAD_EXIT_WAIT_STOP
         } else {
             THREAD_EXIT_WAIT
@@ -469,9 +512,5 @@ pub unsafe extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
             std::process::id()
         );
     }
-    let watcher = rt.watcher.swap(std::ptr::null_mut(), Ordering::Relaxed);
-    if !watcher.is_null() {
-        // SAFETY: watcher is the live connection made in start(); closing it removes the event.
-        unsafe { ngx_close_connection(watcher) };
-    }
+    rt.watcher.close();
 }
