@@ -273,9 +273,14 @@ fn mode(cmd: &mut Cmd<'_>, mode: Mode) -> Result<(), ConfigError> {
             parsed.sections.push((name.clone(), cmd.server_id()));
         }
     }
-    match cmd.section_config() {
-        Some(section) => section.mode = Some(mode),
-        None => server_config(cmd)?.mode = Some(mode),
+    match (in_section, cmd.section_config()) {
+        (true, Some(section)) => section.mode = Some(mode),
+        (false, _) => server_config(cmd)?.mode = Some(mode),
+        (true, None) => {
+            return Err(ConfigError(
+                "internal error (no configuration record for this section)".into(),
+            ))
+        }
     }
     Ok(())
 }

@@ -182,14 +182,14 @@ fn config_is_sound(main: Server<'_>) -> bool {
 
 /// Logs why the daemon groups could not start; true if nothing stops them.
 fn daemons_can_start(groups: &Groups) -> bool {
-    let generation = match Generation::new(&[], []) {
-        Ok(g) => g,
+    let (uid, gid) = records::unixd_ids();
+    let config = match launch::check_settings("apache", uid, gid) {
+        Ok(config) => config,
         Err(e) => {
             log::error!("daemon mode cannot start: {e}");
             return false;
         }
     };
-    let config = supervisor_config("", Vec::new(), generation, None);
     let exe = daemon_executable();
     let mut ok = true;
     for Problem { at, what } in
@@ -265,25 +265,23 @@ fn start_daemons(pconf: Pool<'_>, main: Server<'_>, one: OneThread) -> Result<()
     let previous = lifeline.replace(-1);
     // The previous generation's server processes still finish their requests.
     let previous_generation = take_generation(&process).filter(|_| previous >= 0);
+    if groups.is_empty() {
+        launch::retire(previous);
+        *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        return Ok(());
+    }
     let name = format!("gateway-{}", std::process::id());
     let run_dir = pconf.runtime_dir(&name).ok_or_else(|| {
         format!("httpd cannot tell the path of '{name}' in its runtime directory")
     })?;
     let generation = new_generation(main, &groups).map_err(|e| e.to_string())?;
     let config = supervisor_config(&run_dir, groups, generation, previous_generation);
-    let mut exe = None;
-    let fd = launch::start_generation(&config, previous, |config| {
-        let path = daemon_executable().map_err(io::Error::other)?;
-        let lifeline = supervisor::start(&path, config);
-        exe = Some(path);
-        lifeline
-    })
-    .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
+    let exe = daemon_executable()?;
+    let fd = launch::start_generation(&config, previous, |config| supervisor::start(&exe, config))
+        .map_err(|e| format!("starting the daemon supervisor failed: {e}"))?;
     lifeline.set(fd);
-    if fd >= 0 {
-        store_generation(&process, &config.generation);
-    }
-    *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = exe.map(|exe| (exe, config));
+    store_generation(&process, &config.generation);
+    *SUPERVISOR.lock().unwrap_or_else(|e| e.into_inner()) = Some((exe, config));
     Ok(())
 }
 

@@ -744,9 +744,9 @@ impl Request<'_> {
 
     /// Passes `data` down the output filters, pushing it to the client now with `flush`.
     pub fn write(&mut self, out: &mut Brigade, data: &[u8], flush: bool) -> io::Result<()> {
-        let bb = out.for_request(self.raw);
+        let bb = &mut out.0;
         // SAFETY: the request is live; bb is NULL or a brigade the shim made for
-        // it; data stays valid during the call (a transient bucket, passed at once).
+        // it (a Brigade is lent with its request only); data stays valid during the call (a transient bucket, passed at once).
         apr_result(unsafe {
             gateway_ap_write(
                 self.raw,
@@ -767,7 +767,7 @@ impl Request<'_> {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let bb = out.for_request(self.raw);
+        let bb = &mut out.0;
         let mut file: *mut apr_file_t = std::ptr::null_mut();
         let mut osfd = fd;
         // SAFETY: the request is live; apr_os_file_put wraps fd without taking it
@@ -810,39 +810,9 @@ impl Request<'_> {
 }
 
 /// The output brigade of a response, made by the shim on first use and reused
-/// for every pass.
-pub struct Brigade {
-    raw: *mut apr_bucket_brigade,
-    owner: *mut request_rec,
-}
-
-// SAFETY: a brigade is only handed to the shim together with the request it
-// belongs to (Brigade::for_request), on the one thread that uses that request.
-unsafe impl Send for Brigade {}
-// SAFETY: nothing reads a brigade through a shared reference.
-unsafe impl Sync for Brigade {}
-
-impl Default for Brigade {
-    fn default() -> Brigade {
-        Brigade {
-            raw: std::ptr::null_mut(),
-            owner: std::ptr::null_mut(),
-        }
-    }
-}
-
-impl Brigade {
-    /// The shim's slot for request `r`'s brigade: a fresh one for another request.
-    fn for_request(&mut self, r: *mut request_rec) -> *mut *mut apr_bucket_brigade {
-        if self.owner != r {
-            *self = Brigade {
-                raw: std::ptr::null_mut(),
-                owner: r,
-            };
-        }
-        &mut self.raw
-    }
-}
+/// for every pass. It exists only inside a lent request ([`SharedRequest::with`]),
+/// so it can never outlive that request's pool.
+pub struct Brigade(*mut apr_bucket_brigade);
 
 impl<'r> Request<'r> {
     /// Lends the request, while `f` runs, to objects that may be called from
@@ -853,20 +823,22 @@ impl<'r> Request<'r> {
         struct Revoke(Arc<Mutex<Lent>>);
         impl Drop for Revoke {
             fn drop(&mut self) {
-                self.0.lock().unwrap_or_else(|e| e.into_inner()).0 = std::ptr::null_mut();
+                let mut lent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                *lent = Lent(std::ptr::null_mut(), Brigade(std::ptr::null_mut()));
             }
         }
-        let shared = Arc::new(Mutex::new(Lent(self.raw)));
+        let shared = Arc::new(Mutex::new(Lent(self.raw, Brigade(std::ptr::null_mut()))));
         let _revoke = Revoke(shared.clone());
         f(SharedRequest(shared))
     }
 }
 
-/// The request as [`Request::lend`] lends it; NULL once taken back.
-struct Lent(*mut request_rec);
+/// The request as [`Request::lend`] lends it, with its output brigade; NULL
+/// once taken back.
+struct Lent(*mut request_rec, Brigade);
 
-// SAFETY: the pointer is used only under the SharedRequest's lock, while the
-// handler that lent it runs and has lent it exclusively (Request::lend).
+// SAFETY: the pointers are used only under the SharedRequest's lock, while the
+// handler that lent the request runs and has lent it exclusively (Request::lend).
 unsafe impl Send for Lent {}
 
 /// A request lent by its handler (see [`Request::lend`]).
@@ -874,16 +846,17 @@ unsafe impl Send for Lent {}
 pub struct SharedRequest(Arc<Mutex<Lent>>);
 
 impl SharedRequest {
-    /// Runs `f` with the request, holding its lock; None once the handler took it back.
-    pub fn with<T>(&self, f: impl FnOnce(&mut Request<'_>) -> T) -> Option<T> {
-        let lent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// Runs `f` with the request and its output brigade, holding its lock;
+    /// None once the handler took it back.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Request<'_>, &mut Brigade) -> T) -> Option<T> {
+        let mut lent = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if lent.0.is_null() {
             return None;
         }
         // SAFETY: the handler lent the live request for as long as it is not
         // NULL here, and the lock keeps other threads out.
         let mut r = unsafe { Request::from_raw(lent.0) };
-        Some(f(&mut r))
+        Some(f(&mut r, &mut lent.1))
     }
 }
 

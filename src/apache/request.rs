@@ -41,7 +41,7 @@ impl RequestBody for ApacheBody {
             started,
             expected,
         } = self;
-        r.with(|r| {
+        r.with(|r, _| {
             if !*started {
                 *started = true;
                 *expected = r.should_read_body();
@@ -61,7 +61,6 @@ impl RequestBody for ApacheBody {
 /// The response, written through httpd's output filters.
 struct ApacheResponse {
     r: SharedRequest,
-    brigade: Brigade,
     /// Bytes passed down since the last flush: httpd's core output filter only
     /// blocks on a flush or once about 64 KiB are pending (so does mod_http2).
     unflushed: usize,
@@ -76,10 +75,7 @@ impl ApacheResponse {
         &mut self,
         f: impl FnOnce(&mut Request<'_>, &mut Brigade) -> io::Result<T>,
     ) -> io::Result<T> {
-        let brigade = &mut self.brigade;
-        self.r
-            .with(|r| f(r, brigade))
-            .unwrap_or_else(|| Err(request_gone()))
+        self.r.with(f).unwrap_or_else(|| Err(request_gone()))
     }
 }
 
@@ -120,11 +116,11 @@ impl ResponseChannel for ApacheResponse {
     }
 
     fn abort(&mut self) {
-        self.r.with(|r| r.abort_response());
+        self.r.with(|r, _| r.abort_response());
     }
 
     fn log(&self, level: log::Level, line: &str) {
-        self.r.with(|r| r.log_line(level, line));
+        self.r.with(|r, _| r.log_line(level, line));
     }
 }
 
@@ -169,7 +165,6 @@ pub fn serve(r: &mut Request<'_>, mount: &Mount, runner: Runner<'_>) -> c_int {
             }),
             response: Box::new(ApacheResponse {
                 r: shared,
-                brigade: Brigade::default(),
                 unflushed: 0,
             }),
         };

@@ -4,8 +4,9 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::auth::Generation;
 use super::client;
 use super::supervisor::{self, Lifeline, SupervisorConfig};
 use crate::common::config::Groups;
@@ -15,6 +16,22 @@ use crate::common::config::Groups;
 pub struct Problem {
     pub at: String,
     pub what: String,
+}
+
+/// The settings a configuration test checks the groups against (see
+/// [`problems`]): the server's name and its workers' user, no run directory,
+/// no groups, and a throwaway generation.
+pub fn check_settings(server: &str, uid: u32, gid: u32) -> io::Result<SupervisorConfig> {
+    Ok(SupervisorConfig {
+        server: server.into(),
+        run_dir: PathBuf::new(),
+        server_pid: 0,
+        server_uid: uid,
+        server_gid: gid,
+        groups: Vec::new(),
+        generation: Generation::new(&[], [])?,
+        previous: None,
+    })
 }
 
 /// What stops the daemon groups of `groups` from starting with the settings of
@@ -69,4 +86,13 @@ pub fn start_generation(
     }
     client::set_endpoints(config.endpoints());
     Ok(fd)
+}
+
+/// A generation without daemon groups: the previous one (its lifeline fd
+/// `previous`, or -1) drains, and no group is reachable any more.
+pub fn retire(previous: RawFd) {
+    if previous >= 0 {
+        supervisor::close_inherited(previous);
+    }
+    client::set_endpoints(Vec::new());
 }

@@ -13,7 +13,7 @@ use crate::common::config::{
 };
 use crate::common::mount::Prefix;
 use crate::common::panic::catch;
-use crate::daemon::auth::Generation;
+use crate::daemon::launch;
 use crate::daemon::supervisor::SupervisorConfig;
 use crate::python::interpreter::{self, HomeUser};
 
@@ -159,17 +159,8 @@ fn init_main_conf(mcf: &MainConfig, user: libc::uid_t, group: libc::gid_t) -> Ve
 /// is read. Without `user` so far, the workers' user is not known yet: any user
 /// other than root will do here.
 fn checking_config(user: libc::uid_t, group: libc::gid_t) -> std::io::Result<SupervisorConfig> {
-    let unset = |id: u32| id == u32::MAX;
-    Ok(SupervisorConfig {
-        server: "nginx".into(),
-        run_dir: PathBuf::new(),
-        server_pid: 0,
-        server_uid: if unset(user) { NOBODY } else { user },
-        server_gid: if unset(group) { NOBODY } else { group },
-        groups: Vec::new(),
-        generation: Generation::new(&[], [])?,
-        previous: None,
-    })
+    let known = |id: u32| if id == u32::MAX { NOBODY } else { id };
+    launch::check_settings("nginx", known(user), known(group))
 }
 
 /// Whether the workers' user can read `gateway_python_home`.

@@ -16,7 +16,7 @@ use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
 use super::ffi::*;
-use super::records::{Connection, Cycle};
+use super::records::{Connection, Cycle, LoopThread};
 use crate::common::panic::guard;
 
 /// Each wrapped listener (its address) and nginx's handler for it.
@@ -66,9 +66,11 @@ unsafe extern "C" fn accepted(c: *mut ngx_connection_t) {
 /// Fork handler, in the child: closes nginx's sockets. Runs in the only thread
 /// of the new process and calls nothing but close.
 extern "C" fn close_in_child() {
+    // SAFETY: a fork handler in the child runs on the child's only thread.
+    let lt = unsafe { LoopThread::assume() };
     guard("closing nginx's sockets in a child process", (), || {
         // ngx_cycle and its arrays are the parent's, copied by fork: they stay valid.
-        Cycle::with_current(|cycle| {
+        Cycle::with_current(lt, |cycle| {
             for fd in cycle.socket_fds() {
                 // SAFETY: the child holds a copy of each of nginx's descriptors; closing
                 // them leaves the parent's open.

@@ -272,7 +272,8 @@ pub struct Cycle<'c> {
 
 impl<'c> Cycle<'c> {
     /// # Safety
-    /// `cycle` must be a live cycle nginx passed to this module, for `'c`.
+    /// `cycle` must be a live cycle nginx passed to this module, for `'c`, and
+    /// the view used on the thread nginx passed it on (its loop thread).
     pub unsafe fn from_raw(cycle: *mut ngx_cycle_t) -> Cycle<'c> {
         Cycle {
             // SAFETY: nginx never passes a NULL cycle (caller).
@@ -282,9 +283,7 @@ impl<'c> Cycle<'c> {
     }
 
     /// Runs `f` with this process's current cycle; None before nginx made one.
-    /// Its log may be written from any thread (see [`Cycle::log`]); the rest is
-    /// for the loop thread, or a forked child's only one.
-    pub fn with_current<T>(f: impl FnOnce(Cycle<'_>) -> T) -> Option<T> {
+    pub fn with_current<T>(_: LoopThread, f: impl FnOnce(Cycle<'_>) -> T) -> Option<T> {
         // SAFETY: nginx sets ngx_cycle before it loads modules and keeps a cycle alive
         // while it is the current one; the view does not outlive f.
         let cycle = unsafe { ngx_cycle };
@@ -294,6 +293,11 @@ impl<'c> Cycle<'c> {
                 _life: PhantomData,
             })
         })
+    }
+
+    /// The loop thread this view is used on (see [`Cycle::from_raw`]).
+    pub fn loop_thread(&self) -> LoopThread {
+        LoopThread(PhantomData)
     }
 
     fn get(&self) -> &'c ngx_cycle_t {
@@ -420,12 +424,42 @@ impl Drop for Environment {
     }
 }
 
+/// Proof that the caller runs on nginx's event-loop thread (or the one thread of
+/// a process nginx or an application forks), which alone may touch nginx's
+/// state: what needs that takes one. Not Send: it stays on the thread it was made on.
+#[derive(Clone, Copy)]
+pub struct LoopThread(PhantomData<*const ()>);
+
+impl LoopThread {
+    /// # Safety
+    /// The caller runs on nginx's loop thread: in an entry nginx called (a hook,
+    /// a handler, an event, a fork handler in the child).
+    pub unsafe fn assume() -> LoopThread {
+        LoopThread(PhantomData)
+    }
+}
+
+/// Writes `msg` to the current cycle's error log, from any thread: the cycle's
+/// log has no request context to read, and nginx's log write is one write(2).
+pub fn log_current(level: u32, msg: &str) {
+    // SAFETY: nginx sets ngx_cycle before it loads modules and keeps the current
+    // cycle (and its log) alive for the process's life; only its log is used.
+    let cycle = unsafe { ngx_cycle };
+    if let Some(raw) = NonNull::new(cycle) {
+        let cycle = Cycle {
+            raw,
+            _life: PhantomData,
+        };
+        cycle.log(level, msg);
+    }
+}
+
 /// A descriptor the event loop watches ([`Cycle::watch`]) until [`Watcher::close`].
 pub struct Watcher(AtomicPtr<ngx_connection_t>);
 
 impl Watcher {
-    /// Stops watching and closes the descriptor; later calls do nothing. Loop thread.
-    pub fn close(&self) {
+    /// Stops watching and closes the descriptor; later calls do nothing.
+    pub fn close(&self, _: LoopThread) {
         let c = self.0.swap(ptr::null_mut(), Ordering::Relaxed);
         if !c.is_null() {
             // SAFETY: c is the live connection Cycle::watch made; closing removes its event.
@@ -438,7 +472,7 @@ impl Watcher {
 pub struct Timer(UnsafeCell<ngx_event_t>);
 
 // SAFETY: only nginx's loop thread touches the event: its handler runs there, and
-// the one who arms it is on the loop thread too (see Timer::arm).
+// arming it takes a LoopThread.
 unsafe impl Sync for Timer {}
 
 impl Timer {
@@ -448,8 +482,12 @@ impl Timer {
     }
 
     /// Arms the timer to run `handler` in `ms` milliseconds, unless it is armed.
-    /// Loop thread only.
-    pub fn arm(&'static self, handler: unsafe extern "C" fn(*mut ngx_event_t), ms: ngx_msec_t) {
+    pub fn arm(
+        &'static self,
+        _: LoopThread,
+        handler: unsafe extern "C" fn(*mut ngx_event_t),
+        ms: ngx_msec_t,
+    ) {
         let ev = self.0.get();
         // SAFETY: only the loop thread touches the event (see Sync above); the current
         // cycle's log is set for the process's life.
@@ -466,19 +504,19 @@ impl Timer {
 }
 
 /// Which kind of nginx process this is (`NGX_PROCESS_*`).
-pub fn process_kind() -> u32 {
+pub fn process_kind(_: LoopThread) -> u32 {
     // SAFETY: nginx sets ngx_process before it runs modules' process hooks; loop thread.
     (unsafe { ngx_process }) as u32
 }
 
 /// Whether this worker was told to quit gracefully (`nginx -s quit`, a reload).
-pub fn exiting() -> bool {
+pub fn exiting(_: LoopThread) -> bool {
     // SAFETY: written by the loop thread only (nginx copies signal flags there).
     unsafe { ngx_exiting != 0 }
 }
 
 /// Whether this worker was told to stop at once (`nginx -s stop`).
-pub fn terminating() -> bool {
+pub fn terminating(_: LoopThread) -> bool {
     // SAFETY: a flag nginx's signal handler sets; a plain read on the loop thread.
     unsafe { ngx_terminate != 0 }
 }
@@ -502,6 +540,11 @@ impl<'r> Request<'r> {
             raw: unsafe { NonNull::new_unchecked(r) },
             _life: PhantomData,
         }
+    }
+
+    /// The loop thread this view is used on (see [`Request::from_raw`]).
+    pub fn loop_thread(&self) -> LoopThread {
+        LoopThread(PhantomData)
     }
 
     fn get(&self) -> &ngx_http_request_t {

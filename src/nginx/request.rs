@@ -239,7 +239,7 @@ fn dispatch<'r>(r: Request<'r>, state: &mut LoopState<'r>) -> Next {
         return Next::Finish(INTERNAL_SERVER_ERROR);
     };
     let group = state.daemon.as_ref().map(|ep| ep.group.as_str());
-    match rt.submit(job, group) {
+    match rt.submit(job, group, r.loop_thread()) {
         Ok(()) => Next::Wait,
         Err(why) => {
             let msg = format!("cannot run the application: {why}");

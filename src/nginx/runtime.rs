@@ -18,7 +18,7 @@ use super::daemons;
 use super::exchange::Exchange;
 use super::ffi::*;
 use super::inherit;
-use super::records::{self, Cycle, Timer, Watcher};
+use super::records::{self, Cycle, LoopThread, Timer, Watcher};
 use super::request;
 use crate::common::config::DaemonOptions;
 use crate::common::log::escape_controls;
@@ -98,8 +98,19 @@ impl Share {
     }
 
     /// Runs `job`, then this share's waiting jobs, on the thread it was given.
-    /// A job does not panic (see [`Job::run`]), so the count of running ones stays right.
+    /// The thread stops counting as running this share in the same lock that
+    /// finds no job waiting (so that no job is queued behind a thread that
+    /// leaves), or, should a panic get past [`Job::run`]'s own guard, as it unwinds.
     fn run_from(&self, mut job: Job, info: &ServerInfo) {
+        struct Unwinding<'a>(Option<&'a Share>);
+        impl Drop for Unwinding<'_> {
+            fn drop(&mut self) {
+                if let Some(share) = self.0 {
+                    share.lock().running -= 1;
+                }
+            }
+        }
+        let mut unwinding = Unwinding(Some(self));
         loop {
             job.run(info);
             let mut state = self.lock();
@@ -107,6 +118,7 @@ impl Share {
                 Some((_, next)) => job = next,
                 None => {
                     state.running -= 1;
+                    unwinding.0 = None;
                     return;
                 }
             }
@@ -209,7 +221,7 @@ fn ngx_level(level: log::Level) -> u32 {
 /// Writes a finished line to the worker's error log. Safe from any thread: the
 /// cycle's log has no request context to read.
 pub fn log_line(level: log::Level, line: &str) {
-    Cycle::with_current(|cycle| cycle.log(ngx_level(level), &escape_controls(line)));
+    records::log_current(ngx_level(level), &escape_controls(line));
 }
 
 #[no_mangle]
@@ -232,7 +244,7 @@ pub unsafe extern "C" fn gateway_init_process(
 
 fn init_process(cycle: Cycle<'_>, cfg: Option<&MainConfig>, worker_processes: ngx_int_t) {
     let Some(cfg) = cfg else { return };
-    let process = records::process_kind();
+    let process = records::process_kind(cycle.loop_thread());
     // With `master_process off` this is the master itself, which keeps the lifeline.
     if process == NGX_PROCESS_WORKER || process == NGX_PROCESS_HELPER {
         daemons::release_lifeline();
@@ -385,7 +397,12 @@ impl Runtime {
     /// Hands a job for daemon group `group` (None: an embedded application) to
     /// the threads, or to the group's queue while it holds its share of them.
     /// Loop thread only.
-    pub fn submit(&self, job: Job, group: Option<&str>) -> Result<(), &'static str> {
+    pub fn submit(
+        &self,
+        job: Job,
+        group: Option<&str>,
+        lt: LoopThread,
+    ) -> Result<(), &'static str> {
         let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         let tx = tasks.as_ref().ok_or("the worker is shutting down")?;
         let index = self
@@ -405,7 +422,7 @@ impl Runtime {
         }
         drop(state);
         if RUNNING.fetch_add(1, Ordering::Relaxed) == 0 {
-            BUSY_TIMER.arm(on_busy_tick, BUSY_TICK_MS);
+            BUSY_TIMER.arm(lt, on_busy_tick, BUSY_TICK_MS);
         }
         Ok(())
     }
@@ -455,17 +472,19 @@ extern "C" fn on_wakeup(_ev: *mut ngx_event_t) {
 }
 
 extern "C" fn on_busy_tick(_ev: *mut ngx_event_t) {
-    guard("the busy timer", (), busy_tick)
+    // SAFETY: nginx runs timer handlers on its loop thread.
+    let lt = unsafe { LoopThread::assume() };
+    guard("the busy timer", (), || busy_tick(lt))
 }
 
-fn busy_tick() {
+fn busy_tick(lt: LoopThread) {
     if RUNNING.load(Ordering::Relaxed) == 0 {
         return;
     }
     if let Ok(rt) = runtime() {
         rt.answer_expired();
     }
-    if records::exiting() {
+    if records::exiting(lt) {
         let mut seen = QUIT_SEEN.lock().unwrap_or_else(|e| e.into_inner());
         let since = *seen.get_or_insert_with(Instant::now);
         if since.elapsed() > QUIT_GRACE {
@@ -478,21 +497,23 @@ fn busy_tick() {
             return;
         }
     }
-    BUSY_TIMER.arm(on_busy_tick, BUSY_TICK_MS);
+    BUSY_TIMER.arm(lt, on_busy_tick, BUSY_TICK_MS);
 }
 
 #[no_mangle]
 pub extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
-    guard("the worker's exit", (), exit_process)
+    // SAFETY: nginx runs exit_process on the worker's loop thread.
+    let lt = unsafe { LoopThread::assume() };
+    guard("the worker's exit", (), || exit_process(lt))
 }
 
-fn exit_process() {
+fn exit_process(lt: LoopThread) {
     let Some(Ok(rt)) = RUNTIME.get() else { return };
     // Closing the channel ends each thread after its current request.
     drop(rt.tasks.lock().unwrap_or_else(|e| e.into_inner()).take());
     let threads = std::mem::take(&mut *rt.threads.lock().unwrap_or_else(|e| e.into_inner()));
     let deadline = Instant::now()
-        + if records::terminating() {
+        + if records::terminating(lt) {
             THREAD_EXIT_WAIT_STOP
         } else {
             THREAD_EXIT_WAIT
@@ -512,5 +533,5 @@ fn exit_process() {
             std::process::id()
         );
     }
-    rt.watcher.close();
+    rt.watcher.close(lt);
 }
