@@ -201,6 +201,9 @@ pub struct DaemonOptions {
     pub group: Option<String>,
     pub max_requests: u64,
     pub request_timeout: u64,
+    /// Seconds after which a request still running has its Python stack logged,
+    /// once, and goes on (PHP-FPM's slowlog); 0 is off.
+    pub slow_request: u64,
     pub graceful_timeout: u64,
     pub socket_timeout: u64,
     /// Seconds a request may wait for a free daemon thread before it gets a 503;
@@ -221,6 +224,7 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "group",
     "max-requests",
     "request-timeout",
+    "slow-request",
     "graceful-timeout",
     "socket-timeout",
     "queue-timeout",
@@ -249,6 +253,7 @@ impl DaemonOptions {
             group: None,
             max_requests: 0,
             request_timeout: 0,
+            slow_request: 0,
             graceful_timeout: 15,
             socket_timeout: 75,
             queue_timeout: 0,
@@ -283,6 +288,7 @@ impl DaemonOptions {
                 "group" => d.group = Some(value.to_string()),
                 "max-requests" => d.max_requests = number(0)?,
                 "request-timeout" => d.request_timeout = seconds(0)?,
+                "slow-request" => d.slow_request = seconds(0)?,
                 "graceful-timeout" => d.graceful_timeout = seconds(0)?,
                 "socket-timeout" => d.socket_timeout = seconds(1)?,
                 "queue-timeout" => d.queue_timeout = seconds(0)?,
@@ -453,6 +459,12 @@ mod tests {
                 .unwrap()
                 .request_timeout,
             7
+        );
+        assert_eq!(
+            DaemonOptions::parse(&["g", "slow-request=2m"])
+                .unwrap()
+                .slow_request,
+            120
         );
     }
 

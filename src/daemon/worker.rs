@@ -398,6 +398,8 @@ struct Running {
     io: Arc<ConnIo>,
     line: (Vec<u8>, Vec<u8>),
     timed_out: bool,
+    /// Its stack was logged at slow-request (once per request).
+    reported_slow: bool,
 }
 
 impl Running {
@@ -912,7 +914,7 @@ fn epoll_and_wake() -> io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-/// Starts the request threads and, with a request-timeout, the watchdog.
+/// Starts the request threads and, with a request-timeout or slow-request, the watchdog.
 fn start_threads(shared: &Arc<Shared>) -> io::Result<()> {
     for slot in 0..shared.slots.len() {
         let shared = shared.clone();
@@ -920,7 +922,7 @@ fn start_threads(shared: &Arc<Shared>) -> io::Result<()> {
             .name(format!("gateway-{slot}"))
             .spawn(move || request_thread(&shared, slot))?;
     }
-    if shared.options.request_timeout > 0 {
+    if shared.options.request_timeout > 0 || shared.options.slow_request > 0 {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("gateway-watchdog".into())
@@ -1172,6 +1174,7 @@ fn respond(
             request.head.request_uri.to_vec(),
         ),
         timed_out: false,
+        reported_slow: false,
     });
     let body = DaemonBody {
         io: conn.io.clone(),
@@ -1332,50 +1335,98 @@ impl ResponseChannel for DaemonResponse {
     }
 }
 
+/// What the watchdog watches for, each if set: `request-timeout` and `slow-request`.
+struct Limits {
+    timeout: Option<Duration>,
+    slow: Option<Duration>,
+}
+
+/// Why [`gil_reports`] logs a request's Python stack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// Past request-timeout: then TimeoutError is raised in its thread.
+    TimedOut,
+    /// Past slow-request: the request goes on.
+    Slow,
+}
+
 /// Enforces `request-timeout`: answers the server for a stuck request (which
 /// sends a 504), then has [`gil_reports`] log the request's Python stack and
 /// raise TimeoutError in its thread, so it unwinds as soon as it runs Python
-/// code again; the other requests of the process go on. The watchdog itself
-/// never waits for the GIL: a request holding it in C code (a catastrophic
-/// regex, a heavy C call) must not stop the 504s of the process's other requests.
+/// code again; the other requests of the process go on. At `slow-request` it
+/// has the stack of a request still running logged, once, and lets it run. The
+/// watchdog itself never waits for the GIL: a request holding it in C code (a
+/// catastrophic regex, a heavy C call) must not stop the 504s of the process's
+/// other requests.
 fn watchdog(shared: Arc<Shared>) {
-    let limit = Duration::from_secs(shared.options.request_timeout);
+    let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let limits = Limits {
+        timeout: seconds(shared.options.request_timeout),
+        slow: seconds(shared.options.slow_request),
+    };
     let (reports, queue) = mpsc::channel();
     let reporter = shared.clone();
     let spawned = std::thread::Builder::new()
         .name("gateway-stacks".into())
         .spawn(move || gil_reports(&reporter, queue));
     if let Err(e) = spawned {
-        log::error!("cannot start the thread that logs stuck requests' stacks: {e}");
+        log::error!("cannot start the thread that logs requests' stacks: {e}");
     }
     loop {
         std::thread::sleep(Duration::from_millis(100));
         // A bug costs one round of checks: the next one comes 100 ms later.
-        panic::guard(
-            "the request-timeout watchdog of a daemon process",
-            (),
-            || check_requests(&shared, limit, &reports),
-        );
+        panic::guard("the watchdog of a daemon process", (), || {
+            check_requests(&shared, &limits, &reports)
+        });
     }
 }
 
-/// One round of the watchdog: answers each request past `limit` (and queues
-/// its stack for [`gil_reports`]), and recycles the process for one stuck
-/// outside Python code.
-fn check_requests(shared: &Shared, limit: Duration, reports: &Sender<(usize, Instant)>) {
+/// One round of the watchdog: answers each request past request-timeout (and
+/// queues its stack for [`gil_reports`]), recycles the process for one stuck
+/// outside Python code, and queues the stack of each request past slow-request.
+fn check_requests(shared: &Shared, limits: &Limits, reports: &Sender<(usize, Instant, Report)>) {
     for (index, slot) in shared.slots.iter().enumerate() {
         let mut slot = lock(slot);
-        if slot.as_ref().is_some_and(|r| r.stuck_outside_python(limit)) {
-            recycle_for(shared, slot.take().expect("checked"), limit);
-        } else if let Some(running) = slot
-            .as_mut()
-            .filter(|r| !r.timed_out && r.started.elapsed() > limit)
-        {
-            if answer_timeout(shared, running) {
-                let _ = reports.send((index, running.started));
+        let Some(running) = slot.as_mut() else {
+            continue;
+        };
+        if let Some(limit) = limits.timeout {
+            if running.stuck_outside_python(limit) {
+                recycle_for(shared, slot.take().expect("checked"), limit);
+                continue;
+            }
+            if !running.timed_out
+                && running.started.elapsed() > limit
+                && answer_timeout(shared, running)
+            {
+                let _ = reports.send((index, running.started, Report::TimedOut));
+                continue;
+            }
+        }
+        if let Some(slow) = limits.slow {
+            if !running.reported_slow && !running.timed_out && running.started.elapsed() > slow {
+                running.reported_slow = true;
+                log_slow(shared, running);
+                let _ = reports.send((index, running.started, Report::Slow));
             }
         }
     }
+}
+
+/// The line before the stack of a request past slow-request.
+fn log_slow(shared: &Shared, running: &Running) {
+    let msg = format!(
+        "daemon process {} of group '{}': the request has run for more than slow-request={}s; \
+         its thread's Python stack follows (the request goes on)",
+        std::process::id(),
+        shared.options.name,
+        shared.options.slow_request
+    );
+    let (method, uri) = &running.line;
+    log::warn!(
+        "{}",
+        request_line(method, uri, &msg).trim_start_matches("gateway: ")
+    );
 }
 
 /// TimeoutError only fires when the thread runs Python code again: it is stuck
@@ -1421,43 +1472,54 @@ fn answer_timeout(shared: &Shared, running: &mut Running) -> bool {
     true
 }
 
-/// Logs the Python stack of each timed-out request and raises TimeoutError in
-/// its thread, when the GIL comes free. The GIL is taken before a slot's lock,
-/// never the other way round, and the request is checked to be the same one
-/// (its start time) so that a thread which moved on is left alone.
-fn gil_reports(shared: &Shared, queue: Receiver<(usize, Instant)>) {
-    for (index, started) in queue {
+/// Logs the Python stack of each request the watchdog queued, when the GIL
+/// comes free, and raises TimeoutError in the thread of a timed-out one. The
+/// GIL is taken before a slot's lock, never the other way round, and the
+/// request is checked to be the same one (its start time) so that a thread
+/// which moved on is left alone.
+fn gil_reports(shared: &Shared, queue: Receiver<(usize, Instant, Report)>) {
+    for (index, started, why) in queue {
         // A bug costs this report, not the ones that follow.
-        panic::guard("the thread that logs stuck requests' stacks", (), || {
-            report_stuck(shared, index, started)
+        panic::guard("the thread that logs requests' stacks", (), || {
+            report_stack(shared, index, started, why)
         });
     }
 }
 
 /// Logs the stack of the request that started at `started` in slot `index`,
-/// if it still runs, and raises TimeoutError in its thread.
-fn report_stuck(shared: &Shared, index: usize, started: Instant) {
+/// if it still runs, and raises TimeoutError in its thread if it timed out.
+fn report_stack(shared: &Shared, index: usize, started: Instant, why: Report) {
     interpreter::with_gil(|py| {
         let slot = lock(&shared.slots[index]);
         let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
             return;
         };
         let (method, uri) = &running.line;
-        for line in python_stack(py, running.thread).lines() {
-            log::error!(
+        let (level, title) = match why {
+            Report::TimedOut => (log::Level::Error, "Stack of the stuck thread"),
+            Report::Slow => (log::Level::Warn, "Stack of the slow request's thread"),
+        };
+        for line in python_stack(py, running.thread, title).lines() {
+            log::log!(
+                level,
                 "{}",
                 request_line(method, uri, line).trim_start_matches("gateway: ")
             );
         }
-        // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
-        unsafe {
-            pyo3::ffi::PyThreadState_SetAsyncExc(running.thread as _, pyo3::ffi::PyExc_TimeoutError)
-        };
+        if why == Report::TimedOut {
+            // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
+            unsafe {
+                pyo3::ffi::PyThreadState_SetAsyncExc(
+                    running.thread as _,
+                    pyo3::ffi::PyExc_TimeoutError,
+                )
+            };
+        }
     });
 }
 
-/// The Python stack of a thread, formatted like a traceback.
-fn python_stack(py: pyo3::Python<'_>, thread: libc::pthread_t) -> String {
+/// The Python stack of a thread, formatted like a traceback under `title`.
+fn python_stack(py: pyo3::Python<'_>, thread: libc::pthread_t, title: &str) -> String {
     use pyo3::prelude::*;
     let stack = (|| -> PyResult<String> {
         let frames = py.import("sys")?.call_method0("_current_frames")?;
@@ -1473,7 +1535,7 @@ fn python_stack(py: pyo3::Python<'_>, thread: libc::pthread_t) -> String {
             .call_method1("format_stack", (frame,))?
             .extract()?;
         Ok(format!(
-            "Stack of the stuck thread (most recent call last):\n{}",
+            "{title} (most recent call last):\n{}",
             lines.concat()
         ))
     })();
