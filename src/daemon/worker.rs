@@ -403,6 +403,13 @@ struct Running {
 }
 
 impl Running {
+    /// Logs `msg` about this request, under its method and URI.
+    fn log(&self, level: log::Level, msg: &str) {
+        let (method, uri) = &self.line;
+        let line = request_line(method, uri, msg);
+        log::log!(level, "{}", line.trim_start_matches("gateway: "));
+    }
+
     /// Whether the TimeoutError raised at request-timeout has not ended the
     /// request one more request-timeout later: its thread does not run Python code.
     fn stuck_outside_python(&self, limit: Duration) -> bool {
@@ -1422,11 +1429,7 @@ fn log_slow(shared: &Shared, running: &Running) {
         shared.options.name,
         shared.options.slow_request
     );
-    let (method, uri) = &running.line;
-    log::warn!(
-        "{}",
-        request_line(method, uri, &msg).trim_start_matches("gateway: ")
-    );
+    running.log(log::Level::Warn, &msg);
 }
 
 /// TimeoutError only fires when the thread runs Python code again: it is stuck
@@ -1434,16 +1437,12 @@ fn log_slow(shared: &Shared, running: &Running) {
 /// process the gentle way: its other requests finish, the stuck one is abandoned
 /// after graceful-timeout.
 fn recycle_for(shared: &Shared, running: Running, limit: Duration) {
-    let (method, uri) = &running.line;
     let msg = format!(
         "the thread of this request is still stuck (outside Python code) {}s after request-timeout; recycling daemon process {}",
         limit.as_secs(),
         std::process::id()
     );
-    log::error!(
-        "{}",
-        request_line(method, uri, &msg).trim_start_matches("gateway: ")
-    );
+    running.log(log::Level::Error, &msg);
     shared.request_drain("a request is stuck outside Python code".into());
 }
 
@@ -1461,11 +1460,7 @@ fn answer_timeout(shared: &Shared, running: &mut Running) -> bool {
         shared.options.name,
         shared.options.request_timeout
     );
-    let (method, uri) = &running.line;
-    log::error!(
-        "{}",
-        request_line(method, uri, &msg).trim_start_matches("gateway: ")
-    );
+    running.log(log::Level::Error, &msg);
     let _ = protocol::put_with(&mut w.buf, Kind::Timeout, |e| e.str(&msg));
     let _ = w.flush();
     w.poisoned = true;
@@ -1494,17 +1489,12 @@ fn report_stack(shared: &Shared, index: usize, started: Instant, why: Report) {
         let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
             return;
         };
-        let (method, uri) = &running.line;
         let (level, title) = match why {
             Report::TimedOut => (log::Level::Error, "Stack of the stuck thread"),
             Report::Slow => (log::Level::Warn, "Stack of the slow request's thread"),
         };
         for line in python_stack(py, running.thread, title).lines() {
-            log::log!(
-                level,
-                "{}",
-                request_line(method, uri, line).trim_start_matches("gateway: ")
-            );
+            running.log(level, line);
         }
         if why == Report::TimedOut {
             // SAFETY: the GIL is held; PyExc_TimeoutError is a static exception type.
