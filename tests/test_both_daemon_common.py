@@ -78,9 +78,10 @@ def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_daem
         assert victim not in replaced
         assert killed_at[1] - killed_at[0] < 1.0, killed_at[1] - killed_at[0]
         failures = [r for r in results if r != 200]
-        # Only the requests that victim was running (3 threads) or had accepted can fail.
+        # Only the requests the victim was running (3 threads) or had waiting on its
+        # persistent connections can fail: at most one per client, each logged below.
         assert len(results) > 60, len(results)
-        assert 1 <= len(failures) <= 6, (failures, len(results))
+        assert 1 <= len(failures) <= 8, (failures, len(results))
         assert set(failures) == {502}, failures
         log = srv.log_text()
         died = [line for line in log.splitlines()
