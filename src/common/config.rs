@@ -175,10 +175,6 @@ impl Groups {
     pub fn options(&self) -> Vec<DaemonOptions> {
         self.defined.iter().map(|(d, _)| d.clone()).collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.defined.is_empty()
-    }
 }
 
 /// Splits a `DIR[:DIR...]` list, dropping empty entries.

@@ -39,7 +39,7 @@ thread_local! {
 /// without the `gateway:` prefix). Inside [`catch`] it keeps the location for
 /// the caller's log line; elsewhere (a thread without a guard, which the next
 /// unwinding ends) it logs the panic itself as a `gateway:` line.
-pub fn install_hook() {
+fn install_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         panic::set_hook(Box::new(|info| {

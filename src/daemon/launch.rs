@@ -76,11 +76,11 @@ pub fn start_generation(
     previous: RawFd,
     start: impl FnOnce(&SupervisorConfig) -> io::Result<Lifeline>,
 ) -> io::Result<RawFd> {
-    let fd = if config.groups.is_empty() {
-        -1
-    } else {
-        start(config)?.into_raw_fd()
-    };
+    if config.groups.is_empty() {
+        retire(previous);
+        return Ok(-1);
+    }
+    let fd = start(config)?.into_raw_fd();
     if previous >= 0 {
         supervisor::close_inherited(previous);
     }
