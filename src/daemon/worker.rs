@@ -406,8 +406,7 @@ impl Running {
     /// Logs `msg` about this request, under its method and URI.
     fn log(&self, level: log::Level, msg: &str) {
         let (method, uri) = &self.line;
-        let line = request_line(method, uri, msg);
-        log::log!(level, "{}", line.trim_start_matches("gateway: "));
+        log_request(level, method, uri, msg);
     }
 
     /// Whether the TimeoutError raised at request-timeout has not ended the
@@ -1229,10 +1228,13 @@ fn end_after_panic(conn: &Conn, p: &Panic, method: &[u8], uri: &[u8]) {
     let _ = w.flush();
     let _ = w.stream.shutdown(std::net::Shutdown::Both);
     let msg = format!("{p} in daemon process {}; {what}", std::process::id());
-    log::error!(
-        "{}",
-        request_line(method, uri, &msg).trim_start_matches("gateway: ")
-    );
+    log_request(log::Level::Error, method, uri, &msg);
+}
+
+/// Logs `msg` about the request `METHOD URI` (the logger adds the `gateway:` prefix).
+fn log_request(level: log::Level, method: &[u8], uri: &[u8], msg: &str) {
+    let line = request_line(method, uri, msg);
+    log::log!(level, "{}", line.trim_start_matches("gateway: "));
 }
 
 /// `wsgi.input` in a daemon: pulls the body from the server as the application reads.
