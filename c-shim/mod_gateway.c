@@ -26,8 +26,8 @@ module AP_MODULE_DECLARE_DATA gateway_module;
 APLOG_USE_MODULE(gateway);
 
 static const command_rec gateway_cmds[] = {
-    AP_INIT_TAKE2("GatewayScriptAlias", gateway_cmd_script_alias, NULL, RSRC_CONF,
-                  "URL-PATH FILE[:CALLABLE]: mount a WSGI application"),
+    AP_INIT_TAKE_ARGV("GatewayScriptAlias", gateway_cmd_script_alias, NULL, RSRC_CONF,
+                      "URL-PATH FILE[:CALLABLE] [interface=wsgi|asgi]: mount a WSGI or ASGI application"),
     AP_INIT_TAKE_ARGV("GatewayMode", gateway_cmd_mode, NULL, RSRC_CONF | ACCESS_CONF,
                       "'embedded' or 'daemon NAME': where requests run"),
     AP_INIT_TAKE_ARGV("GatewayDaemon", gateway_cmd_daemon, NULL, RSRC_CONF,

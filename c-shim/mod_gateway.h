@@ -45,7 +45,7 @@ void *gateway_merge_server_config(apr_pool_t *p, void *base, void *add);
 void *gateway_create_dir_config(apr_pool_t *p, char *dir);
 void *gateway_merge_dir_config(apr_pool_t *p, void *base, void *add);
 const char *gateway_cmd_script_alias(cmd_parms *cmd, void *dcfg,
-                                     const char *url, const char *target);
+                                     int argc, char *const argv[]);
 const char *gateway_cmd_mode(cmd_parms *cmd, void *dcfg,
                              int argc, char *const argv[]);
 const char *gateway_cmd_daemon(cmd_parms *cmd, void *dcfg,

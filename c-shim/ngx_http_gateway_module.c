@@ -27,7 +27,7 @@ static void ngx_http_gateway_exit_process(ngx_cycle_t *cycle);
 static ngx_command_t  ngx_http_gateway_commands[] = {
 
     { ngx_string("gateway_app"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
       ngx_http_gateway_app,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,

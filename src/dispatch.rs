@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::common::config::{AppSpec, Mode};
 use crate::common::transport::{Outcome, Request};
 use crate::daemon::{client, Endpoint};
-use crate::python::{wsgi, ServerInfo};
+use crate::python::{self, ServerInfo};
 
 /// Where the requests of one location or virtual host run.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ pub enum Runner<'a> {
 /// gone out (or failed) and says how it ended.
 pub fn run(runner: Runner<'_>, app: &AppSpec, request: Request<'_>) -> Outcome {
     match runner {
-        Runner::Embedded(info) => wsgi::run(app, info, request),
+        Runner::Embedded(info) => python::run(app, info, request),
         Runner::Daemon(endpoint) => {
             let Request {
                 head,

@@ -14,7 +14,7 @@ import time
 
 from harness import WWW_DATA, daemon_app, get_json, python_as, timed_get
 
-VERSION = 3
+VERSION = 4
 HELLO, REQUEST, START, UNAVAILABLE, AUTH = 1, 2, 5, 11, 12
 
 

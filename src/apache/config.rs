@@ -2,7 +2,7 @@
 //! their merging, and one handler per directive.
 
 use std::ffi::{c_char, c_int, c_void};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::ffi::{apr_pool_t, cmd_parms, server_rec, GLOBAL_ONLY};
@@ -206,35 +206,39 @@ fn server_config<'a>(cmd: &'a mut Cmd<'_>) -> Result<&'a mut ServerConfig, Confi
         .ok_or_else(|| ConfigError("internal error (no configuration record)".into()))
 }
 
-/// `GatewayScriptAlias URL-PATH FILE[:CALLABLE]`
+/// `GatewayScriptAlias URL-PATH FILE[:CALLABLE] [interface=wsgi|asgi]`
 #[no_mangle]
 pub unsafe extern "C" fn gateway_cmd_script_alias(
     cmd: *mut cmd_parms,
     dcfg: *mut c_void,
-    url: *const c_char,
-    target: *const c_char,
+    argc: c_int,
+    argv: *const *mut c_char,
 ) -> *const c_char {
     // SAFETY: httpd calls a directive handler with its live cmd_parms, the
-    // section's record, and the directive's NUL-terminated arguments.
-    let (cmd, url, target) = unsafe {
-        (
-            Cmd::from_raw(cmd, dcfg),
-            Arg::from_raw(url),
-            Arg::from_raw(target),
-        )
-    };
-    directive(cmd, "GatewayScriptAlias", |cmd| {
-        script_alias(cmd, url.to_str()?, target.to_str()?)
+    // section's record, and argc NUL-terminated arguments.
+    let (cmd, argv) = unsafe { (Cmd::from_raw(cmd, dcfg), Argv::from_raw(argc, argv)) };
+    directive(cmd, "GatewayScriptAlias", |cmd| match argv.to_strs()?[..] {
+        [url, target, ref options @ ..] if options.len() <= 1 => {
+            script_alias(cmd, url, target, options)
+        }
+        _ => Err(ConfigError(
+            "takes URL-PATH FILE[:CALLABLE] [interface=wsgi|asgi]".into(),
+        )),
     })
 }
 
-fn script_alias(cmd: &mut Cmd<'_>, url: &str, target: &str) -> Result<(), ConfigError> {
+fn script_alias(
+    cmd: &mut Cmd<'_>,
+    url: &str,
+    target: &str,
+    options: &[&str],
+) -> Result<(), ConfigError> {
     if !url.starts_with('/') {
         return Err(ConfigError(format!(
             "the URL path must start with '/', got '{url}'"
         )));
     }
-    let app = AppSpec::parse(target)?;
+    let app = AppSpec::parse_with(target, Path::new(""), options)?;
     let at = cmd.origin();
     let cfg = server_config(cmd)?;
     let prefix = Prefix::new(url.as_bytes());

@@ -21,13 +21,53 @@ fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
 }
 
-/// Where a WSGI application lives: `FILE[:CALLABLE]`.
+/// The protocol an application speaks, as `interface=` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Interface {
+    /// Not named: told from the callable when it is loaded (a coroutine
+    /// function, or an object whose `__call__` is one, is ASGI).
+    #[default]
+    Detect,
+    Wsgi,
+    Asgi,
+}
+
+impl Interface {
+    /// The value of an `interface=` option.
+    pub fn parse(value: &str) -> Result<Interface, ConfigError> {
+        match value {
+            "wsgi" => Ok(Interface::Wsgi),
+            "asgi" => Ok(Interface::Asgi),
+            _ => err(format!(
+                "interface={value} is not a protocol Gateway speaks: use interface=wsgi or interface=asgi"
+            )),
+        }
+    }
+
+    /// The number that stands for it on the daemon wire.
+    pub fn code(self) -> u8 {
+        match self {
+            Interface::Detect => 0,
+            Interface::Wsgi => 1,
+            Interface::Asgi => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Interface> {
+        [Interface::Detect, Interface::Wsgi, Interface::Asgi]
+            .into_iter()
+            .find(|i| i.code() == code)
+    }
+}
+
+/// Where an application lives: `FILE[:CALLABLE]`, and the protocol it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct AppSpec {
     /// The Python script that defines the callable.
     pub file: PathBuf,
     /// The name of the callable in that script (`application` by default).
     pub callable: String,
+    pub interface: Interface,
 }
 
 impl AppSpec {
@@ -62,7 +102,25 @@ impl AppSpec {
         Ok(AppSpec {
             file,
             callable: callable.to_string(),
+            interface: Interface::Detect,
         })
+    }
+
+    /// As [`AppSpec::parse_in`], followed by the mount's options
+    /// (`interface=wsgi|asgi`).
+    pub fn parse_with(spec: &str, base: &Path, options: &[&str]) -> Result<AppSpec, ConfigError> {
+        let mut app = AppSpec::parse_in(spec, base)?;
+        for option in options {
+            match option.split_once('=') {
+                Some(("interface", value)) => app.interface = Interface::parse(value)?,
+                _ => {
+                    return err(format!(
+                        "unknown option '{option}' after the application (expected interface=wsgi or interface=asgi)"
+                    ))
+                }
+            }
+        }
+        Ok(app)
     }
 }
 
@@ -346,6 +404,27 @@ fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_option_after_the_application() {
+        let file = std::env::current_exe().unwrap();
+        let spec = file.to_str().unwrap();
+        let base = Path::new("");
+        let app = AppSpec::parse_with(spec, base, &[]).unwrap();
+        assert_eq!(app.interface, Interface::Detect);
+        let app = AppSpec::parse_with(spec, base, &["interface=asgi"]).unwrap();
+        assert_eq!(app.interface, Interface::Asgi);
+        let app = AppSpec::parse_with(spec, base, &["interface=wsgi"]).unwrap();
+        assert_eq!(app.interface, Interface::Wsgi);
+        let e = AppSpec::parse_with(spec, base, &["interface=rsgi"]).unwrap_err();
+        assert!(e.0.contains("interface=rsgi is not a protocol"), "{e}");
+        let e = AppSpec::parse_with(spec, base, &["threads=4"]).unwrap_err();
+        assert!(e.0.contains("unknown option 'threads=4'"), "{e}");
+        for i in [Interface::Detect, Interface::Wsgi, Interface::Asgi] {
+            assert_eq!(Interface::from_code(i.code()), Some(i));
+        }
+        assert_eq!(Interface::from_code(9), None);
+    }
 
     #[test]
     fn app_spec_takes_relative_files_from_the_base() {

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::task::{Context, Poll};
 
 use crate::common::cgi::RequestHead;
 pub use crate::common::framing::Header;
@@ -24,6 +25,12 @@ pub trait RequestBody: Send + Sync {
     /// Fills `buf` with the next bytes of the body as they arrive; `Ok(0)` at its
     /// end. Chunked bodies arrive already decoded.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Once the body has been read to its end: whether the client has gone
+    /// away, checked without waiting (ASGI's `http.disconnect`). A transport
+    /// that cannot tell answers false.
+    fn client_gone(&mut self) -> bool {
+        false
+    }
 }
 
 /// Sends one response to the server's client.
@@ -47,6 +54,22 @@ pub trait ResponseChannel: Send + Sync {
         false
     }
 }
+
+/// What a runner that serves many requests from one thread (an event loop)
+/// needs besides the two traits: wake-ups instead of waits. A server offers it
+/// for requests whose body it has already read (so `read` never waits) and
+/// whose response channel only queues (so `start` and `write` never wait).
+pub trait Flow: Send + Sync {
+    /// Ready when the response queue has room for another write, or the client
+    /// is gone (the write then fails); otherwise `cx`'s waker is woken once it is.
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Ready once the client has gone away; otherwise `cx`'s waker is woken
+    /// when it does.
+    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// Called once with how a request started by a runner without a thread ended.
+pub type Done = Box<dyn FnOnce(Outcome) + Send>;
 
 /// One request as the server hands it to a runner.
 pub struct Request<'a> {

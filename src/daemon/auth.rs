@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::{self, Read};
 
 use super::protocol::{Decoder, Encoder, ProtocolError};
-use crate::common::config::{AppSpec, DaemonOptions};
+use crate::common::config::{AppSpec, DaemonOptions, Interface};
 
 /// Bytes in a generation's secret.
 pub const SECRET_LEN: usize = 32;
@@ -192,16 +192,19 @@ fn put_apps(e: &mut Encoder<'_>, apps: &[AppSpec]) {
     for app in apps {
         e.bytes(app.file.as_os_str().as_encoded_bytes());
         e.str(&app.callable);
+        e.u8(app.interface.code());
     }
 }
 
 fn decode_apps(d: &mut Decoder<'_>) -> Result<Vec<AppSpec>, ProtocolError> {
     use std::os::unix::ffi::OsStrExt;
-    let n = d.count(8, "applications")?;
+    let n = d.count(9, "applications")?;
     (0..n)
         .map(|_| {
             let file = d.bytes("application file")?;
             let callable = d.str("callable")?;
+            let interface = Interface::from_code(d.u8("interface")?)
+                .ok_or_else(|| ProtocolError::Invalid("unknown application interface".into()))?;
             if file.is_empty() || callable.is_empty() {
                 return Err(ProtocolError::Invalid(
                     "empty application file or callable".into(),
@@ -210,6 +213,7 @@ fn decode_apps(d: &mut Decoder<'_>) -> Result<Vec<AppSpec>, ProtocolError> {
             Ok(AppSpec {
                 file: std::ffi::OsStr::from_bytes(file).into(),
                 callable: callable.to_string(),
+                interface,
             })
         })
         .collect()
@@ -224,6 +228,7 @@ mod tests {
         AppSpec {
             file: PathBuf::from(file),
             callable: "application".into(),
+            interface: Interface::Detect,
         }
     }
 

@@ -811,6 +811,7 @@ mod tests {
         AppSpec {
             file: PathBuf::from("/x.py"),
             callable: "application".into(),
+            interface: crate::common::config::Interface::Detect,
         }
     }
 
@@ -907,6 +908,7 @@ mod tests {
         let other = AppSpec {
             file: PathBuf::from("/other.py"),
             callable: "application".into(),
+            interface: crate::common::config::Interface::Detect,
         };
         let reply = forward(
             &endpoint(&dir),

@@ -38,7 +38,7 @@ use crate::common::transport::{Header, Outcome};
 pub type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload either side accepts.

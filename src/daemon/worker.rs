@@ -28,7 +28,7 @@ use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::python::interpreter::{self, PythonSettings};
-use crate::python::{wsgi, ServerInfo};
+use crate::python::{self, ServerInfo};
 
 /// What the supervisor tells a daemon process on its stdin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1197,7 +1197,7 @@ fn respond(
         response: Box::new(response),
     };
     panic::fault_point("daemon-job");
-    let outcome = wsgi::run(app, &shared.info, request);
+    let outcome = python::run(app, &shared.info, request);
     lock(&shared.slots[slot]).take();
     let mut w = lock(&conn.io.writer);
     if w.poisoned {

@@ -327,7 +327,7 @@ pub unsafe extern "C" fn gateway_conf_app(
         }
         let literal = location.is_literal();
         lcf.mount = Some(Arc::new(Mount {
-            app: AppSpec::parse_in(args.values[0], args.prefix)?,
+            app: AppSpec::parse_with(args.values[0], args.prefix, &args.values[1..])?,
             prefix: Prefix::new(if literal { location.name() } else { b"" }),
             at: args.at.clone(),
         }));

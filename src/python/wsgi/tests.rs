@@ -289,6 +289,7 @@ fn serve(name: &str, source: &str, body: &[&[u8]], channel: RecordingChannel) ->
     let spec = AppSpec {
         file: script.0.clone(),
         callable: "application".to_string(),
+        interface: crate::common::config::Interface::Detect,
     };
     let mut request = head(&[]);
     request.method = b"POST";
