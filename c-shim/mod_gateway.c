@@ -9,6 +9,7 @@
 
 #include "httpd.h"
 #include "http_config.h"
+#include "http_core.h"
 #include "http_log.h"
 #include "http_protocol.h"
 #include "http_request.h"
@@ -149,6 +150,21 @@ static void gateway_close_listeners(void)
             close(fd);
         }
     }
+}
+
+int gateway_ap_client_fd(request_rec *r)
+{
+    apr_socket_t *sock;
+    apr_os_sock_t fd;
+
+    if (r->connection->master != NULL) {
+        return -1;
+    }
+    sock = ap_get_conn_socket(r->connection);
+    if (sock == NULL || apr_os_sock_get(&fd, sock) != APR_SUCCESS) {
+        return -1;
+    }
+    return fd;
 }
 
 void gateway_ap_close_listeners_at_fork(void)

@@ -34,6 +34,9 @@ apr_status_t gateway_ap_send_file(request_rec *r, apr_bucket_brigade **bbp,
 apr_status_t gateway_ap_finish(request_rec *r);
 /* End a response that broke after its headers were sent: truncated, connection closed. */
 void gateway_ap_abort_response(request_rec *r);
+/* The descriptor of the client's socket, or -1 when the request has none of its
+ * own (an HTTP/2 stream shares its connection with others). */
+int gateway_ap_client_fd(request_rec *r);
 /* Close httpd's listening sockets in every child forked from now on. */
 void gateway_ap_close_listeners_at_fork(void);
 

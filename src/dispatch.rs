@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::common::config::{AppSpec, Mode};
-use crate::common::transport::{Outcome, Request};
+use crate::common::transport::{Done, Flow, Outcome, Request};
 use crate::daemon::{client, Endpoint};
 use crate::python::{self, ServerInfo};
 
@@ -72,4 +72,23 @@ pub fn run(runner: Runner<'_>, app: &AppSpec, request: Request<'_>) -> Outcome {
             client::forward(endpoint, app, &head, has_body, &mut *body, &mut *response)
         }
     }
+}
+
+/// Whether requests for the embedded application `app` can run without a
+/// thread of the server ([`start`]): it is known to be ASGI.
+pub fn runs_without_thread(app: &AppSpec) -> bool {
+    python::runs_without_thread(app)
+}
+
+/// Starts an embedded request that [`runs_without_thread`] on the
+/// interpreter's event loop, over a transport that never blocks, and returns
+/// at once; `done` gets its outcome.
+pub fn start(
+    app: &AppSpec,
+    info: &ServerInfo,
+    request: Request<'_>,
+    flow: Box<dyn Flow>,
+    done: Done,
+) {
+    python::start(app, info, request, flow, done)
 }

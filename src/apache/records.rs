@@ -690,6 +690,14 @@ impl Request<'_> {
         }
     }
 
+    /// The client's socket, when the request has one of its own (not an HTTP/2
+    /// stream): valid while the connection is.
+    pub fn client_fd(&self) -> Option<RawFd> {
+        // SAFETY: the request and its connection are live.
+        let fd = unsafe { gateway_ap_client_fd(self.raw) };
+        (fd >= 0).then_some(fd)
+    }
+
     /// Whether the request has a body at all (once [`Request::setup_body`] ran).
     pub fn has_body(&self) -> bool {
         // SAFETY: the request is live.

@@ -11,6 +11,7 @@ use super::records::{Brigade, Request, SharedRequest};
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
 use crate::common::log::request_line;
+use crate::common::socket;
 use crate::common::transport::{self, Header, Outcome, RequestBody, ResponseChannel};
 use crate::dispatch::{self, Runner};
 
@@ -32,6 +33,8 @@ struct ApacheBody {
     r: SharedRequest,
     started: bool,
     expected: bool,
+    /// The client's socket, to tell a client that left (None over HTTP/2).
+    client_fd: Option<RawFd>,
 }
 
 impl RequestBody for ApacheBody {
@@ -40,6 +43,7 @@ impl RequestBody for ApacheBody {
             r,
             started,
             expected,
+            ..
         } = self;
         r.with(|r, _| {
             if !*started {
@@ -55,6 +59,10 @@ impl RequestBody for ApacheBody {
             })
         })
         .unwrap_or_else(|| Err(request_gone()))
+    }
+
+    fn client_gone(&mut self) -> bool {
+        self.client_fd.is_some_and(socket::peer_closed)
     }
 }
 
@@ -154,6 +162,7 @@ pub fn serve(r: &mut Request<'_>, mount: &Mount, runner: Runner<'_>) -> c_int {
     }
     let head = head(r, mount);
     let has_body = r.has_body();
+    let client_fd = r.client_fd();
     let outcome = r.lend(|shared| {
         let request = transport::Request {
             head,
@@ -162,6 +171,7 @@ pub fn serve(r: &mut Request<'_>, mount: &Mount, runner: Runner<'_>) -> c_int {
                 r: shared.clone(),
                 started: false,
                 expected: false,
+                client_fd,
             }),
             response: Box::new(ApacheResponse {
                 r: shared,

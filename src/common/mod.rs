@@ -9,6 +9,7 @@ pub mod framing;
 pub mod log;
 pub mod mount;
 pub mod panic;
+pub mod socket;
 pub mod transport;
 
 /// The version reported as `gateway.version` and in log lines.

@@ -29,6 +29,7 @@ use crate::common::cgi::RequestHead;
 use crate::common::config::AppSpec;
 use crate::common::framing::{self, BodyFraming};
 use crate::common::log::request_line;
+use crate::common::socket;
 use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
 
 static ENDPOINTS: LazyLock<RwLock<HashMap<String, Arc<Endpoint>>>> =
@@ -68,6 +69,9 @@ struct Conn {
 /// Idle connections per socket.
 static POOL: LazyLock<Mutex<HashMap<PathBuf, Vec<Conn>>>> = LazyLock::new(Default::default);
 const MAX_IDLE: usize = 128;
+
+/// How often a request waiting for its daemon looks whether its client left.
+const CLIENT_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 fn pool_take(socket: &Path) -> Option<Conn> {
     POOL.lock()
@@ -484,6 +488,9 @@ impl Exchange<'_> {
         }
         let mut body_buf = Vec::new();
         loop {
+            if let Err(step) = self.await_frame(body, resp, log) {
+                return step;
+            }
             let (kind, flags) = match self.next_frame(resp, log) {
                 Ok(frame) => frame,
                 Err(step) => return step,
@@ -497,6 +504,49 @@ impl Exchange<'_> {
         }
     }
 
+    /// Waits for the daemon's next frame, up to socket-timeout, looking at the
+    /// client meanwhile: one that leaves ends the request here, and closing the
+    /// connection tells the daemon (an ASGI application gets `http.disconnect`,
+    /// any application's next write fails).
+    fn await_frame(
+        &mut self,
+        body: &mut dyn RequestBody,
+        resp: &mut dyn ResponseChannel,
+        log: &Logger<'_>,
+    ) -> Result<(), Step> {
+        if !self.conn.reader.buffer().is_empty() {
+            return Ok(());
+        }
+        let fd = self.conn.reader.get_ref().as_raw_fd();
+        let deadline = Instant::now() + self.ep.socket_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if socket::readable_within(fd, left.min(CLIENT_CHECK_INTERVAL)) {
+                return Ok(());
+            }
+            if body.client_gone() {
+                let _ = self.conn.writer.shutdown(std::net::Shutdown::Both);
+                let msg = "the client closed the connection while the application was running";
+                log(resp, log::Level::Info, msg);
+                return Err(Step::Done(Outcome::ClientGone, false));
+            }
+            if left.is_zero() {
+                return Err(self.silent(resp, log));
+            }
+        }
+    }
+
+    /// The daemon sent nothing for socket-timeout: a 504.
+    fn silent(&mut self, resp: &mut dyn ResponseChannel, log: &Logger<'_>) -> Step {
+        let msg = format!(
+            "daemon process {} of group '{}' sent nothing for socket-timeout={}s",
+            self.conn.pid,
+            self.ep.group,
+            self.ep.socket_timeout.as_secs()
+        );
+        self.fail(resp, log, 504, &msg)
+    }
+
     /// Reads the daemon's next frame into the payload buffer.
     fn next_frame(
         &mut self,
@@ -506,15 +556,7 @@ impl Exchange<'_> {
         match protocol::read_frame(&mut self.conn.reader, self.payload) {
             Ok(Some(frame)) => Ok(frame),
             Ok(None) => Err(self.lost(resp, log, "closed the connection".into())),
-            Err(e) if is_timeout(&e) => {
-                let msg = format!(
-                    "daemon process {} of group '{}' sent nothing for socket-timeout={}s",
-                    self.conn.pid,
-                    self.ep.group,
-                    self.ep.socket_timeout.as_secs()
-                );
-                Err(self.fail(resp, log, 504, &msg))
-            }
+            Err(e) if is_timeout(&e) => Err(self.silent(resp, log)),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let msg = format!(
                     "daemon process {} sent a malformed frame: {e}",

@@ -24,6 +24,7 @@ use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
 use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
 use crate::common::config::{AppSpec, DaemonOptions};
+use crate::common::socket;
 use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
@@ -1269,6 +1270,14 @@ impl RequestBody for DaemonBody {
         r.read_exact(&mut buf[..len])?;
         self.done = len == 0;
         Ok(len)
+    }
+
+    /// The server sends nothing between a body's end and the request's end:
+    /// an end of file then is the server closing the connection because its
+    /// client left.
+    fn client_gone(&mut self) -> bool {
+        let r = lock(&self.io.reader);
+        r.buffer().is_empty() && socket::peer_closed(r.get_ref().as_raw_fd())
     }
 }
 

@@ -1,6 +1,8 @@
 //! What a Python thread hands to the event loop for one request: a bounded queue
 //! of response pieces. The thread blocks while the queue is full (backpressure from
 //! a slow client reaches the application); the loop is woken once per batch.
+//! A request served without a thread (an ASGI application on its event loop)
+//! queues without blocking and is woken through a [`Waker`] instead.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -8,6 +10,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use crate::common::log::request_line;
 use crate::common::transport::{Header, Outcome};
@@ -60,6 +63,17 @@ struct Queue {
     started: bool,
     /// The `End` was queued.
     ended: bool,
+    /// Woken when the queue has room again (a runner without a thread).
+    room: Option<Waker>,
+    /// Woken when the request is over on the nginx side.
+    gone_waker: Option<Waker>,
+}
+
+impl Queue {
+    /// Whether a piece of `size` bytes may be queued now.
+    fn has_room(&self, size: usize) -> bool {
+        self.bytes == 0 || self.bytes + size <= QUEUE_LIMIT
+    }
 }
 
 /// The shared state of one request between its Python thread and the loop.
@@ -112,16 +126,45 @@ impl Exchange {
                         "the client closed the connection",
                     ));
                 }
-                if q.bytes == 0 || q.bytes + size <= QUEUE_LIMIT {
+                if q.has_room(size) {
                     break;
                 }
                 q.waiting = true;
                 q = self.space.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         }
+        self.queue(q, piece, wake);
+        Ok(())
+    }
+
+    /// Queues a piece without waiting for room: for a runner that first saw
+    /// [`Exchange::poll_room`] ready. Fails once the request is gone, except
+    /// for `End`.
+    pub fn push_now(
+        self: &Arc<Self>,
+        piece: Piece,
+        wake: impl FnOnce(Arc<Exchange>),
+    ) -> io::Result<()> {
+        let q = self.lock();
+        if q.gone && !matches!(piece, Piece::End(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the client closed the connection",
+            ));
+        }
+        self.queue(q, piece, wake);
+        Ok(())
+    }
+
+    fn queue(
+        self: &Arc<Self>,
+        mut q: MutexGuard<'_, Queue>,
+        piece: Piece,
+        wake: impl FnOnce(Arc<Exchange>),
+    ) {
         q.started |= matches!(piece, Piece::Start { .. });
-        q.ended |= end;
-        q.bytes += size;
+        q.ended |= matches!(piece, Piece::End(_));
+        q.bytes += piece.size();
         q.pieces.push_back(piece);
         let schedule = !q.scheduled;
         q.scheduled = true;
@@ -129,7 +172,29 @@ impl Exchange {
         if schedule {
             wake(self.clone());
         }
-        Ok(())
+    }
+
+    /// Ready when a write may be queued now, or the request is gone (the
+    /// write then fails); otherwise `cx`'s waker is woken when it may.
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut q = self.lock();
+        if q.gone || q.bytes < QUEUE_LIMIT {
+            return Poll::Ready(());
+        }
+        q.waiting = true;
+        q.room = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Ready once the request is over on the nginx side (the client left, or
+    /// its response ended); otherwise `cx`'s waker is woken when it is.
+    pub fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut q = self.lock();
+        if q.gone {
+            return Poll::Ready(());
+        }
+        q.gone_waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     /// Ends the response of a job that failed (panicked) before it queued its
@@ -160,11 +225,20 @@ impl Exchange {
                 if q.waiting && q.bytes <= QUEUE_LIMIT / 2 {
                     q.waiting = false;
                     self.space.notify_all();
+                    if let Some(room) = q.room.take() {
+                        drop(q);
+                        room.wake();
+                    }
                 }
             }
             None => q.scheduled = false,
         }
         piece
+    }
+
+    /// Whether the request is over on the nginx side (the client left).
+    pub fn is_gone(&self) -> bool {
+        self.lock().gone
     }
 
     /// Marks the request as over on the nginx side: the thread's writes fail, a
@@ -174,5 +248,8 @@ impl Exchange {
         q.gone = true;
         q.scheduled = false;
         self.space.notify_all();
+        let wakers = [q.room.take(), q.gone_waker.take()];
+        drop(q);
+        wakers.into_iter().flatten().for_each(Waker::wake);
     }
 }

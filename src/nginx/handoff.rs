@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::config::Mount;
@@ -18,8 +19,9 @@ use super::runtime::{self, log_line};
 use crate::common::cgi::RequestHead;
 use crate::common::framing;
 use crate::common::log::request_line;
-use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
+use crate::common::transport::{Flow, Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::dispatch::{self, Runner};
+use crate::python::ServerInfo;
 
 /// A request ready for a Python thread.
 pub struct Handoff {
@@ -58,15 +60,55 @@ impl Handoff {
                     body: Box::new(NginxBody {
                         segments: body,
                         offset: 0,
+                        exchange: exchange.clone(),
                     }),
                     response: Box::new(NginxResponse {
                         exchange: exchange.clone(),
+                        queue_only: false,
                     }),
                 };
                 dispatch::run(runner, &mount.app, request)
             }
         };
         let _ = exchange.push(Piece::End(outcome), runtime::wake);
+    }
+
+    /// Starts the request of an application that runs without a thread (on
+    /// the interpreter's event loop) and returns at once; its response and its
+    /// end are queued as a thread's are. Loop thread: nothing here blocks.
+    pub fn start(self, mount: &Mount, info: &ServerInfo, exchange: Arc<Exchange>) {
+        let Handoff { snapshot, body } = self;
+        let request = Request {
+            head: snapshot.head(mount),
+            has_body: !body.is_empty(),
+            body: Box::new(NginxBody {
+                segments: body,
+                offset: 0,
+                exchange: exchange.clone(),
+            }),
+            response: Box::new(NginxResponse {
+                exchange: exchange.clone(),
+                queue_only: true,
+            }),
+        };
+        let flow = Box::new(ExchangeFlow(exchange.clone()));
+        let done = Box::new(move |outcome| {
+            let _ = exchange.push_now(Piece::End(outcome), runtime::wake);
+        });
+        dispatch::start(&mount.app, info, request, flow, done);
+    }
+}
+
+/// Backpressure and disconnects of a request served without a thread.
+struct ExchangeFlow(Arc<Exchange>);
+
+impl Flow for ExchangeFlow {
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll_room(cx)
+    }
+
+    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.poll_gone(cx)
     }
 }
 
@@ -214,6 +256,8 @@ fn body_segments(r: &records::Request<'_>) -> io::Result<VecDeque<Segment>> {
 struct NginxBody {
     segments: VecDeque<Segment>,
     offset: usize,
+    /// Tells whether the client left (the loop ends the request then).
+    exchange: Arc<Exchange>,
 }
 
 impl RequestBody for NginxBody {
@@ -258,11 +302,27 @@ impl RequestBody for NginxBody {
             }
         }
     }
+
+    fn client_gone(&mut self) -> bool {
+        self.exchange.is_gone()
+    }
 }
 
 /// The response on the Python thread: pieces queued for the loop.
 struct NginxResponse {
     exchange: Arc<Exchange>,
+    /// Served without a thread: never wait for room (the runner polls for it).
+    queue_only: bool,
+}
+
+impl NginxResponse {
+    fn push(&self, piece: Piece) -> io::Result<()> {
+        if self.queue_only {
+            self.exchange.push_now(piece, runtime::wake)
+        } else {
+            self.exchange.push(piece, runtime::wake)
+        }
+    }
 }
 
 impl ResponseChannel for NginxResponse {
@@ -274,25 +334,21 @@ impl ResponseChannel for NginxResponse {
             status_line: status_line.to_string(),
             headers: headers.to_vec(),
         };
-        self.exchange.push(piece, runtime::wake)
+        self.push(piece)
     }
 
     fn write(&mut self, data: &[u8], flush: bool) -> io::Result<()> {
-        self.exchange.push(
-            Piece::Data {
-                data: data.to_vec(),
-                flush,
-            },
-            runtime::wake,
-        )
+        self.push(Piece::Data {
+            data: data.to_vec(),
+            flush,
+        })
     }
 
     fn send_file(&mut self, fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
         // The application closes its file when the request returns; nginx sends later.
         // SAFETY: fd is the application's open file, for the length of this call.
         let fd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-        self.exchange
-            .push(Piece::File { fd, offset, len }, runtime::wake)
+        self.push(Piece::File { fd, offset, len })
     }
 
     fn abort(&mut self) {

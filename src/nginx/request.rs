@@ -234,10 +234,15 @@ fn dispatch<'r>(r: Request<'r>, state: &mut LoopState<'r>) -> Next {
             return Next::Finish(INTERNAL_SERVER_ERROR);
         }
     };
-    let job = state.job(handoff);
     let Ok(rt) = runtime::runtime() else {
         return Next::Finish(INTERNAL_SERVER_ERROR);
     };
+    if state.daemon.is_none() && dispatch::runs_without_thread(&state.mount.app) {
+        rt.count_running(r.loop_thread());
+        handoff.start(&state.mount, rt.info(), state.exchange.clone());
+        return Next::Wait;
+    }
+    let job = state.job(handoff);
     let group = state.daemon.as_ref().map(|ep| ep.group.as_str());
     match rt.submit(job, group, r.loop_thread()) {
         Ok(()) => Next::Wait,

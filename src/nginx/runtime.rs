@@ -421,10 +421,21 @@ impl Runtime {
             state.waiting.push_back((Instant::now(), job));
         }
         drop(state);
+        self.count_running(lt);
+        Ok(())
+    }
+
+    /// What the interpreter of this worker knows of its server.
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    /// Counts a request whose application runs until the loop sees its `End`
+    /// ([`job_done`]): a quitting worker waits for it. Loop thread only.
+    pub fn count_running(&self, lt: LoopThread) {
         if RUNNING.fetch_add(1, Ordering::Relaxed) == 0 {
             BUSY_TIMER.arm(lt, on_busy_tick, BUSY_TICK_MS);
         }
-        Ok(())
     }
 
     /// Lets each job that waited in its group's queue past the group's
