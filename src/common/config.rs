@@ -258,6 +258,9 @@ pub struct DaemonOptions {
     /// Seconds after which a request still running has its Python stack logged,
     /// once, and goes on (PHP-FPM's slowlog); 0 is off.
     pub slow_request: u64,
+    /// MiB of resident memory past which a daemon process finishes its
+    /// requests and is replaced (uWSGI's `reload-on-rss`); 0 is off.
+    pub max_memory: u64,
     pub graceful_timeout: u64,
     pub socket_timeout: u64,
     /// Seconds a request may wait for a free daemon thread before it gets a 503;
@@ -279,6 +282,7 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "max-requests",
     "request-timeout",
     "slow-request",
+    "max-memory",
     "graceful-timeout",
     "socket-timeout",
     "queue-timeout",
@@ -308,6 +312,7 @@ impl DaemonOptions {
             max_requests: 0,
             request_timeout: 0,
             slow_request: 0,
+            max_memory: 0,
             graceful_timeout: 15,
             socket_timeout: 75,
             queue_timeout: 0,
@@ -343,6 +348,7 @@ impl DaemonOptions {
                 "max-requests" => d.max_requests = number(0)?,
                 "request-timeout" => d.request_timeout = seconds(0)?,
                 "slow-request" => d.slow_request = seconds(0)?,
+                "max-memory" => d.max_memory = number(0)?,
                 "graceful-timeout" => d.graceful_timeout = seconds(0)?,
                 "socket-timeout" => d.socket_timeout = seconds(1)?,
                 "queue-timeout" => d.queue_timeout = seconds(0)?,

@@ -545,6 +545,7 @@ pub fn put_options(e: &mut Encoder<'_>, d: &DaemonOptions) {
     e.u64(d.max_requests);
     e.u64(d.request_timeout);
     e.u64(d.slow_request);
+    e.u64(d.max_memory);
     e.u64(d.graceful_timeout);
     e.u64(d.socket_timeout);
     e.u64(d.queue_timeout);
@@ -581,6 +582,7 @@ pub fn decode_options(d: &mut Decoder<'_>) -> Result<DaemonOptions, ProtocolErro
         max_requests: d.u64("max-requests")?,
         request_timeout: d.u64("request-timeout")?,
         slow_request: d.u64("slow-request")?,
+        max_memory: d.u64("max-memory")?,
         graceful_timeout: d.u64("graceful-timeout")?,
         socket_timeout: d.u64("socket-timeout")?,
         queue_timeout: d.u64("queue-timeout")?,

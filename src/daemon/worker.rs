@@ -24,9 +24,9 @@ use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
 use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
 use crate::common::config::{AppSpec, DaemonOptions};
-use crate::common::socket;
 use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
+use crate::common::socket;
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::{self, ServerInfo};
@@ -768,12 +768,16 @@ impl Daemon {
 
     /// The main thread: waits for a reason to drain, drains, exits.
     fn serve(self) -> ! {
-        let mut draining_since: Option<Instant> = None;
-        let mut full_since: Option<Instant> = None;
+        let mut main = MainState {
+            draining_since: None,
+            drained_from: 0,
+            full_since: None,
+            memory_checked: Instant::now(),
+        };
         loop {
-            let drain_why = self.wait(draining_since.is_some());
+            let drain_why = self.wait(main.draining_since.is_some());
             panic::guard("the main thread of a daemon process", (), || {
-                self.turn(drain_why, &mut draining_since, &mut full_since)
+                self.turn(drain_why, &mut main)
             });
         }
     }
@@ -814,27 +818,26 @@ impl Daemon {
     }
 
     /// One round of the main thread: closes stalled greetings, begins to drain
-    /// when `drain_why` says so, and exits once drained (or graceful-timeout
-    /// after the drain began); meanwhile takes overflow connections.
-    fn turn(
-        &self,
-        drain_why: Option<String>,
-        draining_since: &mut Option<Instant>,
-        full_since: &mut Option<Instant>,
-    ) {
+    /// when `drain_why` (or max-memory) says so, and exits once drained (or
+    /// graceful-timeout after the drain began); meanwhile takes overflow
+    /// connections.
+    fn turn(&self, drain_why: Option<String>, main: &mut MainState) {
         self.shared.drop_stalled_greetings();
-        if let (Some(why), None) = (drain_why, *draining_since) {
+        let drain_why = drain_why.or_else(|| self.over_memory(main));
+        if let (Some(why), None) = (drain_why, main.draining_since) {
             // Set first: even a drain that panicked half-way ends at graceful-timeout.
-            *draining_since = Some(Instant::now());
+            main.draining_since = Some(Instant::now());
+            main.drained_from = self.shared.served.load(Ordering::Acquire);
             self.begin_drain(&why);
         }
-        let Some(since) = *draining_since else {
-            self.take_overflow(full_since);
+        let Some(since) = main.draining_since else {
+            self.take_overflow(&mut main.full_since);
             return;
         };
         let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
             && lock(&self.shared.parked).conns.is_empty();
         if idle {
+            self.log_drained(main, since);
             self.exit(0);
         }
         if since.elapsed() > Duration::from_secs(self.shared.options.graceful_timeout) {
@@ -844,8 +847,36 @@ impl Daemon {
                 self.shared.in_flight.load(Ordering::Acquire),
                 self.shared.options.graceful_timeout
             );
+            self.log_drained(main, since);
             self.exit(0);
         }
+    }
+
+    /// Why to drain for max-memory, looked at once a second: the process's
+    /// resident memory passed it.
+    fn over_memory(&self, main: &mut MainState) -> Option<String> {
+        let limit = self.shared.options.max_memory;
+        if limit == 0
+            || main.draining_since.is_some()
+            || main.memory_checked.elapsed() < MEMORY_CHECK
+        {
+            return None;
+        }
+        main.memory_checked = Instant::now();
+        let rss = process::resident_mib()?;
+        (rss > limit)
+            .then(|| format!("its resident memory of {rss} MiB passed max-memory={limit} MiB"))
+    }
+
+    /// How many requests the drain let finish, and how long it took.
+    fn log_drained(&self, main: &MainState, since: Instant) {
+        let drained = self.shared.served.load(Ordering::Acquire) - main.drained_from;
+        log::info!(
+            "daemon process {} of group '{}' drained {drained} request(s) in {:.2}s",
+            std::process::id(),
+            self.shared.options.name,
+            since.elapsed().as_secs_f64()
+        );
     }
 
     /// Re-arms the listener when it is idle because this process is full: at
@@ -903,6 +934,21 @@ impl Daemon {
         parked.conns.retain(|_, conn| has_pending_data(conn));
     }
 }
+
+/// What the main thread keeps between its rounds.
+struct MainState {
+    /// When the drain began, if it did.
+    draining_since: Option<Instant>,
+    /// Requests served when the drain began.
+    drained_from: u64,
+    /// Since when the process is full (no thread for another connection).
+    full_since: Option<Instant>,
+    /// When max-memory was last looked at.
+    memory_checked: Instant,
+}
+
+/// How often the main thread compares the resident memory with max-memory.
+const MEMORY_CHECK: Duration = Duration::from_secs(1);
 
 /// A new epoll set, and the eventfd that wakes the main thread.
 fn epoll_and_wake() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -998,7 +1044,8 @@ fn serve_conn(shared: &Shared, conn: Conn, slot: usize, payload: &mut Vec<u8>) {
     let _busy = InFlight::enter(shared);
     let mut keep = serve_one(shared, &conn, slot, payload);
     let max = shared.options.max_requests;
-    if max > 0 && shared.served.fetch_add(1, Ordering::AcqRel) + 1 == max {
+    let served = shared.served.fetch_add(1, Ordering::AcqRel) + 1;
+    if max > 0 && served == max {
         shared.request_drain(format!("max-requests={max} reached"));
     }
     // While draining, a request already waiting on the connection is still served.
