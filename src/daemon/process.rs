@@ -396,6 +396,15 @@ pub fn read_signals(fd: RawFd) -> Vec<i32> {
     }
 }
 
+/// This process's resident memory in MiB, from `/proc/self/statm`.
+pub fn resident_mib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some(pages * page / (1024 * 1024))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,13 +488,4 @@ mod tests {
             .contains("does not exist"));
         assert_eq!(daemon_identity(None, None, 33, 33).unwrap().uid, 33);
     }
-}
-
-/// This process's resident memory in MiB, from `/proc/self/statm`.
-pub fn resident_mib() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    Some(pages * page / (1024 * 1024))
 }
