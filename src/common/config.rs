@@ -243,11 +243,32 @@ pub fn split_path_list(list: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `processes=N` (a fixed pool) or `processes=MIN-MAX` (a pool that grows and
+/// shrinks): (MIN, MAX).
+fn process_range(value: &str) -> Result<(u32, u32), ConfigError> {
+    let count = |v: &str| v.parse::<u32>().ok().filter(|&n| n >= 1);
+    let range = match value.split_once('-') {
+        Some((min, max)) => count(min).zip(count(max)).filter(|(min, max)| min <= max),
+        None => count(value).map(|n| (n, n)),
+    };
+    range.ok_or_else(|| {
+        ConfigError(format!(
+            "daemon option 'processes' needs a number of at least 1 or a range MIN-MAX with 1 <= MIN <= MAX, got '{value}'"
+        ))
+    })
+}
+
 /// The options of one daemon process group (`GatewayDaemon` / `gateway_daemon`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonOptions {
     pub name: String,
+    /// The most processes the group runs (`processes=N`, or MAX of `MIN-MAX`).
     pub processes: u32,
+    /// The fewest: the pool grows from here while all threads are busy and
+    /// shrinks back after `idle_timeout`; equal to `processes` for a fixed pool.
+    pub min_processes: u32,
+    /// Seconds a process of a growing pool may sit idle before it is stopped.
+    pub idle_timeout: u64,
     pub threads: u32,
     pub python_home: Option<PathBuf>,
     pub python_path: Vec<PathBuf>,
@@ -283,6 +304,7 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "request-timeout",
     "slow-request",
     "max-memory",
+    "idle-timeout",
     "graceful-timeout",
     "socket-timeout",
     "queue-timeout",
@@ -304,6 +326,8 @@ impl DaemonOptions {
         let mut d = DaemonOptions {
             name: name.to_string(),
             processes: 1,
+            min_processes: 1,
+            idle_timeout: 10,
             threads: 15,
             python_home: None,
             python_path: Vec::new(),
@@ -339,7 +363,8 @@ impl DaemonOptions {
                 }
             };
             match key {
-                "processes" => d.processes = number(1)?.min(u32::MAX as u64) as u32,
+                "processes" => (d.min_processes, d.processes) = process_range(value)?,
+                "idle-timeout" => d.idle_timeout = seconds(1)?,
                 "threads" => d.threads = number(1)?.min(u32::MAX as u64) as u32,
                 "python-home" => d.python_home = Some(PathBuf::from(value)),
                 "python-path" => d.python_path = split_path_list(value),
@@ -410,6 +435,26 @@ fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processes_are_a_number_or_a_range() {
+        let d = DaemonOptions::parse(&["g", "processes=3"]).unwrap();
+        assert_eq!((d.min_processes, d.processes), (3, 3));
+        let d = DaemonOptions::parse(&["g", "processes=2-6", "idle-timeout=30"]).unwrap();
+        assert_eq!((d.min_processes, d.processes, d.idle_timeout), (2, 6, 30));
+        let d = DaemonOptions::parse(&["g"]).unwrap();
+        assert_eq!((d.min_processes, d.processes, d.idle_timeout), (1, 1, 10));
+        for bad in [
+            "processes=0",
+            "processes=4-2",
+            "processes=0-2",
+            "processes=1-",
+            "processes=x",
+        ] {
+            let e = DaemonOptions::parse(&["g", bad]).unwrap_err();
+            assert!(e.0.contains("MIN-MAX"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn interface_option_after_the_application() {

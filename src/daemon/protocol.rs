@@ -546,6 +546,8 @@ pub fn put_options(e: &mut Encoder<'_>, d: &DaemonOptions) {
     e.u64(d.request_timeout);
     e.u64(d.slow_request);
     e.u64(d.max_memory);
+    e.u32(d.min_processes);
+    e.u64(d.idle_timeout);
     e.u64(d.graceful_timeout);
     e.u64(d.socket_timeout);
     e.u64(d.queue_timeout);
@@ -583,6 +585,8 @@ pub fn decode_options(d: &mut Decoder<'_>) -> Result<DaemonOptions, ProtocolErro
         request_timeout: d.u64("request-timeout")?,
         slow_request: d.u64("slow-request")?,
         max_memory: d.u64("max-memory")?,
+        min_processes: d.u32("min processes")?,
+        idle_timeout: d.u64("idle-timeout")?,
         graceful_timeout: d.u64("graceful-timeout")?,
         socket_timeout: d.u64("socket-timeout")?,
         queue_timeout: d.u64("queue-timeout")?,

@@ -321,6 +321,10 @@ fn report_started(result: Result<(), &str>) {
 /// a kind byte and the pid (big-endian), 5 bytes, written atomically.
 pub const STATUS_READY: u8 = b'R';
 pub const STATUS_DRAINING: u8 = b'D';
+/// All the process's threads have been busy for a while (a growing pool grows).
+pub const STATUS_BUSY: u8 = b'B';
+/// The process has served nothing for idle-timeout (a grown pool shrinks).
+pub const STATUS_IDLE: u8 = b'I';
 
 /// The descriptor numbers a daemon process finds at exec.
 pub const LISTEN_FD: RawFd = 3;
@@ -345,6 +349,10 @@ struct Group {
     down: Option<String>,
     next_start: Instant,
     failures: u32,
+    /// How many processes the group runs now: from min to max processes.
+    wanted: usize,
+    /// No growth before this: one process a second at most.
+    next_growth: Instant,
 }
 
 struct Supervisor {
@@ -467,6 +475,8 @@ impl Supervisor {
                 down: None,
                 next_start: Instant::now(),
                 failures: 0,
+                wanted: options.min_processes.clamp(1, options.processes) as usize,
+                next_growth: Instant::now(),
             });
         }
         let mut fds = [0; 2];
@@ -725,7 +735,7 @@ impl Supervisor {
                 .values()
                 .filter(|c| c.group == i && !c.draining)
                 .count();
-            let wanted = self.groups[i].options.processes as usize;
+            let wanted = self.groups[i].wanted;
             if serving < wanted && Instant::now() >= self.groups[i].next_start {
                 for _ in serving..wanted {
                     if let Err(e) = self.spawn(i) {
@@ -850,10 +860,59 @@ impl Supervisor {
                         group.failures = 0;
                     }
                     STATUS_DRAINING => child.draining = true,
+                    STATUS_BUSY => {
+                        let group = child.group;
+                        self.grow(group);
+                    }
+                    STATUS_IDLE => {
+                        let group = child.group;
+                        self.shrink(group, pid);
+                    }
                     _ => {}
                 }
             }
         }
+    }
+
+    /// One more process for group `i`, whose processes are all busy, up to
+    /// its maximum.
+    fn grow(&mut self, i: usize) {
+        let group = &mut self.groups[i];
+        if group.wanted >= group.options.processes as usize || Instant::now() < group.next_growth {
+            return;
+        }
+        group.wanted += 1;
+        group.next_growth = Instant::now() + Duration::from_secs(1);
+        log::info!(
+            "daemon process group '{}' grows to {} process(es) (at most {}): all threads of a process have been busy for {}ms",
+            group.options.name,
+            group.wanted,
+            group.options.processes,
+            super::worker::BUSY_PERIOD.as_millis()
+        );
+        self.start_missing();
+    }
+
+    /// Stops process `pid` of group `i`, idle for idle-timeout, when the
+    /// group runs more than its minimum.
+    fn shrink(&mut self, i: usize, pid: i32) {
+        let group = &mut self.groups[i];
+        if group.wanted <= group.options.min_processes as usize {
+            return;
+        }
+        group.wanted -= 1;
+        log::info!(
+            "daemon process group '{}' shrinks to {} process(es) (at least {}): process {pid} served nothing for idle-timeout={}s",
+            group.options.name,
+            group.wanted,
+            group.options.min_processes,
+            group.options.idle_timeout
+        );
+        if let Some(child) = self.children.get_mut(&pid) {
+            child.draining = true;
+        }
+        // SAFETY: signals our own child, which drains and exits.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
 
     fn reap(&mut self) {

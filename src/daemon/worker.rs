@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use super::auth::GroupAccess;
 use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
-use super::supervisor::{LISTEN_FD, STATUS_DRAINING, STATUS_FD, STATUS_READY};
+use super::supervisor::{
+    LISTEN_FD, STATUS_BUSY, STATUS_DRAINING, STATUS_FD, STATUS_IDLE, STATUS_READY,
+};
 use crate::common::config::{AppSpec, DaemonOptions};
 use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
@@ -773,6 +775,9 @@ impl Daemon {
             drained_from: 0,
             full_since: None,
             memory_checked: Instant::now(),
+            busy_since: None,
+            last_busy: Instant::now(),
+            told_idle: false,
         };
         loop {
             let drain_why = self.wait(main.draining_since.is_some());
@@ -832,6 +837,7 @@ impl Daemon {
         }
         let Some(since) = main.draining_since else {
             self.take_overflow(&mut main.full_since);
+            self.tell_load(main);
             return;
         };
         let idle = self.shared.in_flight.load(Ordering::Acquire) == 0
@@ -866,6 +872,39 @@ impl Daemon {
         let rss = process::resident_mib()?;
         (rss > limit)
             .then(|| format!("its resident memory of {rss} MiB passed max-memory={limit} MiB"))
+    }
+
+    /// Tells the supervisor of a growing pool when all threads have been busy
+    /// for [`BUSY_PERIOD`] (it may start another process) and, once for each
+    /// idle spell, when nothing ran for idle-timeout (it may stop this one).
+    fn tell_load(&self, main: &mut MainState) {
+        let options = &self.shared.options;
+        if options.min_processes >= options.processes {
+            return;
+        }
+        let now = Instant::now();
+        let in_flight = self.shared.in_flight.load(Ordering::Acquire);
+        if in_flight > 0 {
+            main.last_busy = now;
+        }
+        main.busy_since = match main.busy_since {
+            _ if in_flight < options.threads as usize => None,
+            None => Some(now),
+            since => since,
+        };
+        if main.busy_since.is_some_and(|t| now - t >= BUSY_PERIOD) {
+            // Again each period while it lasts: the supervisor grows one process at a time.
+            report(STATUS_BUSY);
+            main.busy_since = Some(now);
+            main.told_idle = false;
+        } else if now - main.last_busy >= Duration::from_secs(options.idle_timeout) {
+            if !main.told_idle {
+                report(STATUS_IDLE);
+                main.told_idle = true;
+            }
+        } else {
+            main.told_idle = false;
+        }
     }
 
     /// How many requests the drain let finish, and how long it took.
@@ -945,7 +984,16 @@ struct MainState {
     full_since: Option<Instant>,
     /// When max-memory was last looked at.
     memory_checked: Instant,
+    /// Since when all threads are busy, and when a request last ran.
+    busy_since: Option<Instant>,
+    last_busy: Instant,
+    /// Whether the supervisor was told of this idle spell.
+    told_idle: bool,
 }
+
+/// How long all of a process's threads must stay busy for a growing pool
+/// (`processes=MIN-MAX`) to start another process.
+pub const BUSY_PERIOD: Duration = Duration::from_millis(500);
 
 /// How often the main thread compares the resident memory with max-memory.
 const MEMORY_CHECK: Duration = Duration::from_secs(1);
