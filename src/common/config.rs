@@ -243,6 +243,15 @@ pub fn split_path_list(list: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The value of an `on|off` option.
+fn on_off(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => err(format!("daemon option '{key}' is on or off, got '{value}'")),
+    }
+}
+
 /// `processes=N` (a fixed pool) or `processes=MIN-MAX` (a pool that grows and
 /// shrinks): (MIN, MAX).
 fn process_range(value: &str) -> Result<(u32, u32), ConfigError> {
@@ -282,6 +291,8 @@ pub struct DaemonOptions {
     /// MiB of resident memory past which a daemon process finishes its
     /// requests and is replaced (uWSGI's `reload-on-rss`); 0 is off.
     pub max_memory: u64,
+    /// Import the applications when a process starts, not at their first request.
+    pub preload: bool,
     pub graceful_timeout: u64,
     pub socket_timeout: u64,
     /// Seconds a request may wait for a free daemon thread before it gets a 503;
@@ -305,6 +316,7 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "slow-request",
     "max-memory",
     "idle-timeout",
+    "preload",
     "graceful-timeout",
     "socket-timeout",
     "queue-timeout",
@@ -337,6 +349,7 @@ impl DaemonOptions {
             request_timeout: 0,
             slow_request: 0,
             max_memory: 0,
+            preload: false,
             graceful_timeout: 15,
             socket_timeout: 75,
             queue_timeout: 0,
@@ -379,6 +392,7 @@ impl DaemonOptions {
                 "queue-timeout" => d.queue_timeout = seconds(0)?,
                 "listen-backlog" => d.listen_backlog = number(1)?.min(65535) as u32,
                 "display-name" => d.display_name = Some(value.to_string()),
+                "preload" => d.preload = on_off(key, value)?,
                 _ => {
                     return err(format!(
                         "unknown daemon option '{key}' (known options: {})",

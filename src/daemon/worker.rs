@@ -10,7 +10,7 @@
 //! `request-timeout`. SIGTERM (or `max-requests`) makes the process drain: it
 //! stops accepting, finishes what it has, and exits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -118,11 +118,47 @@ pub fn run(argv: Option<ArgvArea>) -> ! {
         opts.threads
     );
     let info = server_info(&config);
+    let unloaded = if opts.preload {
+        preload(&config.access.apps, &info, &opts.name)
+    } else {
+        HashSet::new()
+    };
     let accepted = std::iter::once(config.access).chain(config.previous);
     let daemon = Daemon::new(config.options, accepted.collect(), info, signals)
         .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
+    *lock(&daemon.shared.unloaded) = unloaded;
     report(STATUS_READY);
     daemon.serve()
+}
+
+/// Imports the group's applications before the process serves (preload=on);
+/// those that fail are logged with their traceback and returned: their
+/// requests get a 503 until an import succeeds.
+fn preload(apps: &[AppSpec], info: &ServerInfo, group: &str) -> HashSet<AppSpec> {
+    let started = Instant::now();
+    let failed: HashSet<AppSpec> = apps
+        .iter()
+        .filter(|app| match python::load(app, info) {
+            Ok(()) => false,
+            Err(e) => {
+                log::error!(
+                    "daemon process {} of group '{group}': preloading {} failed; its requests get a 503 until it imports:\n{e}",
+                    std::process::id(),
+                    app.file.display()
+                );
+                true
+            }
+        })
+        .cloned()
+        .collect();
+    log::info!(
+        "daemon process {} of group '{group}' preloaded {} of {} application(s) in {:.2}s",
+        std::process::id(),
+        apps.len() - failed.len(),
+        apps.len(),
+        started.elapsed().as_secs_f64()
+    );
+    failed
 }
 
 /// The configuration the supervisor wrote on stdin.
@@ -430,6 +466,9 @@ struct Shared {
     /// after a reload).
     accepted: Vec<GroupAccess>,
     info: ServerInfo,
+    /// Applications whose preload failed: their requests get a 503 until one
+    /// imports them.
+    unloaded: Mutex<HashSet<AppSpec>>,
     /// The listener and the parked connections: the Python threads wait on it.
     epoll: OwnedFd,
     /// Wakes the main thread (max-requests reached).
@@ -749,6 +788,7 @@ impl Daemon {
             options,
             accepted,
             info,
+            unloaded: Mutex::default(),
             epoll,
             wake,
             parked: Mutex::new(Parked {
@@ -1232,6 +1272,12 @@ fn answer(
     let Some(app) = apps.get(request.app as usize) else {
         return unknown_app(shared, conn, &request, apps.len());
     };
+    if let Some(why) = not_imported(shared, app) {
+        let mut w = lock(&conn.io.writer);
+        w.unavailable(&why);
+        let _ = w.flush();
+        return false;
+    }
     if let Some(why) = waited_too_long(shared, &request) {
         // Too late to be of use: the client has likely given up, and running it
         // would only make the queue behind it longer.
@@ -1241,6 +1287,29 @@ fn answer(
         return false;
     }
     respond(shared, conn, slot, app, request)
+}
+
+/// Why `app`, whose preload failed, still cannot serve: it fails to import
+/// again (logged with its traceback).
+fn not_imported(shared: &Shared, app: &AppSpec) -> Option<String> {
+    if !lock(&shared.unloaded).contains(app) {
+        return None;
+    }
+    match python::load(app, &shared.info) {
+        Ok(()) => {
+            lock(&shared.unloaded).remove(app);
+            None
+        }
+        Err(e) => {
+            let why = format!(
+                "{} of daemon process group '{}' does not import (preload=on); answering 503",
+                app.file.display(),
+                shared.options.name
+            );
+            log::error!("{why}:\n{e}");
+            Some(why)
+        }
+    }
 }
 
 /// Why `request` is not worth running any more: it waited for a thread longer

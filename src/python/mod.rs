@@ -19,6 +19,16 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
     wsgi::run(spec, info, request)
 }
 
+/// Loads the application `spec` now (a preload); Err is its error with the
+/// traceback, for the log.
+pub fn load(spec: &AppSpec, info: &ServerInfo) -> Result<(), String> {
+    interpreter::with_gil(|py| {
+        app::get(py, spec, info)
+            .map(drop)
+            .map_err(|e| wsgi::response::format_exception(py, &e))
+    })
+}
+
 /// Whether requests for `spec` can be started without a thread ([`start`]):
 /// its application is known to be ASGI.
 pub fn runs_without_thread(_spec: &AppSpec) -> bool {
