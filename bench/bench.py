@@ -7,8 +7,9 @@ round starts every configuration in turn (in a rotated order), runs every worklo
 against it with wrk, and stops it again, so drift on the machine hits all alike. The
 table reports the median over rounds.
 
-Run it through `bench/run`, which installs the servers, wrk and a virtualenv with Flask
-and gunicorn first. Only standard-library Python here: it runs under /usr/bin/python3.
+Run it through `bench/run`, which installs the servers, wrk and a virtualenv with Flask,
+gunicorn and the ASGI servers first. Only standard-library Python here: it runs under
+/usr/bin/python3.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import pwd
 import re
 import shutil
 import signal
@@ -37,6 +39,8 @@ LOOPBACK = "127.0.0.1"
 RUN_USER = "www-data"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 UWSGI_PLUGINS = Path("/usr/lib/uwsgi/plugins")
+# What the ASGI peers run on, named in the report's versions.
+ASGI_PACKAGES = ("uvicorn", "uvicorn-worker", "uvloop", "httptools", "granian", "hypercorn")
 MIB = 1024 * 1024
 DEFAULT_MODULES = ROOT / "target" / "modules"
 
@@ -55,6 +59,7 @@ class Workload:
     method: str = "GET"
     upload_size: int = 0
     static: bytes | None = None  # content of the equivalent static file, for the ceilings
+    connections: int | None = None  # wrk connections, if not --connections
 
 
 HELLO = b"Hello, world!"
@@ -66,6 +71,8 @@ WORKLOADS = [
     Workload("upload", "10 MiB upload read in 64 KiB pieces", "/upload",
              lambda b: b == str(10 * MIB).encode(), method="POST", upload_size=10 * MIB),
     Workload("sleep", "application sleeps 50 ms (concurrency)", "/sleep", lambda b: b == b"slept"),
+    Workload("sleep256", "application awaits a 50 ms sleep, 256 connections (ASGI concurrency)", "/sleep",
+             lambda b: b == b"slept", connections=256),
     Workload("flask", "small Flask application (JSON)", "/flask/items/42?color=blue",
              lambda b: json.loads(b).get("id") == 42),
 ]
@@ -78,6 +85,13 @@ MOUNTS = {
     "/sleep": "sleep50.py",
     "/flask": "flask_app.py",
 }
+# The same for the ASGI configurations: the same responses from ASGI applications.
+ASGI_MOUNTS = {
+    "/hello": "asgi_hello.py",
+    "/sleep": "asgi_sleep50.py",
+}
+WSGI_WORKLOADS = ["hello", "64k", "stream", "upload", "sleep", "flask"]
+ASGI_WORKLOADS = ["hello", "sleep256"]
 
 
 # --------------------------------------------------------------------------- processes
@@ -263,6 +277,15 @@ def port_open(port: int) -> bool:
         return False
 
 
+def unix_socket_open(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
@@ -298,7 +321,9 @@ class Config:
     name = ""
     label = ""
     group = ""  # "ceiling", "peer" or "gateway"
-    workloads = [w.name for w in WORKLOADS]
+    interface = "wsgi"  # peers of the same interface are compared ("vs best peer")
+    mounts = MOUNTS
+    workloads = WSGI_WORKLOADS
 
     def __init__(self, env: Env):
         self.env = env
@@ -329,6 +354,9 @@ class Config:
     def launch(self):
         raise NotImplementedError
 
+    def backends(self):
+        """Starts the application servers the front server talks to (before it)."""
+
     def stop(self) -> list[str]:
         self.adopt()  # while everything still runs
         leftovers = []
@@ -356,7 +384,7 @@ class Config:
         return s
 
     def app(self, prefix: str) -> Path:
-        return self.env.apps / MOUNTS[prefix]
+        return self.env.apps / self.mounts[prefix]
 
     def children_of(self, service: Service, match) -> list[int]:
         return [pid for pid in service.members() if match(pid)]
@@ -367,6 +395,34 @@ def require(*paths) -> str | None:
         if not Path(p).exists():
             return str(p)
     return None
+
+
+def interface_option(config: Config) -> str:
+    """What follows FILE in a Gateway mount: nothing for WSGI, as before ASGI existed."""
+    return " interface=asgi" if config.interface == "asgi" else ""
+
+
+class AsgiApps:
+    """Mixed into a configuration that serves the ASGI applications."""
+
+    interface = "asgi"
+    mounts = ASGI_MOUNTS
+    workloads = ASGI_WORKLOADS
+
+
+def as_run_user(argv: list[str]) -> list[str]:
+    """The command run as the servers' user, for servers that cannot drop root themselves."""
+    user = pwd.getpwnam(RUN_USER)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", *argv]
+
+
+def run_dir(config: Config) -> Path:
+    """A directory the servers' user may create its Unix socket in."""
+    path = config.dir / "run"
+    path.mkdir()
+    user = pwd.getpwnam(RUN_USER)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return path
 
 
 # ---- Apache
@@ -383,6 +439,7 @@ class ApacheConfig(Config):
         return f"not installed ({Path(absent).name} missing)" if absent else None
 
     def launch(self):
+        self.backends()
         e = self.env
         conf = self.dir / "httpd.conf"
         lines = [
@@ -504,7 +561,8 @@ class ApacheGateway(ApacheConfig):
             lines += [f"GatewayDaemon bench processes={e.processes} threads={e.threads} "
                       f"python-home={e.venv} display-name=gwbench",
                       "GatewayMode daemon bench"]
-        lines += [f"GatewayScriptAlias {prefix} {self.app(prefix)}" for prefix in MOUNTS]
+        lines += [f"GatewayScriptAlias {prefix} {self.app(prefix)}{interface_option(self)}"
+                  for prefix in self.mounts]
         return lines
 
     def python_pids(self):
@@ -552,9 +610,6 @@ class NginxConfig(Config):
 
     def locations(self) -> list[str]:
         raise NotImplementedError
-
-    def backends(self):
-        """Starts the application servers nginx talks to (before nginx)."""
 
     def launch(self):
         self.backends()
@@ -718,7 +773,8 @@ class NginxGateway(NginxConfig):
                 "gateway_mode daemon bench;"]
 
     def locations(self):
-        return [f"location {prefix} {{ gateway_app {self.app(prefix)}; }}" for prefix in MOUNTS]
+        return [f"location {prefix} {{ gateway_app {self.app(prefix)}{interface_option(self)}; }}"
+                for prefix in self.mounts]
 
     def python_pids(self):
         if self.mode == "embedded":
@@ -737,16 +793,192 @@ class NginxGatewayDaemon(NginxGateway):
     mode = "daemon"
 
 
+# ---- ASGI
+# Every ASGI server runs `processes` worker processes, each serving its requests on one
+# event loop (uvloop wherever the server can use it, as Gateway does when the virtualenv has it).
+
+
+def venv_missing(config: Config, program: str) -> str | None:
+    absent = require(config.env.venv / "bin" / program)
+    return f"not installed ({Path(absent).name} missing)" if absent else None
+
+
+def start_uvicorn(config: Config) -> tuple[Service, Path]:
+    """uvicorn with uvloop and httptools on a Unix socket, for a proxy in front."""
+    e = config.env
+    socket_path = run_dir(config) / "uvicorn.sock"
+    argv = [str(e.venv / "bin" / "uvicorn"), "--uds", str(socket_path), "--workers", str(e.processes),
+            "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+            "--app-dir", str(e.apps), "asgi_dispatch:application"]
+    service = config.service("uvicorn", as_run_user(argv), cwd=e.apps)
+    # The socket file appears when it is bound, before a worker listens on it.
+    wait_until(lambda: unix_socket_open(socket_path), 30, "the uvicorn socket", [service])
+    return service, socket_path
+
+
+class NginxUvicorn(AsgiApps, NginxConfig):
+    name = "nginx-uvicorn"
+    label = "nginx + uvicorn"
+    group = "peer"
+
+    def missing(self):
+        return venv_missing(self, "uvicorn") or super().missing()
+
+    def backends(self):
+        self.uvicorn, self.socket = start_uvicorn(self)
+
+    def http_directives(self):
+        # Enough idle upstream connections for every client connection of the largest load.
+        keepalive = max(w.connections or 0 for w in WORKLOADS)
+        return [f"upstream uvicorn {{ server unix:{self.socket}; keepalive {keepalive}; }}"]
+
+    def locations(self):
+        return ["location / {", "    proxy_pass http://uvicorn;", "    proxy_http_version 1.1;",
+                '    proxy_set_header Connection "";', "    proxy_set_header Host $host;", "}"]
+
+    def python_pids(self):
+        return list(self.uvicorn.members())
+
+
+class ApacheUvicorn(AsgiApps, ApacheConfig):
+    name = "apache-uvicorn"
+    label = "Apache + uvicorn"
+    group = "peer"
+
+    def missing(self):
+        absent = require(APACHE_MODULES / "mod_proxy.so", APACHE_MODULES / "mod_proxy_http.so")
+        if absent:
+            return f"not installed ({Path(absent).name} missing)"
+        return venv_missing(self, "uvicorn") or super().missing()
+
+    def backends(self):
+        self.uvicorn, self.socket = start_uvicorn(self)
+
+    def directives(self):
+        # mod_proxy_http speaks HTTP/1.1 to the backend and keeps a pool of connections per child.
+        return [f"LoadModule proxy_module {APACHE_MODULES}/mod_proxy.so",
+                f"LoadModule proxy_http_module {APACHE_MODULES}/mod_proxy_http.so",
+                f'ProxyPass "/" "unix:{self.socket}|http://localhost/" enablereuse=on']
+
+    def python_pids(self):
+        return list(self.uvicorn.members())
+
+
+class AsgiServer(AsgiApps, Config):
+    """An ASGI server alone, listening on the benchmark's port itself."""
+
+    group = "peer"
+    program = ""
+    stop_signal = signal.SIGTERM
+
+    def missing(self):
+        return venv_missing(self, self.program)
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def launch(self):
+        self.server = self.service(self.program, self.argv(), self.stop_signal, cwd=self.env.apps)
+
+    def python_pids(self):
+        return list(self.server.members())
+
+
+class GunicornUvicorn(AsgiServer):
+    name = "gunicorn-uvicorn"
+    label = "gunicorn + uvicorn worker"
+    program = "gunicorn"
+    # Not SIGQUIT as for nginx-gunicorn: uvicorn's worker does not stop on it (gunicorn kills it
+    # after its 30 s graceful timeout); on SIGTERM it stops at once when no request is running.
+    stop_signal = signal.SIGTERM
+
+    def missing(self):
+        if not any(self.env.venv.glob("lib/python3*/site-packages/uvicorn_worker")):
+            return "not installed (uvicorn-worker missing)"
+        return super().missing()
+
+    def argv(self):
+        e = self.env
+        # uvicorn's worker picks uvloop and httptools when they are installed.
+        return [str(e.venv / "bin" / "gunicorn"), "--workers", str(e.processes),
+                "--worker-class", "uvicorn_worker.UvicornWorker", "--bind", f"{LOOPBACK}:{self.port}",
+                "--user", RUN_USER, "--group", RUN_USER, "--chdir", str(e.apps),
+                "--worker-tmp-dir", "/dev/shm", "asgi_dispatch:application"]
+
+
+class Granian(AsgiServer):
+    name = "granian"
+    label = "granian"
+    program = "granian"
+
+    def argv(self):
+        e = self.env
+        return as_run_user([str(e.venv / "bin" / "granian"), "--interface", "asgi",
+                            "--workers", str(e.processes), "--loop", "uvloop",
+                            "--host", LOOPBACK, "--port", str(self.port),
+                            "--working-dir", str(e.apps), "asgi_dispatch:application"])
+
+
+class Hypercorn(AsgiServer):
+    name = "hypercorn"
+    label = "hypercorn"
+    program = "hypercorn"
+
+    def argv(self):
+        e = self.env
+        # Its default worker class is plain asyncio; uvloop is what the other servers use.
+        return as_run_user([str(e.venv / "bin" / "hypercorn"), "--workers", str(e.processes),
+                            "--worker-class", "uvloop", "--bind", f"{LOOPBACK}:{self.port}",
+                            "asgi_dispatch:application"])
+
+
+class ApacheGatewayAsgiEmbedded(AsgiApps, ApacheGateway):
+    name = "apache-gateway-asgi-embedded"
+    label = "Apache + Gateway ASGI embedded"
+
+
+class ApacheGatewayAsgiDaemon(AsgiApps, ApacheGateway):
+    name = "apache-gateway-asgi-daemon"
+    label = "Apache + Gateway ASGI daemon"
+    mode = "daemon"
+
+
+class NginxGatewayAsgiEmbedded(AsgiApps, NginxGateway):
+    name = "nginx-gateway-asgi-embedded"
+    label = "nginx + Gateway ASGI embedded"
+
+
+class NginxGatewayAsgiDaemon(AsgiApps, NginxGateway):
+    name = "nginx-gateway-asgi-daemon"
+    label = "nginx + Gateway ASGI daemon"
+    mode = "daemon"
+
+
 CONFIGS = [NginxReturn, ApacheStatic, ApacheModWsgiEmbedded, ApacheModWsgiDaemon, NginxUwsgi,
            NginxGunicorn, ApacheGatewayEmbedded, ApacheGatewayDaemon, NginxGatewayEmbedded,
-           NginxGatewayDaemon]
+           NginxGatewayDaemon,
+           NginxUvicorn, ApacheUvicorn, GunicornUvicorn, Granian, Hypercorn,
+           ApacheGatewayAsgiEmbedded, ApacheGatewayAsgiDaemon, NginxGatewayAsgiEmbedded,
+           NginxGatewayAsgiDaemon]
 
-# The performance goals of the project, checked on the hello-world workload.
+# Stands for the best ASGI peer on the workload in GOALS.
+BEST_ASGI_PEER = "best ASGI peer"
+# The performance goals of the project: (Gateway configuration, peer, ratio, workload).
 GOALS = [
-    ("apache-gateway-embedded", "apache-modwsgi-embedded", 1.5),
-    ("nginx-gateway-embedded", "nginx-uwsgi", 1.5),
-    ("apache-gateway-daemon", "apache-modwsgi-daemon", 2.0),
-    ("nginx-gateway-daemon", "nginx-uwsgi", 1.0),
+    ("apache-gateway-embedded", "apache-modwsgi-embedded", 1.5, "hello"),
+    ("nginx-gateway-embedded", "nginx-uwsgi", 1.5, "hello"),
+    ("apache-gateway-daemon", "apache-modwsgi-daemon", 2.0, "hello"),
+    ("nginx-gateway-daemon", "nginx-uwsgi", 1.0, "hello"),
+    ("apache-gateway-asgi-embedded", "apache-uvicorn", 1.5, "hello"),
+    ("nginx-gateway-asgi-embedded", "nginx-uvicorn", 1.5, "hello"),
+    ("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "hello"),
+    ("nginx-gateway-asgi-daemon", "nginx-uvicorn", 1.0, "hello"),
+    ("nginx-gateway-asgi-embedded", BEST_ASGI_PEER, 1.0, "sleep256"),
+    ("nginx-gateway-asgi-daemon", BEST_ASGI_PEER, 1.0, "sleep256"),
+    # Apache's MPM bounds the requests in flight to processes x threads for every handler,
+    # a proxy included, so Apache is held to the best peer behind Apache.
+    ("apache-gateway-asgi-embedded", "apache-uvicorn", 1.0, "sleep256"),
+    ("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "sleep256"),
 ]
 
 
@@ -826,7 +1058,8 @@ class Bench:
         url = self.url(config, w)
         if not url.startswith(f"http://{LOOPBACK}:"):
             raise RuntimeError(f"refusing to load a non-loopback address: {url}")
-        argv = ["wrk", "-t1", f"-c{self.args.connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
+        connections = w.connections or self.args.connections
+        argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s"]
         if w.name in self.scripts:
             argv += ["-s", str(self.scripts[w.name])]
         r = subprocess.run(argv + [url], capture_output=True, text=True, timeout=seconds + 60)
@@ -974,93 +1207,148 @@ def report(args, env: Env, configs: list[Config], skipped: dict, workloads, resu
         out += [f"**Incomplete run ({interrupted}).**", ""]
     if args.quick:
         out += ["**Smoke run (`--quick`): one short round; the numbers are not meaningful.**", ""]
-    out += [f"- date: {facts['date']}",
-            f"- machine: {facts['machine']}",
-            f"- versions: {facts['versions']}",
-            f"- every server: **{env.processes} processes x {env.threads} threads** "
-            f"(Apache event MPM: {env.processes} children x ThreadsPerChild {env.threads}; "
-            f"nginx: {env.processes} workers; mod_wsgi and Gateway daemons: processes={env.processes} "
-            f"threads={env.threads}; Gateway in nginx: gateway_threads {env.threads}; "
-            f"uWSGI: processes={env.processes} threads={env.threads}; "
-            f"gunicorn: {env.processes} gthread workers x {env.threads} threads); no access logs",
-            f"- load: wrk -t1 -c{args.connections}, keep-alive, {args.duration} s per measurement after "
-            f"{args.warmup} s warm-up, {args.rounds} interleaved round(s); loopback only",
-            "- req/s, p50 and p99 are medians over rounds; errors are non-2xx responses plus socket errors "
-            "summed over rounds; Python RSS is the peak, during the measurement, of the summed resident "
-            "memory of the processes that run the application (total / largest single process, "
-            "process count)",
-            "- vs best peer: req/s divided by the best of mod_wsgi (embedded, daemon), uWSGI and gunicorn "
-            "on that workload",
-            ""]
+    out += report_header(args, env, configs, workloads, facts)
     all_configs = [(c, None) for c in configs] + [(c, reason) for c, reason in skipped.items()]
     order = {cls.name: i for i, cls in enumerate(CONFIGS)}
     all_configs.sort(key=lambda item: order[item[0].name])
     summaries = {c.name: {name: summary(cell) for name, cell in results.get(c.name, {}).items()}
                  for c in configs}
     for w in workloads:
-        peers = [summaries[c.name][w.name]["rps"] for c in configs
-                 if c.group == "peer" and summaries[c.name].get(w.name)]
-        best = max(peers) if peers else None
-        out += [f"## {w.title}", "",
-                "| configuration | req/s | p50 ms | p99 ms | errors | Python RSS MiB | vs best peer |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for c, reason in all_configs:
-            if w.name not in c.workloads:
-                continue
-            if reason:
-                out.append(f"| {c.label} | {reason} | | | | | |")
-                continue
-            s = summaries[c.name].get(w.name)
-            if s is None:
-                out.append(f"| {c.label} | {cell_text(results[c.name][w.name]['failure'] or 'no result')} | | | | | |")
-                continue
-            rss = (f"{s['rss_total'] / MIB:.0f} / {s['rss_process'] / MIB:.0f} ({s['python_processes']})"
-                   if s["python_processes"] else "-")
-            ratio = f"{s['rps'] / best:.2f}x" if best else "-"
-            failure = results[c.name][w.name]["failure"]
-            note = f" ({s['rounds']}/{args.rounds} rounds; then {cell_text(failure)})" if failure else ""
-            out.append(f"| {c.label} | {s['rps']:.0f}{note} | {fmt_ms(s['p50_ms'])} | {fmt_ms(s['p99_ms'])} "
-                       f"| {fmt_errors(s)} | {rss} | {ratio} |")
-        out.append("")
+        out += report_table(args, w, configs, all_configs, summaries, results)
     out += ["## Goals", ""]
+    out += report_goals(configs, skipped, summaries, results)
+    out.append("")
+    if notes:
+        out += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    return "\n".join(out)
+
+
+def report_header(args, env: Env, configs: list[Config], workloads, facts) -> list[str]:
+    servers = (f"- every server: **{env.processes} processes x {env.threads} threads** "
+               f"(Apache event MPM: {env.processes} children x ThreadsPerChild {env.threads}; "
+               f"nginx: {env.processes} workers; mod_wsgi and Gateway daemons: processes={env.processes} "
+               f"threads={env.threads}; Gateway in nginx: gateway_threads {env.threads}; "
+               f"uWSGI: processes={env.processes} threads={env.threads}; "
+               f"gunicorn: {env.processes} gthread workers x {env.threads} threads); no access logs")
+    load = (f"- load: wrk -t1 -c{args.connections}, keep-alive, {args.duration} s per measurement after "
+            f"{args.warmup} s warm-up, {args.rounds} interleaved round(s); loopback only")
+    extra = [f"{w.name}: wrk -c{w.connections}" for w in workloads if w.connections]
+    if extra:
+        load += "; " + ", ".join(extra)
+    lines = [f"- date: {facts['date']}", f"- machine: {facts['machine']}", f"- versions: {facts['versions']}",
+             servers]
+    if any(c.interface == "asgi" for c in configs):
+        lines.append(f"- ASGI servers: {env.processes} worker processes, each serving its requests on one "
+                     f"event loop: uvicorn --workers {env.processes} (uvloop, httptools) behind nginx "
+                     f"(upstream keep-alive, HTTP/1.1) and Apache (mod_proxy_http), over a Unix socket; "
+                     f"gunicorn --workers {env.processes} with uvicorn-worker's UvicornWorker, granian "
+                     f"--interface asgi --workers {env.processes} --loop uvloop and hypercorn --workers "
+                     f"{env.processes} --worker-class uvloop alone on the port; Gateway as for WSGI, "
+                     f"mounts with interface=asgi")
+    lines += [load,
+              "- req/s, p50 and p99 are medians over rounds; errors are non-2xx responses plus socket errors "
+              "summed over rounds; Python RSS is the peak, during the measurement, of the summed resident "
+              "memory of the processes that run the application (total / largest single process, "
+              "process count)",
+              "- vs best peer: req/s divided by the best of mod_wsgi (embedded, daemon), uWSGI and gunicorn "
+              "on that workload" + ("; for ASGI rows, the best of the ASGI peers (uvicorn behind nginx or "
+                                    "Apache, gunicorn + uvicorn worker, granian, hypercorn)"
+                                    if any(c.interface == "asgi" for c in configs) else ""),
+              ""]
+    return lines
+
+
+def best_peer(configs: list[Config], summaries: dict, workload: str, interface: str):
+    """(req/s, label) of the best peer of that interface on the workload, or None."""
+    peers = [(summaries[c.name][workload]["rps"], c.label) for c in configs
+             if c.group == "peer" and c.interface == interface and summaries[c.name].get(workload)]
+    return max(peers) if peers else None
+
+
+def report_table(args, w: Workload, configs, all_configs, summaries, results) -> list[str]:
+    out = [f"## {w.title}", "",
+           "| configuration | req/s | p50 ms | p99 ms | errors | Python RSS MiB | vs best peer |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c, reason in all_configs:
+        if w.name not in c.workloads:
+            continue
+        if reason:
+            out.append(f"| {c.label} | {reason} | | | | | |")
+            continue
+        s = summaries[c.name].get(w.name)
+        if s is None:
+            out.append(f"| {c.label} | {cell_text(results[c.name][w.name]['failure'] or 'no result')} | | | | | |")
+            continue
+        rss = (f"{s['rss_total'] / MIB:.0f} / {s['rss_process'] / MIB:.0f} ({s['python_processes']})"
+               if s["python_processes"] else "-")
+        best = best_peer(configs, summaries, w.name, c.interface)
+        ratio = f"{s['rps'] / best[0]:.2f}x" if best else "-"
+        failure = results[c.name][w.name]["failure"]
+        note = f" ({s['rounds']}/{args.rounds} rounds; then {cell_text(failure)})" if failure else ""
+        out.append(f"| {c.label} | {s['rps']:.0f}{note} | {fmt_ms(s['p50_ms'])} | {fmt_ms(s['p99_ms'])} "
+                   f"| {fmt_errors(s)} | {rss} | {ratio} |")
+    out.append("")
+    return out
+
+
+def report_goals(configs, skipped: dict, summaries, results) -> list[str]:
     labels = {cls.name: cls.label for cls in CONFIGS}
+    titles = {w.name: w.title for w in WORKLOADS}
 
-    def hello(name):
-        return summaries.get(name, {}).get("hello")
-
-    def why_missing(name):
+    def why_missing(name, wname):
         for c, reason in skipped.items():
             if c.name == name:
                 return f"{labels[name]} {reason}"
         if name not in summaries:
             return f"{labels[name]} not selected"
-        cell = results[name].get("hello")
-        return f"{labels[name]}: {cell_text(cell['failure']) if cell and cell['failure'] else 'no hello-world result'}"
+        cell = results[name].get(wname)
+        if cell and cell["failure"]:
+            return f"{labels[name]}: {cell_text(cell['failure'])}"
+        return f"{labels[name]}: no result for {wname}"
 
-    for ours, peer, goal in GOALS:
-        line = f"- goal: {labels[ours]} >= {goal:.1f}x {labels[peer]} (hello world): "
-        a, b = hello(ours), hello(peer)
+    out = []
+    for ours, peer, goal, wname in GOALS:
+        line = f"- goal: {labels[ours]} >= {goal:.1f}x {labels.get(peer, peer)} ({titles[wname]}): "
+        a = summaries.get(ours, {}).get(wname)
+        if peer == BEST_ASGI_PEER:
+            best = best_peer(configs, summaries, wname, "asgi")
+            b, peer_label = ({"rps": best[0]}, best[1]) if best else (None, None)
+        else:
+            b, peer_label = summaries.get(peer, {}).get(wname), None
         if a and b:
             ratio = a["rps"] / b["rps"]
             verdict = "met" if ratio >= goal else "NOT met"
-            line += f"measured {ratio:.2f}x ({a['rps']:.0f} vs {b['rps']:.0f} req/s) — {verdict}"
+            which = f", {peer_label}" if peer_label else ""
+            line += f"measured {ratio:.2f}x ({a['rps']:.0f} vs {b['rps']:.0f} req/s{which}) — {verdict}"
         else:
-            line += "not measured (" + "; ".join(why_missing(n) for n, s in ((ours, a), (peer, b)) if not s) + ")"
+            reasons = [why_missing(ours, wname)] if not a else []
+            if not b:
+                reasons.append("no ASGI peer measured" if peer == BEST_ASGI_PEER else why_missing(peer, wname))
+            line += "not measured (" + "; ".join(reasons) + ")"
         out.append(line)
-    for wname in ("hello", "flask"):
-        parts = []
-        for name in ("apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon"):
-            s = summaries.get(name, {}).get(wname)
-            if s and s["python_processes"]:
-                parts.append(f"{labels[name]} {s['rss_process'] / MIB:.1f} MiB")
-            else:
-                parts.append(f"{labels[name]} not measured")
-        title = next(w.title for w in WORKLOADS if w.name == wname)
-        out.append(f"- memory, peak RSS of one daemon process ({title}): " + "; ".join(parts))
-    out.append("")
-    if notes:
-        out += ["## Notes", "", *[f"- {note}" for note in notes], ""]
-    return "\n".join(out)
+    out += memory_lines(summaries, labels, titles)
+    return out
+
+
+def memory_lines(summaries, labels, titles) -> list[str]:
+    """The peak RSS of one process: Gateway's daemons next to the peers' processes."""
+    groups = [("hello", ["apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon"], True),
+              ("flask", ["apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon"], True),
+              ("hello", ["apache-gateway-asgi-daemon", "nginx-gateway-asgi-daemon", "nginx-uvicorn",
+                         "gunicorn-uvicorn", "granian", "hypercorn"], False),
+              ("sleep256", ["apache-gateway-asgi-daemon", "nginx-gateway-asgi-daemon", "nginx-uvicorn",
+                            "gunicorn-uvicorn", "granian", "hypercorn"], False)]
+    out = []
+    for wname, names, always in groups:
+        measured = {n: summaries.get(n, {}).get(wname) for n in names}
+        # The WSGI lines are always shown, as before; the ASGI ones when anything of theirs ran.
+        if not always and not any(measured.values()):
+            continue
+        parts = [f"{labels[n]} {s['rss_process'] / MIB:.1f} MiB" if s and s["python_processes"]
+                 else f"{labels[n]} not measured" for n, s in measured.items()]
+        what = "one daemon process" if always else "one process (daemon, or a server's largest)"
+        out.append(f"- memory, peak RSS of {what} ({titles[wname]}): " + "; ".join(parts))
+    return out
 
 
 def command_output(argv) -> str:
@@ -1101,6 +1389,10 @@ def gather_facts(env: Env) -> dict:
 
     py = str(env.venv / "bin" / "python")
     flask = "import importlib.metadata as m; print(m.version('flask'))"
+    asgi = ("import importlib.metadata as m\n"
+            f"for name in {ASGI_PACKAGES!r}:\n"
+            "    try: print(name, m.version(name), end=', ')\n"
+            "    except m.PackageNotFoundError: print(name, 'not installed', end=', ')")
     versions = [
         ("Apache", first(["apache2", "-v"], r"Apache/(\S+)")),
         ("nginx", first(["nginx", "-v"], r"nginx/(\S+)")),
@@ -1112,12 +1404,13 @@ def gather_facts(env: Env) -> dict:
         ("wrk", first(["wrk", "-v"], r"wrk (\S+)")),
         ("Gateway", first(["git", "-C", str(ROOT), "describe", "--always", "--dirty"])
          + ("" if env.modules == DEFAULT_MODULES else " (modules from another directory, --modules)")),
+        ("", first([py, "-c", asgi]).rstrip(", ")),
     ]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": ", ".join(x for x in [cpu, f"{os.cpu_count()} CPUs", mem, distro,
                                          f"Linux {platform.release()}"] if x),
-        "versions": ", ".join(f"{name} {version}" for name, version in versions),
+        "versions": ", ".join(f"{name} {version}".strip() for name, version in versions),
     }
 
 
@@ -1162,7 +1455,7 @@ def parse_args(argv):
                    help="where the Gateway modules are (default: target/modules of this checkout)")
     default_venv = os.environ.get("GATEWAY_BENCH_VENV", "/var/tmp/gateway-bench-venv")
     p.add_argument("--venv", type=Path, default=Path(default_venv),
-                   help="virtualenv with Flask and gunicorn, readable by www-data (bench/run makes it)")
+                   help="virtualenv with bench/requirements.txt, readable by www-data (bench/run makes it)")
     p.add_argument("--output", type=Path, help="also write the Markdown report to this file")
     p.add_argument("--json", type=Path, help="write every raw measurement to this file")
     p.add_argument("--time-limit", type=int, help="hard limit in seconds for the whole run "
@@ -1181,10 +1474,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
         for cls in CONFIGS:
-            print(f"{cls.name:26} {cls.label}")
+            print(f"{cls.name:30} {cls.interface.upper() if cls.group != 'ceiling' else '':5} {cls.label}")
         print()
         for w in WORKLOADS:
-            print(f"{w.name:26} {w.title}")
+            runs = [i.upper() for i, names in (("wsgi", WSGI_WORKLOADS), ("asgi", ASGI_WORKLOADS)) if w.name in names]
+            print(f"{w.name:30} {'+'.join(runs):10} {w.title}")
         return 0
     if os.geteuid() != 0:
         log("bench: run as root: the servers start as root and drop to www-data, like Debian's")
