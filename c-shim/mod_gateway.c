@@ -39,6 +39,8 @@ static const command_rec gateway_cmds[] = {
                   "DIR[:DIR...]: extra sys.path entries for the embedded interpreter"),
     AP_INIT_FLAG("GatewaySharedInterpreter", gateway_cmd_shared_interpreter, NULL, RSRC_CONF,
                  "On: embedded applications of different scripts may share the interpreter"),
+    AP_INIT_FLAG("GatewayPreload", gateway_cmd_preload, NULL, RSRC_CONF,
+                 "On: each child imports the embedded applications when it starts"),
     {NULL}
 };
 

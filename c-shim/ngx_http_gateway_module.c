@@ -75,6 +75,13 @@ static ngx_command_t  ngx_http_gateway_commands[] = {
       0,
       NULL },
 
+    { ngx_string("gateway_preload"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      gateway_conf_preload,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 

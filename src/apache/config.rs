@@ -31,6 +31,9 @@ pub struct ServerConfig {
     /// `GatewaySharedInterpreter`: whether embedded applications of different
     /// scripts may share the interpreter.
     pub shared_interpreter: Option<bool>,
+    /// `GatewayPreload`: whether each child imports the embedded applications
+    /// when it starts.
+    pub preload: Option<bool>,
 }
 
 impl ServerConfig {
@@ -83,6 +86,7 @@ impl ServerConfig {
             python_home: base.python_home.clone(),
             python_path: base.python_path.clone(),
             shared_interpreter: base.shared_interpreter,
+            preload: base.preload,
         }
     }
 }
@@ -366,6 +370,26 @@ pub unsafe extern "C" fn gateway_cmd_shared_interpreter(
             return Err(ConfigError("is given twice: give it once".into()));
         }
         cfg.shared_interpreter = Some(on != 0);
+        Ok(())
+    })
+}
+
+/// `GatewayPreload On|Off`
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_preload(
+    cmd: *mut cmd_parms,
+    dcfg: *mut c_void,
+    on: c_int,
+) -> *const c_char {
+    // SAFETY: httpd calls a directive handler with its live cmd_parms and the section's record.
+    let cmd = unsafe { Cmd::from_raw(cmd, dcfg) };
+    directive(cmd, "GatewayPreload", |cmd| {
+        cmd.check_context(GLOBAL_ONLY)?;
+        let cfg = server_config(cmd)?;
+        if cfg.preload.is_some() {
+            return Err(ConfigError("is given twice: give it once".into()));
+        }
+        cfg.preload = Some(on != 0);
         Ok(())
     })
 }

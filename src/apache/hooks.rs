@@ -390,7 +390,51 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
         records::close_listeners_at_fork();
         // pchild lives until the child exits: then the atexit handlers run.
         pchild.on_cleanup(interpreter::run_exit_handlers);
+        if s.config().and_then(|c| c.preload) == Some(true) {
+            preload(s);
+        }
     })
+}
+
+/// `GatewayPreload On`: starts Python in this new child and imports the
+/// applications its servers run embedded, before it takes a request. One that
+/// fails is logged, and imported again at its first request.
+fn preload(main: Server<'_>) {
+    let Ok(info) = PYTHON.get_or_init(|| start_python(main)) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let mut apps: Vec<&crate::common::config::AppSpec> = Vec::new();
+    for cfg in main.chain().filter_map(|s| s.config()) {
+        if matches!(cfg.mode, Some(Mode::Daemon(_))) {
+            continue;
+        }
+        // Virtual hosts repeat the main server's mounts.
+        for mount in &cfg.mounts {
+            if !apps.contains(&&mount.app) {
+                apps.push(&mount.app);
+            }
+        }
+    }
+    let loaded = apps
+        .iter()
+        .filter(|app| match crate::python::load(app, info) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "preloading {} failed; it is imported again at its first request:\n{e}",
+                    app.file.display()
+                );
+                false
+            }
+        })
+        .count();
+    log::info!(
+        "child {} preloaded {loaded} of {} application(s) in {:.2}s",
+        std::process::id(),
+        apps.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Starts Python in this child with the settings of `server`.

@@ -50,6 +50,11 @@ pub struct MainConfig {
     pub shared_interpreter: Option<bool>,
     /// The first location that runs its application embedded.
     pub first_embedded: Option<Arc<Mount>>,
+    /// `gateway_preload`: whether each worker imports the embedded
+    /// applications when it starts.
+    pub preload: Option<bool>,
+    /// The applications that locations run embedded, each once.
+    pub embedded_apps: Vec<AppSpec>,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -222,6 +227,9 @@ fn merge_loc_conf(
         }
         (Some(mount), _) => {
             mcf.embedded += 1;
+            if !mcf.embedded_apps.contains(&mount.app) {
+                mcf.embedded_apps.push(mount.app.clone());
+            }
             if let Some(clash) = embedded_clash(mcf, mount) {
                 return Err(clash);
             }
@@ -442,13 +450,30 @@ pub unsafe extern "C" fn gateway_conf_shared_interpreter(
     // SAFETY: nginx calls the handler of an http-level directive.
     let (cf, mcf) = unsafe { main_directive(cf, conf) };
     directive(&cf, mcf, |mcf, args| {
-        let on = match args.values[0] {
-            "on" => true,
-            "off" => false,
-            other => return Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
-        };
-        set_once(&mut mcf.shared_interpreter, on)
+        set_once(&mut mcf.shared_interpreter, on_off(args.values[0])?)
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_preload(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        set_once(&mut mcf.preload, on_off(args.values[0])?)
+    })
+}
+
+/// The value of an `on|off` directive.
+fn on_off(value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(ConfigError(format!("needs 'on' or 'off', got '{other}'"))),
+    }
 }
 
 #[no_mangle]

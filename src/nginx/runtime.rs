@@ -20,11 +20,12 @@ use super::ffi::*;
 use super::inherit;
 use super::records::{self, Cycle, LoopThread, Timer, Watcher};
 use super::request;
+use crate::common::config::AppSpec;
 use crate::common::config::DaemonOptions;
 use crate::common::log::escape_controls;
 use crate::common::panic::{catch, fault_point, guard};
 use crate::python::interpreter::{self, PythonSettings};
-use crate::python::ServerInfo;
+use crate::python::{self, ServerInfo};
 
 /// Work for a module thread: one request, and the exchange that ends its
 /// response should the work fail.
@@ -281,6 +282,9 @@ fn start(
         multiprocess: worker_processes > 1,
         shared_interpreter: cfg.shared_interpreter.unwrap_or(false),
     };
+    if python && cfg.preload == Some(true) {
+        preload(&cfg.embedded_apps, &info);
+    }
     let (tx, rx) = crossbeam_channel::unbounded::<Task>();
     let threads = spawn_threads(count, &info, &rx)?;
     log_started(python, count);
@@ -292,6 +296,32 @@ fn start(
         wakeup,
         watcher,
     })
+}
+
+/// `gateway_preload on`: imports the embedded applications before the worker
+/// takes a request. One that fails is logged, and imported again at its first
+/// request.
+fn preload(apps: &[AppSpec], info: &ServerInfo) {
+    let started = Instant::now();
+    let loaded = apps
+        .iter()
+        .filter(|app| match python::load(app, info) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!(
+                    "preloading {} failed; it is imported again at its first request:\n{e}",
+                    app.file.display()
+                );
+                false
+            }
+        })
+        .count();
+    log::info!(
+        "worker {} preloaded {loaded} of {} application(s) in {:.2}s",
+        std::process::id(),
+        apps.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn start_python(cycle: Cycle<'_>, cfg: &MainConfig) -> Result<(), String> {
