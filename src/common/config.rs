@@ -293,6 +293,9 @@ pub struct DaemonOptions {
     pub max_memory: u64,
     /// Import the applications when a process starts, not at their first request.
     pub preload: bool,
+    /// Recycle the processes gracefully when the application's file or a
+    /// module it imported from its directory or `python_path` changes.
+    pub reload_on_change: bool,
     pub graceful_timeout: u64,
     pub socket_timeout: u64,
     /// Seconds a request may wait for a free daemon thread before it gets a 503;
@@ -317,6 +320,7 @@ pub const DAEMON_OPTION_KEYS: &[&str] = &[
     "max-memory",
     "idle-timeout",
     "preload",
+    "reload-on-change",
     "graceful-timeout",
     "socket-timeout",
     "queue-timeout",
@@ -350,6 +354,7 @@ impl DaemonOptions {
             slow_request: 0,
             max_memory: 0,
             preload: false,
+            reload_on_change: false,
             graceful_timeout: 15,
             socket_timeout: 75,
             queue_timeout: 0,
@@ -393,6 +398,7 @@ impl DaemonOptions {
                 "listen-backlog" => d.listen_backlog = number(1)?.min(65535) as u32,
                 "display-name" => d.display_name = Some(value.to_string()),
                 "preload" => d.preload = on_off(key, value)?,
+                "reload-on-change" => d.reload_on_change = on_off(key, value)?,
                 _ => {
                     return err(format!(
                         "unknown daemon option '{key}' (known options: {})",

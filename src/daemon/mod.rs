@@ -43,6 +43,7 @@ pub mod process;
 pub mod protocol;
 pub mod rundir;
 pub mod supervisor;
+pub mod watch;
 pub mod worker;
 
 use std::path::{Path, PathBuf};

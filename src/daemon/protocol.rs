@@ -549,6 +549,7 @@ pub fn put_options(e: &mut Encoder<'_>, d: &DaemonOptions) {
     e.u32(d.min_processes);
     e.u64(d.idle_timeout);
     e.u8(u8::from(d.preload));
+    e.u8(u8::from(d.reload_on_change));
     e.u64(d.graceful_timeout);
     e.u64(d.socket_timeout);
     e.u64(d.queue_timeout);
@@ -589,6 +590,7 @@ pub fn decode_options(d: &mut Decoder<'_>) -> Result<DaemonOptions, ProtocolErro
         min_processes: d.u32("min processes")?,
         idle_timeout: d.u64("idle-timeout")?,
         preload: d.u8("preload")? != 0,
+        reload_on_change: d.u8("reload-on-change")? != 0,
         graceful_timeout: d.u64("graceful-timeout")?,
         socket_timeout: d.u64("socket-timeout")?,
         queue_timeout: d.u64("queue-timeout")?,

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +26,7 @@ use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_
 use super::supervisor::{
     LISTEN_FD, STATUS_BUSY, STATUS_DRAINING, STATUS_FD, STATUS_IDLE, STATUS_READY,
 };
+use super::watch::Watch;
 use crate::common::config::{AppSpec, DaemonOptions};
 use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
@@ -127,6 +129,9 @@ pub fn run(argv: Option<ArgvArea>) -> ! {
     let daemon = Daemon::new(config.options, accepted.collect(), info, signals)
         .unwrap_or_else(|e| fail(&format!("daemon process: {e}")));
     *lock(&daemon.shared.unloaded) = unloaded;
+    if daemon.shared.options.reload_on_change {
+        watch_for_changes(&daemon.shared);
+    }
     report(STATUS_READY);
     daemon.serve()
 }
@@ -159,6 +164,104 @@ fn preload(apps: &[AppSpec], info: &ServerInfo, group: &str) -> HashSet<AppSpec>
         started.elapsed().as_secs_f64()
     );
     failed
+}
+
+/// How often the modules loaded are looked at for new files to watch.
+const RESCAN: Duration = Duration::from_secs(2);
+
+/// reload-on-change: a thread that watches the applications' files and the
+/// modules they imported from their directories or python-path, and drains
+/// the process (which the supervisor replaces) when one changes.
+fn watch_for_changes(shared: &Arc<Shared>) {
+    let watch = match Watch::new() {
+        Ok(watch) => watch,
+        Err(e) => {
+            log::error!("reload-on-change cannot watch files (inotify): {e}");
+            return;
+        }
+    };
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("gateway-reload".into())
+        .spawn(move || watch_loop(&shared, watch));
+    if let Err(e) = spawned {
+        log::error!("cannot start the reload-on-change thread: {e}");
+    }
+}
+
+fn watch_loop(shared: &Shared, mut watch: Watch) {
+    let apps: Vec<PathBuf> = shared.accepted[0]
+        .apps
+        .iter()
+        .map(|a| a.file.clone())
+        .collect();
+    let mut roots: Vec<PathBuf> = apps
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_path_buf))
+        .collect();
+    roots.extend(shared.options.python_path.iter().cloned());
+    let mut scanned: Option<Instant> = None;
+    loop {
+        if scanned.is_none_or(|t| t.elapsed() >= RESCAN) {
+            let before = watch.count();
+            for file in apps
+                .iter()
+                .cloned()
+                .chain(module_files(&roots, shared.options.python_home.as_deref()))
+            {
+                if let Err(e) = watch.add(&file) {
+                    log::warn!("reload-on-change cannot watch {}: {e}", file.display());
+                }
+            }
+            if scanned.is_none() || watch.count() != before {
+                log::info!(
+                    "daemon process {} of group '{}' watches {} file(s) for reload-on-change",
+                    std::process::id(),
+                    shared.options.name,
+                    watch.count()
+                );
+            }
+            scanned = Some(Instant::now());
+        }
+        if socket::readable_within(watch.fd(), Duration::from_secs(1)) {
+            if let Some(file) = watch.changed() {
+                shared.request_drain(format!("reload-on-change: {} changed", file.display()));
+                return;
+            }
+        }
+    }
+}
+
+/// The source files of the loaded modules under `roots`, leaving out
+/// installed packages (a virtualenv inside the application's directory).
+fn module_files(roots: &[PathBuf], python_home: Option<&Path>) -> Vec<PathBuf> {
+    use pyo3::prelude::*;
+    let installed = |p: &Path| {
+        python_home.is_some_and(|home| p.starts_with(home))
+            || p.components().any(|c| {
+                matches!(
+                    c.as_os_str().to_str(),
+                    Some("site-packages" | "dist-packages")
+                )
+            })
+    };
+    interpreter::with_gil(|py| -> PyResult<Vec<PathBuf>> {
+        let modules = py.import("sys")?.getattr("modules")?.call_method0("copy")?;
+        let mut files = Vec::new();
+        for module in modules.call_method0("values")?.try_iter()? {
+            let Ok(file) = module?
+                .getattr("__file__")
+                .and_then(|f| f.extract::<PathBuf>())
+            else {
+                continue;
+            };
+            if roots.iter().any(|r| file.starts_with(r)) && !installed(&file) {
+                files.push(file);
+            }
+        }
+        Ok(files)
+    })
+    .unwrap_or_default()
 }
 
 /// The configuration the supervisor wrote on stdin.

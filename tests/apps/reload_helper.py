@@ -1,0 +1,3 @@
+"""Imported by reload_apps.py: the reload-on-change tests rewrite VALUE."""
+
+VALUE = 1
