@@ -410,11 +410,14 @@ pub fn is_initialized() -> bool {
     unsafe { ffi::Py_IsInitialized() != 0 }
 }
 
-/// Runs `atexit` handlers at the end of a process, as a Python program would.
+/// Runs `atexit` handlers at the end of a process, as a Python program would,
+/// after the ASGI applications' lifespan shutdown (bounded; the event loop
+/// thread needs the GIL, so this thread must not hold it meanwhile).
 pub fn run_exit_handlers() {
     if !is_initialized() {
         return;
     }
+    super::asgi::shutdown();
     with_gil(|py| {
         if let Err(e) = py
             .import("atexit")

@@ -13,7 +13,7 @@ use crate::common::log::request_line;
 use crate::common::transport::{Header, ResponseChannel};
 
 /// Hop-by-hop headers belong to the server's connection, never to the application.
-const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-authenticate",
