@@ -41,6 +41,8 @@ static const command_rec gateway_cmds[] = {
                  "On: embedded applications of different scripts may share the interpreter"),
     AP_INIT_FLAG("GatewayPreload", gateway_cmd_preload, NULL, RSRC_CONF,
                  "On: each child imports the embedded applications when it starts"),
+    AP_INIT_TAKE1("GatewaySlowRequest", gateway_cmd_slow_request, NULL, RSRC_CONF,
+                  "SECONDS: log the Python stack of an embedded request still running after this long"),
     {NULL}
 };
 

@@ -82,6 +82,13 @@ static ngx_command_t  ngx_http_gateway_commands[] = {
       0,
       NULL },
 
+    { ngx_string("gateway_slow_request"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      gateway_conf_slow_request,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 

@@ -52,6 +52,7 @@ char *gateway_conf_python_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_shared_interpreter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_preload(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_slow_request(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 /* src/nginx/daemons.rs: the daemon supervisor's start in the master */
 ngx_int_t gateway_init_module(ngx_cycle_t *cycle, void *mcf, ngx_uint_t test,

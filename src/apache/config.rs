@@ -7,7 +7,9 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use super::ffi::{apr_pool_t, cmd_parms, server_rec, GLOBAL_ONLY};
 use super::records::{self, Arg, Argv, Cmd, Pool, ServerId};
-use crate::common::config::{split_path_list, AppSpec, ConfigError, DaemonOptions, Groups, Mode};
+use crate::common::config::{
+    self, split_path_list, AppSpec, ConfigError, DaemonOptions, Groups, Mode,
+};
 use crate::common::mount::Prefix;
 use crate::common::panic::{catch, guard};
 use crate::python::interpreter;
@@ -34,6 +36,9 @@ pub struct ServerConfig {
     /// `GatewayPreload`: whether each child imports the embedded applications
     /// when it starts.
     pub preload: Option<bool>,
+    /// `GatewaySlowRequest`: seconds after which an embedded request still
+    /// running has its Python stack logged.
+    pub slow_request: Option<u64>,
 }
 
 impl ServerConfig {
@@ -87,6 +92,7 @@ impl ServerConfig {
             python_path: base.python_path.clone(),
             shared_interpreter: base.shared_interpreter,
             preload: base.preload,
+            slow_request: base.slow_request,
         }
     }
 }
@@ -390,6 +396,28 @@ pub unsafe extern "C" fn gateway_cmd_preload(
             return Err(ConfigError("is given twice: give it once".into()));
         }
         cfg.preload = Some(on != 0);
+        Ok(())
+    })
+}
+
+/// `GatewaySlowRequest SECONDS`
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_slow_request(
+    cmd: *mut cmd_parms,
+    dcfg: *mut c_void,
+    value: *const c_char,
+) -> *const c_char {
+    // SAFETY: httpd calls a directive handler with its live cmd_parms, the
+    // section's record, and the directive's NUL-terminated argument.
+    let (cmd, value) = unsafe { (Cmd::from_raw(cmd, dcfg), Arg::from_raw(value)) };
+    directive(cmd, "GatewaySlowRequest", |cmd| {
+        cmd.check_context(GLOBAL_ONLY)?;
+        let seconds = config::seconds(value.to_str()?, 1)?;
+        let cfg = server_config(cmd)?;
+        if cfg.slow_request.is_some() {
+            return Err(ConfigError("is given twice: give it once".into()));
+        }
+        cfg.slow_request = Some(seconds);
         Ok(())
     })
 }

@@ -448,6 +448,7 @@ fn start_python(server: Server<'_>) -> Result<ServerInfo, String> {
         log::error!("{e}");
         return Err(e.to_string());
     }
+    crate::python::slow::configure(cfg.and_then(|c| c.slow_request).unwrap_or(0));
     let threads = records::mpm_query(AP_MPMQ_MAX_THREADS);
     let daemons = records::mpm_query(AP_MPMQ_MAX_DAEMONS);
     Ok(ServerInfo {

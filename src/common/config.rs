@@ -373,7 +373,9 @@ impl DaemonOptions {
                 ));
             }
             seen.push((key, option));
-            let seconds = |min: u64| seconds(key, value, min);
+            let seconds = |min: u64| {
+                seconds(value, min).map_err(|e| ConfigError(format!("daemon option '{key}' {e}")))
+            };
             let number = |min: u64| -> Result<u64, ConfigError> {
                 match value.parse::<u64>() {
                     Ok(n) if n >= min => Ok(n),
@@ -411,9 +413,10 @@ impl DaemonOptions {
     }
 }
 
-/// Parses the value of a time option: a whole number of seconds, bare or with
-/// one of nginx's units `s`, `m`, `h`, or `ms` when it makes whole seconds.
-fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
+/// Parses the value of a time option or directive: a whole number of seconds,
+/// bare or with one of nginx's units `s`, `m`, `h`, or `ms` when it makes whole
+/// seconds. The message says what is wrong with the value; the caller names it.
+pub fn seconds(value: &str, min: u64) -> Result<u64, ConfigError> {
     let digits = value
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(value.len());
@@ -425,13 +428,13 @@ fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
         "ms" => None,
         _ => {
             return err(format!(
-                "daemon option '{key}' needs a time such as 30, 30s, 5m or 1h, got '{value}' (known units: s, m, h, ms)"
+                "needs a time such as 30, 30s, 5m or 1h, got '{value}' (known units: s, m, h, ms)"
             ))
         }
     };
     let Ok(n) = number.parse::<u64>() else {
         return err(format!(
-            "daemon option '{key}' needs a time such as 30, 30s, 5m or 1h, got '{value}'"
+            "needs a time such as 30, 30s, 5m or 1h, got '{value}'"
         ));
     };
     let secs = match scale {
@@ -439,16 +442,14 @@ fn seconds(key: &str, value: &str, min: u64) -> Result<u64, ConfigError> {
         None if n % 1000 == 0 => Some(n / 1000),
         None => {
             return err(format!(
-                "daemon option '{key}' counts whole seconds: '{value}' is not a whole number of seconds"
+                "counts whole seconds: '{value}' is not a whole number of seconds"
             ))
         }
     };
     match secs {
         Some(s) if s >= min => Ok(s),
-        Some(_) => err(format!(
-            "daemon option '{key}' needs a time of at least {min}s, got '{value}'"
-        )),
-        None => err(format!("daemon option '{key}': '{value}' is too long")),
+        Some(_) => err(format!("needs a time of at least {min}s, got '{value}'")),
+        None => err(format!("needs a shorter time than '{value}'")),
     }
 }
 
@@ -633,6 +634,6 @@ mod tests {
             assert!(DaemonOptions::parse(&["g", &option]).is_err(), "{bad}");
         }
         let e = DaemonOptions::parse(&["g", "request-timeout=99999999999999999h"]).unwrap_err();
-        assert!(e.0.contains("is too long"), "{e}");
+        assert!(e.0.contains("needs a shorter time than"), "{e}");
     }
 }

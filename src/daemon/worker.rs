@@ -1762,16 +1762,39 @@ fn gil_reports(shared: &Shared, queue: Receiver<(usize, Instant, Report)>) {
 /// Logs the stack of the request that started at `started` in slot `index`,
 /// if it still runs, and raises TimeoutError in its thread if it timed out.
 fn report_stack(shared: &Shared, index: usize, started: Instant, why: Report) {
+    let (level, title) = match why {
+        Report::TimedOut => (log::Level::Error, "Stack of the stuck thread"),
+        Report::Slow => (log::Level::Warn, "Stack of the slow request's thread"),
+    };
+    let Some(thread) = running_thread(shared, index, started) else {
+        return;
+    };
+    // An ASGI request's code runs in its task on the event loop, not in its thread.
+    if let Some(stack) = python::asgi::tasks::stack(thread) {
+        if let Some(running) = lock(&shared.slots[index])
+            .as_ref()
+            .filter(|r| r.started == started)
+        {
+            let task = match why {
+                Report::TimedOut => "Stack of the timed-out request's ASGI task (it is cancelled):",
+                Report::Slow => "Stack of the slow request's ASGI task:",
+            };
+            running.log(level, task);
+            for line in stack.lines() {
+                running.log(level, line);
+            }
+        }
+        if why == Report::TimedOut {
+            python::asgi::tasks::cancel(thread);
+        }
+        return;
+    }
     interpreter::with_gil(|py| {
         let slot = lock(&shared.slots[index]);
         let Some(running) = slot.as_ref().filter(|r| r.started == started) else {
             return;
         };
-        let (level, title) = match why {
-            Report::TimedOut => (log::Level::Error, "Stack of the stuck thread"),
-            Report::Slow => (log::Level::Warn, "Stack of the slow request's thread"),
-        };
-        for line in python_stack(py, running.thread, title).lines() {
+        for line in python::slow::thread_stack(py, running.thread, title).lines() {
             running.log(level, line);
         }
         if why == Report::TimedOut {
@@ -1786,28 +1809,12 @@ fn report_stack(shared: &Shared, index: usize, started: Instant, why: Report) {
     });
 }
 
-/// The Python stack of a thread, formatted like a traceback under `title`.
-fn python_stack(py: pyo3::Python<'_>, thread: libc::pthread_t, title: &str) -> String {
-    use pyo3::prelude::*;
-    let stack = (|| -> PyResult<String> {
-        let frames = py.import("sys")?.call_method0("_current_frames")?;
-        let Some(frame) = frames
-            .call_method1("get", (thread,))
-            .ok()
-            .filter(|f| !f.is_none())
-        else {
-            return Ok("(the thread is not running Python code)".into());
-        };
-        let lines: Vec<String> = py
-            .import("traceback")?
-            .call_method1("format_stack", (frame,))?
-            .extract()?;
-        Ok(format!(
-            "{title} (most recent call last):\n{}",
-            lines.concat()
-        ))
-    })();
-    stack.unwrap_or_else(|e| format!("(cannot read the Python stack: {e})"))
+/// The thread of the request that started at `started` in slot `index`, if it still runs.
+fn running_thread(shared: &Shared, index: usize, started: Instant) -> Option<libc::pthread_t> {
+    let slot = lock(&shared.slots[index]);
+    slot.as_ref()
+        .filter(|r| r.started == started)
+        .map(|r| r.thread)
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ pub struct MainConfig {
     pub preload: Option<bool>,
     /// The applications that locations run embedded, each once.
     pub embedded_apps: Vec<AppSpec>,
+    /// `gateway_slow_request`: seconds after which an embedded request still
+    /// running has its Python stack logged.
+    pub slow_request: Option<u64>,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -464,6 +467,19 @@ pub unsafe extern "C" fn gateway_conf_preload(
     let (cf, mcf) = unsafe { main_directive(cf, conf) };
     directive(&cf, mcf, |mcf, args| {
         set_once(&mut mcf.preload, on_off(args.values[0])?)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_slow_request(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        set_once(&mut mcf.slow_request, config::seconds(args.values[0], 1)?)
     })
 }
 

@@ -282,6 +282,9 @@ fn start(
         multiprocess: worker_processes > 1,
         shared_interpreter: cfg.shared_interpreter.unwrap_or(false),
     };
+    if python {
+        python::slow::configure(cfg.slow_request.unwrap_or(0));
+    }
     if python && cfg.preload == Some(true) {
         preload(&cfg.embedded_apps, &info);
     }

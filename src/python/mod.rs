@@ -1,12 +1,14 @@
 //! The Python side: what every Python protocol shares (the embedded
 //! interpreter, loading applications, the log streams) and one folder per
-//! protocol on top of it ([`wsgi`] today). Server-neutral: servers plug in
+//! protocol on top of it ([`wsgi`], [`asgi`]); [`run`] picks the one an
+//! application speaks. Server-neutral: servers plug in
 //! through the traits of [`crate::common::transport`].
 
 pub mod app;
 pub mod asgi;
 pub mod interpreter;
 pub mod log_stream;
+pub mod slow;
 pub mod wsgi;
 
 pub use wsgi::ServerInfo;
@@ -57,6 +59,7 @@ fn interface(spec: &AppSpec, info: &ServerInfo) -> Option<Interface> {
 /// Runs `request` with the application `spec` in this process, with the
 /// protocol the application speaks; blocks until its response has gone out.
 pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
+    let _watched = slow::watch_thread(&request.head);
     match interface(spec, info) {
         Some(Interface::Asgi) => asgi::run(spec, info, request),
         _ => wsgi::run(spec, info, request),
@@ -70,7 +73,10 @@ pub fn load(spec: &AppSpec, info: &ServerInfo) -> Result<(), String> {
         app::get(py, spec, info)
             .map(drop)
             .map_err(|e| wsgi::response::format_exception(py, &e))
-    })
+    })?;
+    // Known from now on: an ASGI application's first request runs without a thread.
+    interface(spec, info);
+    Ok(())
 }
 
 /// Whether requests for `spec` can be started without a thread ([`start`]):

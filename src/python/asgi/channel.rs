@@ -145,6 +145,13 @@ fn lookup(py: Python<'_>, id: u64) -> Option<Py<Channel>> {
     REQUESTS.with(|r| r.borrow().get(&id).map(|c| c.clone_ref(py)))
 }
 
+/// Request `id`'s task, while it runs.
+pub fn task_of(py: Python<'_>, id: u64) -> Option<Py<PyAny>> {
+    let channel = lookup(py, id)?;
+    let channel = channel.bind(py).borrow();
+    channel.task.as_ref().map(|t| t.clone_ref(py))
+}
+
 /// A reply from request `id`'s transport.
 pub fn on_reply(py: Python<'_>, id: u64, reply: Reply) {
     if let Some(channel) = lookup(py, id) {

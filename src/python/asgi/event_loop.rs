@@ -53,6 +53,10 @@ pub enum Event {
     ///
     /// [`Flow`]: crate::common::transport::Flow
     Wake(u64),
+    /// Format request `id`'s task stack and send it back.
+    Stack(u64, crossbeam_channel::Sender<String>),
+    /// Cancel request `id`'s task (request-timeout).
+    Cancel(u64),
     /// The process is stopping: shut the applications down and stop.
     Shutdown,
 }
@@ -239,6 +243,8 @@ fn handle(py: Python<'_>, event: Event) {
         Event::New(request) => channel::begin(py, *request),
         Event::Reply(id, reply) => channel::on_reply(py, id, reply),
         Event::Wake(id) => channel::on_wake(py, id),
+        Event::Stack(id, answer) => super::tasks::on_stack(py, id, answer),
+        Event::Cancel(id) => super::tasks::on_cancel(py, id),
         Event::Shutdown => lifespan::shutdown_and_stop(py),
     }
 }

@@ -110,3 +110,17 @@ async def shutdown(lifespans, timeout):
             await asyncio.wait(left, timeout=1)
     finally:
         loop.stop()
+
+
+def task_stack(task):
+    """The stack of an application's task: each coroutine it awaits, down to
+    the innermost (asyncio's own print_stack shows only the outermost)."""
+    import traceback
+    entries = []
+    coro = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            entries.extend(traceback.extract_stack(frame, limit=1))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "Stack of the request's task (most recent call last):\n" + "".join(traceback.format_list(entries))

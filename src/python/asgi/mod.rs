@@ -15,6 +15,7 @@ mod flow;
 mod lifespan;
 mod response;
 mod scope;
+pub mod tasks;
 mod threaded;
 
 use std::ffi::CStr;
@@ -81,6 +82,7 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
         has_body,
         backend: Box::new(threaded::Threaded { ops: ops_tx }),
     })));
+    let _driving = tasks::Driving::enter(id);
     threaded::serve(id, &shared, ops, body, response)
 }
 
@@ -111,6 +113,11 @@ pub fn start(
         }
     };
     let id = event_loop::next_id();
+    let watched = crate::python::slow::watch_task(&head, id);
+    let done: Done = Box::new(move |outcome| {
+        drop(watched);
+        done(outcome)
+    });
     let backend = flow::FlowBackend::new(id, shared.clone(), body, response, flow, done);
     shared.post(Event::New(Box::new(NewRequest {
         id,
