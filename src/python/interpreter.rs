@@ -136,6 +136,11 @@ pub fn initialize(settings: &PythonSettings) -> Result<(), InitError> {
         ffi::PyConfig_Clear(&mut config);
     }
     let added = Python::attach(|py| {
+        // threading names its main thread after the thread that imports it first;
+        // CPython's signal module, after the one that started the interpreter (this
+        // one). They must agree, or an event loop started on another thread (uvloop)
+        // takes itself for the main thread and fails in signal.set_wakeup_fd.
+        py.import("threading")?;
         super::log_stream::redirect_std_streams(py)?;
         add_site_dirs(py, &settings.path)
     });
