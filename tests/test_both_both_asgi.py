@@ -181,7 +181,10 @@ def test_scope_has_every_field_the_spec_asks_for(asgi):
     names = [name for name, _ in scope["headers"]]
     assert all(name == name.lower() for name in names), names
     ours = [pair for pair in scope["headers"] if pair[0].startswith("x-")]
-    assert ours == [["x-first", "1"], ["x-repeat", "a"], ["x-repeat", "b"], ["x-latin", "café"], ["x-last", "z"]]
+    # nginx keeps a repeated header's lines; Apache's core joins them (RFC 9110, 5.3)
+    # before any module sees the request.
+    repeated = [["x-repeat", "a, b"]] if asgi.name.startswith("apache") else [["x-repeat", "a"], ["x-repeat", "b"]]
+    assert ours == [["x-first", "1"], *repeated, ["x-latin", "café"], ["x-last", "z"]]
     assert ["host", f"127.0.0.1:{asgi.port}"] in scope["headers"]
     assert scope["client"][0] == "127.0.0.1" and scope["client"][1] > 0
     assert scope["server"] == ["127.0.0.1", asgi.port]
