@@ -80,7 +80,7 @@ def pipelined(port: int, raw: bytes, methods: list[str], timeout: float = 15.0):
 
 @dataclass
 class Mount:
-    """A WSGI application at a URL prefix."""
+    """A WSGI or ASGI application at a URL prefix."""
 
     prefix: str
     script: str  # file name under tests/apps (copied into the server's directory)
@@ -88,6 +88,12 @@ class Mount:
     mode: str = "embedded"  # or "daemon": runs in the daemon process group `group`
     vhost: str | None = None  # name-based virtual host (Host header); None = default server
     group: str | None = None  # the daemon process group, for mode="daemon"
+    interface: str | None = None  # "wsgi" or "asgi" (interface=); None = detected
+
+    def target(self, script_path: str) -> str:
+        """FILE[:CALLABLE] [interface=...], as both servers' mount directives take it."""
+        target = script_path if self.callable == "application" else f"{script_path}:{self.callable}"
+        return f"{target} interface={self.interface}" if self.interface else target
 
 
 @dataclass
@@ -385,14 +391,16 @@ MaxRequestWorkers 6
 
 
 class Apache(Server):
-    """Debian's apache2 with mod_gateway.so and the chosen MPM."""
+    """Debian's apache2 with mod_gateway.so and the chosen MPM; with `http2`, also
+    mod_http2 speaking cleartext HTTP/2 (h2c, with prior knowledge) on the same port."""
 
-    def __init__(self, mounts, settings=None, mpm="event", name=None, **kw):
+    def __init__(self, mounts, settings=None, mpm="event", name=None, http2=False, **kw):
         self.name = name or f"apache-{mpm}"
         self.mpm = mpm
         super().__init__(mounts, settings, **kw)
         self.conf = self.dir / "httpd.conf"
         self.runtime_dir = self.dir / "run"
+        self.h2_port = self.port if http2 else None
 
     def write_config(self) -> Path:
         s = self.settings
@@ -408,6 +416,7 @@ class Apache(Server):
             f"LoadModule authz_core_module {APACHE_MODULES}/mod_authz_core.so",
             f"LoadModule alias_module {APACHE_MODULES}/mod_alias.so",
             f"LoadModule gateway_module {s.modules}/mod_gateway.so",
+            f"LoadModule http2_module {APACHE_MODULES}/mod_http2.so\nProtocols h2c http/1.1" if self.h2_port else "",
             f"ErrorLog {self.error_log}",
             f"DefaultRuntimeDir {self.runtime_dir}",
             "LogLevel info",
@@ -440,10 +449,7 @@ class Apache(Server):
         return self.save_config(lines)
 
     def mount_directive(self, m: Mount) -> str:
-        target = self.script_path(m.script)
-        if m.callable != "application":
-            target += f":{m.callable}"
-        directive = f"GatewayScriptAlias {m.prefix} {target}"
+        directive = f"GatewayScriptAlias {m.prefix} {m.target(self.script_path(m.script))}"
         if m.mode == "daemon":
             directive += f"\n<Location {m.prefix}>\n  GatewayMode daemon {m.group}\n</Location>"
         return directive
@@ -548,11 +554,8 @@ class Nginx(Server):
         return self.save_config(lines)
 
     def location(self, m: Mount) -> str:
-        target = self.script_path(m.script)
-        if m.callable != "application":
-            target += f":{m.callable}"
         mode = f" gateway_mode daemon {m.group};" if m.mode == "daemon" else ""
-        return f"location {m.prefix} {{ gateway_app {target};{mode} }}"
+        return f"location {m.prefix} {{ gateway_app {m.target(self.script_path(m.script))};{mode} }}"
 
     def nginx(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run(["nginx", "-p", str(self.dir), "-c", str(self.conf), *args],
@@ -656,13 +659,14 @@ def battery_settings():
     return Settings(python_home=VENV, python_path=[str(APPS / "lib")], shared_interpreter=True)
 
 
-def make_server(kind, mounts, settings=None):
+def make_server(kind, mounts, settings=None, http2=False):
     """A server of the given kind: 'apache-event', 'apache-prefork', 'apache-event-daemon'
-    (the event MPM forwarding every mount to a daemon group), 'nginx' or 'nginx-daemon'."""
+    (the event MPM forwarding every mount to a daemon group), 'nginx' or 'nginx-daemon';
+    with `http2`, it also speaks cleartext HTTP/2 on its `h2_port`."""
     if kind.startswith("apache-"):
-        return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind)
+        return Apache(mounts, settings, mpm=kind.split("-")[1], name=kind, http2=http2)
     if kind in ("nginx", "nginx-daemon"):
-        return Nginx(mounts, settings, name=kind)
+        return Nginx(mounts, settings, name=kind, http2=http2)
     raise ValueError(kind)
 
 
@@ -698,8 +702,8 @@ def real_app_server(kind, prefix, script, group, extra=""):
 
 # --- Daemon groups ---
 
-def daemon_app(prefix, name, group="g", script="daemon_apps.py", vhost=None):
-    return Mount(prefix, script, name, mode="daemon", group=group, vhost=vhost)
+def daemon_app(prefix, name, group="g", script="daemon_apps.py", vhost=None, interface=None):
+    return Mount(prefix, script, name, mode="daemon", group=group, vhost=vhost, interface=interface)
 
 
 def daemon_server(kind, mounts, daemons, **kw):
@@ -778,6 +782,81 @@ def in_background(srv, path, timeout=30.0, results=None):
     thread = threading.Thread(target=run)
     thread.start()
     return thread, results
+
+
+def h2_request(port, method, path, body=b"", timeout=15.0, on_data=None):
+    """One request over cleartext HTTP/2 with prior knowledge: (headers, body);
+    an AssertionError when the server resets the stream. `on_data` is called with
+    the body received so far after each DATA frame."""
+    # Imported here: demo/run imports this module where h2 may not be installed.
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    sid = conn.get_next_available_stream_id()
+    headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{port}")]
+    if body:
+        headers.append(("content-length", str(len(body))))
+    conn.send_headers(sid, headers, end_stream=not body)
+    sock.sendall(conn.data_to_send())
+    pending = memoryview(body)
+    resp_headers, data, done = {}, bytearray(), False
+    try:
+        while not done:
+            while pending and conn.local_flow_control_window(sid) > 0:
+                n = min(len(pending), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                conn.send_data(sid, pending[:n].tobytes(), end_stream=n == len(pending))
+                pending = pending[n:]
+            sock.sendall(conn.data_to_send())
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    resp_headers = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                    if on_data:
+                        on_data(bytes(data))
+                elif isinstance(event, h2.events.StreamEnded):
+                    done = True
+                elif isinstance(event, h2.events.StreamReset):
+                    raise AssertionError(f"stream reset: {event.error_code}")
+            sock.sendall(conn.data_to_send())
+    finally:
+        sock.close()
+    return resp_headers, bytes(data)
+
+
+def under_load(srv, path, clients, seconds, during=None):
+    """`clients` threads request `path` in a loop for `seconds`; `during` runs in
+    the middle. Returns the list of (status or exception name) of every request."""
+    results, lock = [], threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client():
+        while time.monotonic() < stop:
+            try:
+                resp, _ = srv.get(path, timeout=20)
+                outcome = resp.status
+            except Exception as e:  # a broken connection is a failure to count
+                outcome = type(e).__name__
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    if during:
+        time.sleep(seconds / 3)
+        during()
+    for t in threads:
+        t.join(timeout=seconds + 30)
+    return results
 
 
 # --- The repository ---

@@ -14,6 +14,9 @@ def localise(text, srv):
     """Points an example's /srv paths and port 80 at this test server."""
     apps = srv.apps
     for placeholder, real in [("/srv/venv", VENV), ("/srv/hello/wsgi.py", apps / "hello.py"),
+                              ("/srv/fastapi/main.py", apps / "fastapi_app.py"), ("/srv/fastapi", apps),
+                              ("/srv/mysite/mysite/asgi.py", apps / "django_asgi" / "site_asgi.py"),
+                              ("/srv/mysite", apps / "django_asgi"),
                               ("/srv/hello", apps), ("/srv/lib", apps / "lib"),
                               ("/srv/django", apps / "django_site"), ("/srv/flask", apps)]:
         text = text.replace(placeholder, str(real))
@@ -56,7 +59,9 @@ README_BLOCKS = re.findall(r"^```(apache|nginx)\n(.*?)^```", (ROOT / "README.md"
 def localise_readme(text, srv):
     """Points a README block's paths, user and port at this test server."""
     apps = srv.apps
-    for placeholder, real in [("/srv/myapp/venv", VENV), ("/srv/shop/venv", VENV),
+    for placeholder, real in [("/srv/myapp/venv", VENV), ("/srv/shop/venv", VENV), ("/srv/api/venv", VENV),
+                              ("/srv/api/main.py:app", f"{apps / 'asgi_apps.py'}:hello"), ("/srv/api", apps),
+                              ("user=api", "user=www-data"),
                               ("/srv/myapp/wsgi.py", apps / "hello.py"),
                               ("/srv/shop/app.wsgi", apps / "hello.py"),
                               ("/srv/admin/app.py:app", f"{apps / 'battery.py'}:hello"),

@@ -15,34 +15,7 @@ import time
 from pathlib import Path
 
 from harness import (NOBODY, VENV, WWW_DATA, daemon_app, get_json, parent_of, pids_by_title, python_as, timed_get,
-                     token, wait_for_pids)
-
-
-def load(srv, path, clients, seconds, during=None):
-    """`clients` threads request `path` in a loop for `seconds`; `during` runs in
-    the middle. Returns the list of (status or exception name) of every request."""
-    results, lock = [], threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client():
-        while time.monotonic() < stop:
-            try:
-                resp, _ = srv.get(path, timeout=20)
-                outcome = resp.status
-            except Exception as e:  # a broken connection is a failure to count
-                outcome = type(e).__name__
-            with lock:
-                results.append(outcome)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    if during:
-        time.sleep(seconds / 3)
-        during()
-    for t in threads:
-        t.join(timeout=seconds + 30)
-    return results
+                     token, under_load, wait_for_pids)
 
 
 def _connect_as(user, path):
@@ -73,7 +46,7 @@ def test_kill_9_fails_only_the_requests_in_flight_and_is_replaced_fast(make_daem
                 time.sleep(0.01)
             killed_at.append(time.monotonic())
 
-        results = load(srv, "/slow?s=0.2", clients=8, seconds=4.5, during=kill)
+        results = under_load(srv, "/slow?s=0.2", clients=8, seconds=4.5, during=kill)
         replaced = wait_for_pids(title, 2, timeout=5)
         assert victim not in replaced
         assert killed_at[1] - killed_at[0] < 1.0, killed_at[1] - killed_at[0]
@@ -107,7 +80,7 @@ def test_graceful_reloads_under_load_fail_nothing_and_replace_the_daemons(make_d
                 srv.graceful()
                 time.sleep(1.5)
 
-        results = load(srv, "/slow?s=0.3", clients=8, seconds=7, during=graceful)
+        results = under_load(srv, "/slow?s=0.3", clients=8, seconds=7, during=graceful)
         assert len(results) > 50
         assert [r for r in results if r != 200] == []
         # A new generation of daemons serves; the old one drained and exited.

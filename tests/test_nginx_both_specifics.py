@@ -20,7 +20,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from harness import MODULES, VENV, Mount, Nginx, Settings, battery_settings, built, get_json, run_make
+from harness import MODULES, VENV, Mount, Nginx, Settings, battery_settings, built, get_json, h2_request, run_make
 
 pytestmark = pytest.mark.skipif(not built("nginx", daemon=False),
                                 reason="ngx_http_gateway_module.so is not built (make nginx)")
@@ -230,45 +230,6 @@ def test_file_wrapper_with_and_without_sendfile(sendfile):
 
 
 # --- HTTP/2 ---
-
-def h2_request(port, method, path, body=b"", timeout=15.0):
-    """One request over cleartext HTTP/2 with prior knowledge: (headers, body)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
-    sid = conn.get_next_available_stream_id()
-    headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", f"127.0.0.1:{port}")]
-    if body:
-        headers.append(("content-length", str(len(body))))
-    conn.send_headers(sid, headers, end_stream=not body)
-    sock.sendall(conn.data_to_send())
-    pending = memoryview(body)
-    resp_headers, data, done = {}, bytearray(), False
-    try:
-        while not done:
-            while pending and conn.local_flow_control_window(sid) > 0:
-                n = min(len(pending), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                conn.send_data(sid, pending[:n].tobytes(), end_stream=n == len(pending))
-                pending = pending[n:]
-            sock.sendall(conn.data_to_send())
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection"
-            for event in conn.receive_data(chunk):
-                if isinstance(event, h2.events.ResponseReceived):
-                    resp_headers = dict(event.headers)
-                elif isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
-                elif isinstance(event, h2.events.StreamEnded):
-                    done = True
-                elif isinstance(event, h2.events.StreamReset):
-                    raise AssertionError(f"stream reset: {event.error_code}")
-            sock.sendall(conn.data_to_send())
-    finally:
-        sock.close()
-    return resp_headers, bytes(data)
-
 
 def test_http2_get_and_post():
     mounts = [Mount("/who", "serving.py", "whoami"), Mount("/echo", "battery.py", "echo"),
