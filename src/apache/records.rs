@@ -698,6 +698,12 @@ impl Request<'_> {
         (fd >= 0).then_some(fd)
     }
 
+    /// Whether the connection is known broken (an HTTP/2 stream the client reset).
+    pub fn connection_aborted(&self) -> bool {
+        // SAFETY: the request and its connection are live.
+        unsafe { (*(*self.raw).connection).aborted != 0 }
+    }
+
     /// Whether the request has a body at all (once [`Request::setup_body`] ran).
     pub fn has_body(&self) -> bool {
         // SAFETY: the request is live.

@@ -62,7 +62,12 @@ impl RequestBody for ApacheBody {
     }
 
     fn client_gone(&mut self) -> bool {
-        self.client_fd.is_some_and(socket::peer_closed)
+        // Over HTTP/2 there is no socket of the request's own: mod_http2 marks
+        // the stream's connection aborted when the client resets the stream.
+        match self.client_fd {
+            Some(fd) => socket::peer_closed(fd),
+            None => self.r.with(|r, _| r.connection_aborted()).unwrap_or(true),
+        }
     }
 }
 

@@ -493,12 +493,15 @@ pub fn decode_start(payload: &[u8]) -> Result<(u16, String, Vec<Header>), Protoc
 
 /// The outcome carried by an `End` frame. A daemon answers no status of its
 /// own: any status outcome means the application failed before its response.
-pub fn outcome_code(o: Outcome) -> u8 {
+pub fn outcome_payload(o: Outcome) -> Vec<u8> {
     match o {
-        Outcome::Complete => 0,
-        Outcome::Status(_) => 1,
-        Outcome::Aborted => 2,
-        Outcome::ClientGone => 3,
+        Outcome::Complete => vec![0],
+        Outcome::Status(status) => {
+            let [hi, lo] = status.to_be_bytes();
+            vec![1, hi, lo]
+        }
+        Outcome::Aborted => vec![2],
+        Outcome::ClientGone => vec![3],
     }
 }
 
@@ -507,6 +510,11 @@ pub fn decode_outcome(payload: &[u8]) -> Result<Outcome, ProtocolError> {
     match payload {
         [0] => Ok(Outcome::Complete),
         [1] => Ok(Outcome::FAILED),
+        // Only an error status: the daemon's answer when nothing of the response went out.
+        [1, hi, lo] => match u16::from_be_bytes([*hi, *lo]) {
+            status @ 400..=599 => Ok(Outcome::Status(status)),
+            _ => Ok(Outcome::FAILED),
+        },
         [2] => Ok(Outcome::Aborted),
         [3] => Ok(Outcome::ClientGone),
         _ => Err(ProtocolError::Invalid("bad outcome in End frame".into())),
@@ -655,9 +663,20 @@ mod tests {
             decode_start(&payload).unwrap(),
             (404, "404 Not Here".to_string(), headers)
         );
+        for outcome in [
+            Outcome::Complete,
+            Outcome::Aborted,
+            Outcome::ClientGone,
+            Outcome::FAILED,
+            Outcome::Status(503),
+        ] {
+            assert_eq!(decode_outcome(&outcome_payload(outcome)), Ok(outcome));
+        }
+        assert_eq!(decode_outcome(&[1]), Ok(Outcome::FAILED));
         assert_eq!(
-            decode_outcome(&[outcome_code(Outcome::Aborted)]),
-            Ok(Outcome::Aborted)
+            decode_outcome(&outcome_payload(Outcome::Status(200))),
+            Ok(Outcome::FAILED),
+            "a status is an error status"
         );
         assert!(decode_outcome(&[9]).is_err());
     }

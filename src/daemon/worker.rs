@@ -379,7 +379,7 @@ impl Writer {
             &mut self.buf,
             Kind::End,
             0,
-            &[protocol::outcome_code(outcome)],
+            &protocol::outcome_payload(outcome),
         );
         self.progress = Progress::Ended;
     }
