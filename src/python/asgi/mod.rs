@@ -72,7 +72,7 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
             return Outcome::Status(503);
         }
     };
-    let (ops_tx, ops) = crossbeam_channel::unbounded();
+    let ops = std::sync::Arc::new(threaded::Ops::default());
     let id = event_loop::next_id();
     shared.post(Event::New(Box::new(NewRequest {
         id,
@@ -80,7 +80,7 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
         info: info.clone(),
         head: scope::OwnedHead::new(&head),
         has_body,
-        backend: Box::new(threaded::Threaded { ops: ops_tx }),
+        backend: Box::new(threaded::Threaded { ops: ops.clone() }),
     })));
     let _driving = tasks::Driving::enter(id);
     threaded::serve(id, &shared, ops, body, response)

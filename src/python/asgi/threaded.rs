@@ -3,11 +3,10 @@
 //! loop. The thread takes operations from a channel and posts their replies
 //! back to the loop; it holds no GIL while it waits.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::backend::{Backend, Op, Reply, READ_SIZE};
 use super::event_loop::{Event, Shared};
@@ -17,16 +16,81 @@ use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
 /// transport whether the client has gone.
 const GONE_POLL: Duration = Duration::from_millis(100);
 
+/// A request's operations on their way to its thread. The thread parks on a
+/// condition variable, without spinning first: on a small machine a spinning
+/// thread per request takes the CPU from the loop that would feed it.
+#[derive(Default)]
+pub struct Ops {
+    queue: Mutex<(VecDeque<Op>, bool)>,
+    ready: Condvar,
+}
+
+/// What a thread waiting for an operation gets.
+enum Next {
+    Op(Op),
+    Timeout,
+    /// The loop dropped the request.
+    Closed,
+}
+
+impl Ops {
+    fn lock(&self) -> MutexGuard<'_, (VecDeque<Op>, bool)> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, op: Op) {
+        self.lock().0.push_back(op);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().1 = true;
+        self.ready.notify_one();
+    }
+
+    /// The next operation, waiting at most `timeout` (None: as long as it takes).
+    fn next(&self, timeout: Option<Duration>) -> Next {
+        let mut q = self.lock();
+        loop {
+            if let Some(op) = q.0.pop_front() {
+                return Next::Op(op);
+            }
+            if q.1 {
+                return Next::Closed;
+            }
+            q = match timeout {
+                None => self.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let (q, waited) = self
+                        .ready
+                        .wait_timeout(q, t)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if waited.timed_out() && q.0.is_empty() && !q.1 {
+                        return Next::Timeout;
+                    }
+                    q
+                }
+            };
+        }
+    }
+}
+
 /// The loop's end of a request served by a thread.
 pub struct Threaded {
-    pub ops: Sender<Op>,
+    pub ops: Arc<Ops>,
 }
 
 impl Backend for Threaded {
     fn submit(&mut self, op: Op) -> Option<Reply> {
-        // A thread that is gone no longer waits for anything.
-        let _ = self.ops.send(op);
+        self.ops.push(op);
         None
+    }
+}
+
+impl Drop for Threaded {
+    /// The loop is done with the request: a thread still waiting learns it.
+    fn drop(&mut self) {
+        self.ops.close();
     }
 }
 
@@ -35,28 +99,23 @@ impl Backend for Threaded {
 pub fn serve(
     id: u64,
     shared: &Arc<Shared>,
-    ops: Receiver<Op>,
+    ops: Arc<Ops>,
     mut body: Box<dyn RequestBody>,
     mut response: Box<dyn ResponseChannel>,
 ) -> Outcome {
     let mut state = ThreadState::default();
     let reply = |reply: Reply| shared.post(Event::Reply(id, reply));
     loop {
-        let op = if state.watching {
-            ops.recv_timeout(GONE_POLL)
-        } else {
-            ops.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        };
-        match op {
-            Ok(Op::Finish(outcome)) => return state.finish(outcome, &mut *response),
-            Ok(op) => state.perform(op, &mut *body, &mut *response, &reply),
-            Err(RecvTimeoutError::Timeout) => {
+        match ops.next(state.watching.then_some(GONE_POLL)) {
+            Next::Op(Op::Finish(outcome)) => return state.finish(outcome, &mut *response),
+            Next::Op(op) => state.perform(op, &mut *body, &mut *response, &reply),
+            Next::Timeout => {
                 if body.client_gone() {
                     state.watching = false;
                     reply(Reply::Gone);
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => return state.vanished(&mut *response),
+            Next::Closed => return state.vanished(&mut *response),
         }
     }
 }
