@@ -207,7 +207,10 @@ static READY: Mutex<Vec<Arc<Exchange>>> = Mutex::new(Vec::new());
 
 /// Keeps a quitting worker alive while requests run (nginx waits for timers).
 static BUSY_TIMER: Timer = Timer::new();
-static QUIT_SEEN: Mutex<Option<Instant>> = Mutex::new(None);
+static QUIT_SEEN: Mutex<Option<(Instant, usize)>> = Mutex::new(None);
+
+/// Requests whose `End` the loop has seen, for the drain's report.
+static FINISHED: AtomicUsize = AtomicUsize::new(0);
 
 /// nginx's level for a `log` level.
 fn ngx_level(level: log::Level) -> u32 {
@@ -486,6 +489,7 @@ impl Runtime {
 /// Called by the loop when it has seen a request's `End`.
 pub fn job_done() {
     RUNNING.fetch_sub(1, Ordering::Relaxed);
+    FINISHED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Tells the loop that `exchange` has pieces for it. Any thread; one eventfd
@@ -530,7 +534,8 @@ fn busy_tick(lt: LoopThread) {
     }
     if records::exiting(lt) {
         let mut seen = QUIT_SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let since = *seen.get_or_insert_with(Instant::now);
+        let (since, _) =
+            *seen.get_or_insert_with(|| (Instant::now(), FINISHED.load(Ordering::Relaxed)));
         if since.elapsed() > QUIT_GRACE {
             log::warn!(
                 "worker {} quits with {} request(s) still running after {}s",
@@ -551,8 +556,27 @@ pub extern "C" fn gateway_exit_process(_cycle: *mut ngx_cycle_t) {
     guard("the worker's exit", (), || exit_process(lt))
 }
 
+/// How many requests the worker let finish since it was told to quit, and how
+/// long that took (from the first busy tick that saw it quitting).
+fn log_drain() {
+    let seen = *QUIT_SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    match seen {
+        Some((since, finished)) => log::info!(
+            "worker {} drained {} request(s) in {:.2}s",
+            std::process::id(),
+            FINISHED.load(Ordering::Relaxed) - finished,
+            since.elapsed().as_secs_f64()
+        ),
+        None => log::info!(
+            "worker {} drained 0 request(s): none was running when it was told to quit",
+            std::process::id()
+        ),
+    }
+}
+
 fn exit_process(lt: LoopThread) {
     let Some(Ok(rt)) = RUNTIME.get() else { return };
+    log_drain();
     // Closing the channel ends each thread after its current request.
     drop(rt.tasks.lock().unwrap_or_else(|e| e.into_inner()).take());
     let threads = std::mem::take(&mut *rt.threads.lock().unwrap_or_else(|e| e.into_inner()));
