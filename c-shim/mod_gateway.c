@@ -186,6 +186,7 @@ static void gateway_register_hooks(apr_pool_t *p)
     ap_hook_check_config(gateway_check_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_post_config(gateway_post_config, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_child_init(gateway_child_init, NULL, NULL, APR_HOOK_MIDDLE);
+    ap_hook_child_stopping(gateway_child_stopping, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_monitor(gateway_monitor, NULL, NULL, APR_HOOK_MIDDLE);
     ap_hook_translate_name(gateway_translate_name, after_alias, NULL, APR_HOOK_MIDDLE);
     ap_hook_handler(gateway_handler, NULL, NULL, APR_HOOK_MIDDLE);

@@ -66,6 +66,7 @@ int gateway_check_config(apr_pool_t *pconf, apr_pool_t *plog,
 int gateway_post_config(apr_pool_t *pconf, apr_pool_t *plog,
                         apr_pool_t *ptemp, server_rec *s);
 void gateway_child_init(apr_pool_t *pchild, server_rec *s);
+void gateway_child_stopping(apr_pool_t *pchild, int graceful);
 int gateway_monitor(apr_pool_t *p, server_rec *s);
 int gateway_translate_name(request_rec *r);
 int gateway_handler(request_rec *r);

@@ -5,6 +5,7 @@
 use std::ffi::{c_int, CStr};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::config::{parsed, reset_parsed, Mount};
@@ -390,10 +391,40 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
         records::close_listeners_at_fork();
         // pchild lives until the child exits: then the atexit handlers run.
         pchild.on_cleanup(interpreter::run_exit_handlers);
+        pchild.on_cleanup(log_drain);
         if s.config().and_then(|c| c.preload) == Some(true) {
             preload(s);
         }
     })
+}
+
+/// Requests this child's handler has ended, for the drain's report.
+static SERVED: AtomicU64 = AtomicU64::new(0);
+
+/// When this child was told to stop, and how many requests it had ended then.
+static STOPPING: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
+
+/// httpd tells the child it stops (gracefully: its requests go on).
+#[no_mangle]
+pub extern "C" fn gateway_child_stopping(_pchild: *mut apr_pool_t, _graceful: c_int) {
+    guard("the child_stopping hook", (), || {
+        let mut stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
+        stopping.get_or_insert_with(|| (std::time::Instant::now(), SERVED.load(Ordering::Relaxed)));
+    })
+}
+
+/// At the child's exit: how many requests it let finish since it was told to
+/// stop, and how long that took.
+fn log_drain() {
+    let stopping = *STOPPING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((since, served)) = stopping {
+        log::info!(
+            "child {} drained {} request(s) in {:.2}s",
+            std::process::id(),
+            SERVED.load(Ordering::Relaxed) - served,
+            since.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// `GatewayPreload On`: starts Python in this new child and imports the
@@ -523,14 +554,16 @@ fn handle(r: &mut Request<'_>) -> c_int {
     };
     fault_point("apache-handler");
     let dir_mode = r.dir_config().and_then(|c| c.mode.clone());
-    match dispatch::route(dir_mode.or_else(|| cfg.mode.clone()).as_ref()) {
+    let rc = match dispatch::route(dir_mode.or_else(|| cfg.mode.clone()).as_ref()) {
         Ok(Route::Daemon(endpoint)) => request::serve(r, mount, Runner::Daemon(&endpoint)),
         Ok(Route::Embedded) => embedded(r, mount),
         Err(not_running) => {
             request::log(r, log::Level::Error, &not_running.to_string());
             c_int::from(NotRunning::STATUS)
         }
-    }
+    };
+    SERVED.fetch_add(1, Ordering::Relaxed);
+    rc
 }
 
 /// Serves `r` in this child's interpreter, started on its first request.
