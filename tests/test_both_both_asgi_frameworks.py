@@ -120,6 +120,12 @@ def test_starlette_routes_and_url_for(site):
     assert (resp.status, data) == (200, b"Hello from Starlette!")
 
 
+def test_starlette_asks_whether_the_client_left_again_and_again(site):
+    # Each is_disconnected() cancels a receive() that waits: the next one must not
+    # find it still waiting (it raised RuntimeError before).
+    assert get_json(site, "/starlette/poll") == {"seen": [False, False, False]}
+
+
 def test_starlette_reads_a_chunked_body_as_a_stream(site):
     pieces = [os.urandom(n) for n in (10, 70000, 1 << 20)]
     conn = site.connect()

@@ -24,7 +24,15 @@ async def count(request):
     return JSONResponse({"length": length, "pieces": pieces})
 
 
+async def poll_disconnect(request):
+    """What an SSE or long-poll loop does between events: asks, again and again,
+    whether the client left (each ask cancels a receive() that waits)."""
+    seen = [await request.is_disconnected() for _ in range(3)]
+    return JSONResponse({"seen": seen})
+
+
 app = Starlette(routes=[
+    Route("/poll", poll_disconnect),
     Route("/", index),
     Route("/users/{name}", user, name="user"),
     Route("/count", count, methods=["POST"]),

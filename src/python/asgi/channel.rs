@@ -215,6 +215,11 @@ pub struct Channel {
     /// `receive()` and `send()` calls waiting for their reply.
     receiving: Option<Py<PyAny>>,
     sending: Option<Py<PyAny>>,
+    /// A body read was asked of the transport and its reply has not come.
+    reading: bool,
+    /// A body piece whose `receive()` was cancelled before it came: the next
+    /// `receive()` gets it (a timeout around `receive()` loses nothing).
+    unclaimed: Option<Py<PyAny>>,
     /// The application's task, until the request ends.
     task: Option<Py<PyAny>>,
     finished: bool,
@@ -237,6 +242,8 @@ impl Channel {
             watching: false,
             receiving: None,
             sending: None,
+            reading: false,
+            unclaimed: None,
             task: None,
             finished: false,
         }
@@ -283,10 +290,15 @@ impl Channel {
     fn deliver(&mut self, py: Python<'_>, reply: Reply) {
         let result = match reply {
             Reply::Data(Ok(data)) => {
+                self.reading = false;
                 let message = self.body_message(py, &data);
-                settle(py, self.receiving.take(), message)
+                match message {
+                    Ok(message) => self.hand_over(py, message),
+                    Err(e) => fail(py, self.receiving.take(), e),
+                }
             }
             Reply::Data(Err(_)) | Reply::Gone => {
+                self.reading = false;
                 self.gone = true;
                 let message = disconnect(py);
                 let woke = settle(py, self.receiving.take(), message);
@@ -301,6 +313,19 @@ impl Channel {
         };
         if let Err(e) = result {
             self.log_exception(py, "resuming the ASGI task failed", &e);
+        }
+    }
+
+    /// Resolves the waiting `receive()` with `message`, or keeps it for the
+    /// next one when that call was cancelled meanwhile.
+    fn hand_over(&mut self, py: Python<'_>, message: Bound<'_, PyAny>) -> PyResult<()> {
+        let waiting = self.receiving.take().filter(|f| !is_done(f.bind(py)));
+        match waiting {
+            Some(future) => settle(py, Some(future), Ok(message)),
+            None => {
+                self.unclaimed = Some(message.unbind());
+                Ok(())
+            }
         }
     }
 
@@ -397,6 +422,14 @@ fn settle(
     }
 }
 
+/// Whether a future is done (resolved or cancelled).
+fn is_done(future: &Bound<'_, PyAny>) -> bool {
+    future
+        .call_method0(intern!(future.py(), "done"))
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(true)
+}
+
 fn fail(py: Python<'_>, future: Option<Py<PyAny>>, e: PyErr) -> PyResult<()> {
     settle(py, future, Err(e))
 }
@@ -440,10 +473,20 @@ impl Channel {
     /// ASGI's `receive()`: the next `http.request` piece, then, once the body
     /// has ended, `http.disconnect` when the client leaves or the response is over.
     fn receive<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if self.receiving.is_some() {
+        // A call cancelled while it waited (a timeout, Starlette's
+        // is_disconnected()) no longer waits.
+        if self
+            .receiving
+            .as_ref()
+            .is_some_and(|f| !is_done(f.bind(py)))
+        {
             return Err(PyRuntimeError::new_err(
                 "receive() was called while another receive() was still waiting",
             ));
+        }
+        self.receiving = None;
+        if let Some(message) = self.unclaimed.take() {
+            return ready(message.into_bound(py));
         }
         if self.gone || self.response.ended() || self.finished {
             return ready(disconnect(py)?);
@@ -453,7 +496,11 @@ impl Channel {
                 self.body = Body::Ended;
                 return ready(request_message(py, b"", false)?);
             }
-            Body::Open(_) => self.backend.submit(Op::Read),
+            Body::Open(_) if self.reading => None,
+            Body::Open(_) => {
+                self.reading = true;
+                self.backend.submit(Op::Read)
+            }
             Body::Ended if self.watching => None,
             Body::Ended => {
                 self.watching = true;
@@ -477,11 +524,12 @@ impl Channel {
         if self.gone {
             return Err(client_gone());
         }
-        if self.sending.is_some() {
+        if self.sending.as_ref().is_some_and(|f| !is_done(f.bind(py))) {
             return Err(PyRuntimeError::new_err(
                 "send() was called while another send() was still waiting",
             ));
         }
+        self.sending = None;
         let kind = field(message, intern!(py, "type"))?
             .ok_or_else(|| PyValueError::new_err("an ASGI message needs a 'type'"))?;
         let kind = kind

@@ -111,6 +111,11 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// Whether the loop has ended.
+    fn is_closed(&self) -> bool {
+        lock(&self.queue).is_none()
+    }
+
     /// Marks the loop gone and returns what was still queued.
     fn close(&self) -> Vec<Event> {
         lock(&self.queue).take().unwrap_or_default()
@@ -135,7 +140,11 @@ pub fn get() -> Result<Arc<Shared>, String> {
     }
     let mut slot = lock(&LOOP);
     match slot.as_ref() {
-        Some(shared) if shared.pid == std::process::id() => return Ok(shared.clone()),
+        // A loop that ended (an application's SystemExit escaped it) is
+        // replaced, as is one inherited through a fork.
+        Some(shared) if shared.pid == std::process::id() && !shared.is_closed() => {
+            return Ok(shared.clone())
+        }
         _ => {}
     }
     let shared = spawn()?;

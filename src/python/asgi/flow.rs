@@ -113,6 +113,28 @@ impl FlowBackend {
     }
 }
 
+impl Drop for FlowBackend {
+    /// A request the loop dropped unfinished (its task could not start, or
+    /// the loop stopped while a write waited for room) still ends for the
+    /// server, which would otherwise wait for it forever.
+    fn drop(&mut self) {
+        if self
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return;
+        }
+        let outcome = match self.finish {
+            Some(outcome) if self.pending.is_none() => outcome,
+            _ if self.head_sent => Outcome::Aborted,
+            _ => Outcome::FAILED,
+        };
+        self.end(outcome);
+    }
+}
+
 impl Backend for FlowBackend {
     fn submit(&mut self, op: Op) -> Option<Reply> {
         match op {
