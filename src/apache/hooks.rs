@@ -406,7 +406,11 @@ static STOPPING: Mutex<Option<(std::time::Instant, u64)>> = Mutex::new(None);
 
 /// httpd tells the child it stops (gracefully: its requests go on).
 #[no_mangle]
-pub extern "C" fn gateway_child_stopping(_pchild: *mut apr_pool_t, _graceful: c_int) {
+pub extern "C" fn gateway_child_stopping(_pchild: *mut apr_pool_t, graceful: c_int) {
+    // A stop that is not graceful ends the requests instead of draining them.
+    if graceful == 0 {
+        return;
+    }
     guard("the child_stopping hook", (), || {
         let mut stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
         stopping.get_or_insert_with(|| (std::time::Instant::now(), SERVED.load(Ordering::Relaxed)));

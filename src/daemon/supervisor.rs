@@ -860,11 +860,12 @@ impl Supervisor {
                         group.failures = 0;
                     }
                     STATUS_DRAINING => child.draining = true,
-                    STATUS_BUSY => {
+                    // A draining process's load no longer counts.
+                    STATUS_BUSY if !child.draining => {
                         let group = child.group;
                         self.grow(group);
                     }
-                    STATUS_IDLE => {
+                    STATUS_IDLE if !child.draining => {
                         let group = child.group;
                         self.shrink(group, pid);
                     }
@@ -897,7 +898,8 @@ impl Supervisor {
     /// group runs more than its minimum.
     fn shrink(&mut self, i: usize, pid: i32) {
         let group = &mut self.groups[i];
-        if group.wanted <= group.options.min_processes as usize {
+        if group.wanted <= group.options.min_processes as usize || !self.children.contains_key(&pid)
+        {
             return;
         }
         group.wanted -= 1;
@@ -908,10 +910,12 @@ impl Supervisor {
             group.options.min_processes,
             group.options.idle_timeout
         );
-        if let Some(child) = self.children.get_mut(&pid) {
-            child.draining = true;
-        }
-        // SAFETY: signals our own child, which drains and exits.
+        let Some(child) = self.children.get_mut(&pid) else {
+            return;
+        };
+        child.draining = true;
+        // SAFETY: pid is a child this process has not reaped (it is in
+        // `children`), so the pid is still its: it drains and exits.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
 

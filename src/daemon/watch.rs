@@ -93,6 +93,10 @@ impl Watch {
             // SAFETY: the kernel wrote whole events; read_unaligned copes with the buffer's alignment.
             let event: libc::inotify_event =
                 unsafe { std::ptr::read_unaligned(events.as_ptr().cast()) };
+            if event.mask & libc::IN_Q_OVERFLOW != 0 {
+                // Events were lost: any watched file may have changed.
+                return self.files.iter().next().cloned();
+            }
             let end = (HEAD + event.len as usize).min(events.len());
             let name = &events[HEAD..end];
             let name = OsStr::from_bytes(name.split(|&b| b == 0).next().unwrap_or(b""));

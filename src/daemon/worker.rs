@@ -921,6 +921,7 @@ impl Daemon {
             busy_since: None,
             last_busy: Instant::now(),
             told_idle: false,
+            served_seen: 0,
         };
         loop {
             let drain_why = self.wait(main.draining_since.is_some());
@@ -1027,8 +1028,11 @@ impl Daemon {
         }
         let now = Instant::now();
         let in_flight = self.shared.in_flight.load(Ordering::Acquire);
-        if in_flight > 0 {
+        // Requests that began and ended between two looks count too.
+        let served = self.shared.served.load(Ordering::Acquire);
+        if in_flight > 0 || served != main.served_seen {
             main.last_busy = now;
+            main.served_seen = served;
         }
         main.busy_since = match main.busy_since {
             _ if in_flight < options.threads as usize => None,
@@ -1132,6 +1136,8 @@ struct MainState {
     last_busy: Instant,
     /// Whether the supervisor was told of this idle spell.
     told_idle: bool,
+    /// Requests served at the last look at the load.
+    served_seen: u64,
 }
 
 /// How long all of a process's threads must stay busy for a growing pool

@@ -129,13 +129,12 @@ fn report(runs: Runs, method: &[u8], uri: &[u8], limit: Duration) {
     ));
     let stack = match runs {
         Runs::Task(id) => asgi::tasks::stack_of_request(id),
-        Runs::Thread(thread) => asgi::tasks::stack(thread).or_else(|| {
-            Some(interpreter::with_gil(|py| {
+        Runs::Thread(thread) => asgi::tasks::stack(thread).unwrap_or_else(|| {
+            interpreter::with_gil(|py| {
                 thread_stack(py, thread, "Stack of the slow request's thread")
-            }))
+            })
         }),
     };
-    let stack = stack.unwrap_or_else(|| "(the request has ended)".into());
     for line in stack.lines() {
         log(line);
     }

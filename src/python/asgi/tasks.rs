@@ -40,20 +40,26 @@ impl Drop for Driving {
     }
 }
 
-/// The stack of the ASGI task `thread` drives, if it drives one; None as well
-/// when the loop does not answer in time.
+/// The stack of the ASGI task `thread` drives, if it drives one.
 pub fn stack(thread: libc::pthread_t) -> Option<String> {
     let id = *drivers().get(&thread)?;
-    stack_of_request(id)
+    Some(stack_of_request(id))
 }
 
-/// The stack of ASGI request `id`'s task; None when the loop does not answer
-/// in time.
-pub fn stack_of_request(id: u64) -> Option<String> {
-    let shared = event_loop::get().ok()?;
+/// The stack of ASGI request `id`'s task, or why it cannot be had.
+pub fn stack_of_request(id: u64) -> String {
+    let Ok(shared) = event_loop::get() else {
+        return "(the ASGI event loop is not running)".into();
+    };
     let (tx, rx) = crossbeam_channel::bounded(1);
     shared.post(Event::Stack(id, tx));
-    rx.recv_timeout(STACK_WAIT).ok()
+    rx.recv_timeout(STACK_WAIT).unwrap_or_else(|_| {
+        format!(
+            "(the ASGI event loop did not answer within {}s: something blocks it, \
+             maybe this request's own code calling a blocking function)",
+            STACK_WAIT.as_secs()
+        )
+    })
 }
 
 /// Cancels the ASGI task `thread` drives; false when it drives none.
