@@ -321,6 +321,10 @@ class Config:
     name = ""
     label = ""
     group = ""  # "ceiling", "peer" or "gateway"
+    # "daemon": the application runs in processes of their own, apart from the server's
+    # (mod_wsgi and Gateway daemon mode, uWSGI, gunicorn, the ASGI servers); a daemon row
+    # is compared with daemon-style peers only, an embedded one with every peer.
+    mode = "embedded"
     interface = "wsgi"  # peers of the same interface are compared ("vs best peer")
     mounts = MOUNTS
     workloads = WSGI_WORKLOADS
@@ -499,15 +503,23 @@ class ApacheStatic(ApacheConfig):
 
 
 class ApacheModWsgi(ApacheConfig):
-    mode = "embedded"
+    """Debian's mod_wsgi (libapache2-mod-wsgi-py3)."""
+
+    group = "peer"
+
+    def module(self) -> Path | None:
+        """The mod_wsgi.so this configuration loads, or None if it is not installed."""
+        path = APACHE_MODULES / "mod_wsgi.so"
+        return path if path.exists() else None
 
     def missing(self):
-        absent = require(APACHE_MODULES / "mod_wsgi.so")
-        return f"not installed ({Path(absent).name} missing)" if absent else super().missing()
+        if self.module() is None:
+            return "not installed (mod_wsgi.so missing)"
+        return super().missing()
 
     def directives(self):
         e = self.env
-        lines = [f"LoadModule wsgi_module {APACHE_MODULES}/mod_wsgi.so",
+        lines = [f'LoadModule wsgi_module "{self.module()}"',
                  f"WSGISocketPrefix {self.dir}/wsgi",
                  "WSGIApplicationGroup %{GLOBAL}"]
         if self.mode == "embedded":
@@ -530,20 +542,43 @@ class ApacheModWsgi(ApacheConfig):
 
 class ApacheModWsgiEmbedded(ApacheModWsgi):
     name = "apache-modwsgi-embedded"
-    label = "Apache + mod_wsgi embedded"
-    group = "peer"
+    label = "Apache + mod_wsgi 4.9 (Debian) embedded"
 
 
 class ApacheModWsgiDaemon(ApacheModWsgi):
     name = "apache-modwsgi-daemon"
-    label = "Apache + mod_wsgi daemon"
-    group = "peer"
+    label = "Apache + mod_wsgi 4.9 (Debian) daemon"
+    mode = "daemon"
+
+
+class ApacheModWsgi6(ApacheModWsgi):
+    """mod_wsgi from PyPI (bench/requirements-build.txt), built against Debian's Apache with
+    apxs into the virtualenv. Each configuration runs its own Apache, so it never meets
+    Debian's mod_wsgi in one server."""
+
+    def module(self):
+        # What `mod_wsgi-express module-config` puts in its LoadModule line.
+        express = self.env.venv / "bin" / "mod_wsgi-express"
+        if not express.exists():
+            return None
+        text = command_output([str(express), "module-location"])
+        path = Path(text.splitlines()[-1]) if text else None
+        return path if path and path.is_absolute() and path.exists() else None
+
+
+class ApacheModWsgi6Embedded(ApacheModWsgi6):
+    name = "apache-modwsgi6-embedded"
+    label = "Apache + mod_wsgi 6.1 (PyPI) embedded"
+
+
+class ApacheModWsgi6Daemon(ApacheModWsgi6):
+    name = "apache-modwsgi6-daemon"
+    label = "Apache + mod_wsgi 6.1 (PyPI) daemon"
     mode = "daemon"
 
 
 class ApacheGateway(ApacheConfig):
     group = "gateway"
-    mode = "embedded"
 
     def missing(self):
         needed = [self.env.modules / "mod_gateway.so"]
@@ -673,12 +708,22 @@ class NginxReturn(NginxConfig):
 
 
 class NginxUwsgi(NginxConfig):
+    """Debian's uWSGI with its python3 plugin."""
+
     name = "nginx-uwsgi"
-    label = "nginx + uWSGI"
+    label = "nginx + uWSGI 2.0.21 (Debian)"
     group = "peer"
+    mode = "daemon"
+
+    def program(self) -> Path:
+        return Path("/usr/bin/uwsgi")
+
+    def plugins(self) -> str:
+        """The ini line that loads the Python plugin, if the build needs one."""
+        return "plugins = python3\n"
 
     def missing(self):
-        absent = require("/usr/bin/uwsgi", UWSGI_PLUGINS / "python3_plugin.so")
+        absent = require(self.program(), UWSGI_PLUGINS / "python3_plugin.so")
         return f"not installed ({Path(absent).name} missing)" if absent else super().missing()
 
     def backends(self):
@@ -689,8 +734,7 @@ class NginxUwsgi(NginxConfig):
         # single-interpreter: all mounts share one interpreter, as with mod_wsgi's
         # %{GLOBAL} application group and Gateway (uWSGI would give each its own).
         ini.write_text(f"""[uwsgi]
-plugins = python3
-master = true
+{self.plugins()}master = true
 processes = {e.processes}
 threads = {e.threads}
 socket = {self.socket}
@@ -707,7 +751,7 @@ need-app = true
 die-on-term = true
 disable-logging = true
 """)
-        self.uwsgi = self.service("uwsgi", ["uwsgi", "--ini", str(ini)], signal.SIGINT)
+        self.uwsgi = self.service("uwsgi", [str(self.program()), "--ini", str(ini)], signal.SIGINT)
         wait_until(self.socket.exists, 30, "the uWSGI socket", [self.uwsgi])
 
     def locations(self):
@@ -718,10 +762,29 @@ disable-logging = true
         return list(self.uwsgi.members())
 
 
+class NginxUwsgiPypi(NginxUwsgi):
+    """uWSGI from PyPI (bench/requirements-build.txt): pip builds it with the Python plugin
+    built in, into the virtualenv's bin/."""
+
+    name = "nginx-uwsgi-pypi"
+    label = "nginx + uWSGI 2.0.31 (PyPI)"
+
+    def program(self):
+        return self.env.venv / "bin" / "uwsgi"
+
+    def plugins(self):
+        return ""
+
+    def missing(self):
+        absent = require(self.program())
+        return f"not installed (uwsgi missing from {self.env.venv}/bin)" if absent else NginxConfig.missing(self)
+
+
 class NginxGunicorn(NginxConfig):
     name = "nginx-gunicorn"
     label = "nginx + gunicorn"
     group = "peer"
+    mode = "daemon"
 
     def missing(self):
         absent = require(self.env.venv / "bin" / "gunicorn")
@@ -751,7 +814,6 @@ class NginxGunicorn(NginxConfig):
 
 class NginxGateway(NginxConfig):
     group = "gateway"
-    mode = "embedded"
 
     def missing(self):
         needed = [self.env.modules / "ngx_http_gateway_module.so"]
@@ -820,6 +882,7 @@ class NginxUvicorn(AsgiApps, NginxConfig):
     name = "nginx-uvicorn"
     label = "nginx + uvicorn"
     group = "peer"
+    mode = "daemon"
 
     def missing(self):
         return venv_missing(self, "uvicorn") or super().missing()
@@ -844,6 +907,7 @@ class ApacheUvicorn(AsgiApps, ApacheConfig):
     name = "apache-uvicorn"
     label = "Apache + uvicorn"
     group = "peer"
+    mode = "daemon"
 
     def missing(self):
         absent = require(APACHE_MODULES / "mod_proxy.so", APACHE_MODULES / "mod_proxy_http.so")
@@ -868,6 +932,7 @@ class AsgiServer(AsgiApps, Config):
     """An ASGI server alone, listening on the benchmark's port itself."""
 
     group = "peer"
+    mode = "daemon"
     program = ""
     stop_signal = signal.SIGTERM
 
@@ -954,31 +1019,64 @@ class NginxGatewayAsgiDaemon(AsgiApps, NginxGateway):
     mode = "daemon"
 
 
-CONFIGS = [NginxReturn, ApacheStatic, ApacheModWsgiEmbedded, ApacheModWsgiDaemon, NginxUwsgi,
-           NginxGunicorn, ApacheGatewayEmbedded, ApacheGatewayDaemon, NginxGatewayEmbedded,
-           NginxGatewayDaemon,
+CONFIGS = [NginxReturn, ApacheStatic, ApacheModWsgiEmbedded, ApacheModWsgiDaemon, ApacheModWsgi6Embedded,
+           ApacheModWsgi6Daemon, NginxUwsgi, NginxUwsgiPypi, NginxGunicorn, ApacheGatewayEmbedded,
+           ApacheGatewayDaemon, NginxGatewayEmbedded, NginxGatewayDaemon,
            NginxUvicorn, ApacheUvicorn, GunicornUvicorn, Granian, Hypercorn,
            ApacheGatewayAsgiEmbedded, ApacheGatewayAsgiDaemon, NginxGatewayAsgiEmbedded,
            NginxGatewayAsgiDaemon]
 
-# Stands for the best ASGI peer on the workload in GOALS.
+
+@dataclass(frozen=True)
+class Peers:
+    """A goal's peer when several versions of it run: the best of those measured."""
+
+    label: str
+    names: tuple[str, ...]
+
+
+# Stand for the best peer of the Gateway row's interface on the workload in GOALS: for a
+# daemon row the best daemon-style peer, for an embedded row the best of all.
+BEST_PEER = "best peer"
 BEST_ASGI_PEER = "best ASGI peer"
-# The performance goals of the project: (Gateway configuration, peer, ratio, workload).
+MODWSGI_EMBEDDED = Peers("mod_wsgi embedded (4.9, 6.1)", ("apache-modwsgi-embedded", "apache-modwsgi6-embedded"))
+MODWSGI_DAEMON = Peers("mod_wsgi daemon (4.9, 6.1)", ("apache-modwsgi-daemon", "apache-modwsgi6-daemon"))
+UWSGI = Peers("nginx + uWSGI (2.0.21, 2.0.31)", ("nginx-uwsgi", "nginx-uwsgi-pypi"))
+
+
+@dataclass(frozen=True)
+class Goal:
+    """Gateway configuration `ours` >= `ratio` x the peer's req/s on the workload, and,
+    when `p99` is set, its p99 at most `p99` x that peer's p99. Goals with `always` are
+    reported even when not measured; the others only when their configuration and workload ran."""
+
+    ours: str
+    peer: "str | Peers"
+    ratio: float
+    workload: str
+    p99: float | None = None
+    always: bool = True
+
+
+WSGI_GATEWAY = ["apache-gateway-embedded", "apache-gateway-daemon", "nginx-gateway-embedded", "nginx-gateway-daemon"]
+# The performance goals of the project.
 GOALS = [
-    ("apache-gateway-embedded", "apache-modwsgi-embedded", 1.5, "hello"),
-    ("nginx-gateway-embedded", "nginx-uwsgi", 1.5, "hello"),
-    ("apache-gateway-daemon", "apache-modwsgi-daemon", 2.0, "hello"),
-    ("nginx-gateway-daemon", "nginx-uwsgi", 1.0, "hello"),
-    ("apache-gateway-asgi-embedded", "apache-uvicorn", 1.5, "hello"),
-    ("nginx-gateway-asgi-embedded", "nginx-uvicorn", 1.5, "hello"),
-    ("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "hello"),
-    ("nginx-gateway-asgi-daemon", "nginx-uvicorn", 1.0, "hello"),
-    ("nginx-gateway-asgi-embedded", BEST_ASGI_PEER, 1.0, "sleep256"),
-    ("nginx-gateway-asgi-daemon", BEST_ASGI_PEER, 1.0, "sleep256"),
+    Goal("apache-gateway-embedded", MODWSGI_EMBEDDED, 1.5, "hello"),
+    Goal("nginx-gateway-embedded", UWSGI, 1.5, "hello"),
+    Goal("apache-gateway-daemon", MODWSGI_DAEMON, 2.0, "hello"),
+    Goal("nginx-gateway-daemon", UWSGI, 1.0, "hello"),
+    Goal("apache-gateway-asgi-embedded", "apache-uvicorn", 1.5, "hello"),
+    Goal("nginx-gateway-asgi-embedded", "nginx-uvicorn", 1.5, "hello"),
+    Goal("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "hello"),
+    Goal("nginx-gateway-asgi-daemon", "nginx-uvicorn", 1.0, "hello"),
+    Goal("nginx-gateway-asgi-embedded", BEST_ASGI_PEER, 1.0, "sleep256"),
+    Goal("nginx-gateway-asgi-daemon", BEST_ASGI_PEER, 1.0, "sleep256"),
     # Apache's MPM bounds the requests in flight to processes x threads for every handler,
     # a proxy included, so Apache is held to the best peer behind Apache.
-    ("apache-gateway-asgi-embedded", "apache-uvicorn", 1.0, "sleep256"),
-    ("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "sleep256"),
+    Goal("apache-gateway-asgi-embedded", "apache-uvicorn", 1.0, "sleep256"),
+    Goal("apache-gateway-asgi-daemon", "apache-uvicorn", 1.0, "sleep256"),
+    # Every WSGI workload: at least the best peer of the same mode, with at most 1.2x its p99.
+    *[Goal(ours, BEST_PEER, 1.0, w, p99=1.2, always=False) for w in WSGI_WORKLOADS for ours in WSGI_GATEWAY],
 ]
 
 
@@ -1216,7 +1314,7 @@ def report(args, env: Env, configs: list[Config], skipped: dict, workloads, resu
     for w in workloads:
         out += report_table(args, w, configs, all_configs, summaries, results)
     out += ["## Goals", ""]
-    out += report_goals(configs, skipped, summaries, results)
+    out += report_goals(configs, skipped, workloads, summaries, results)
     out.append("")
     if notes:
         out += ["## Notes", "", *[f"- {note}" for note in notes], ""]
@@ -1250,18 +1348,22 @@ def report_header(args, env: Env, configs: list[Config], workloads, facts) -> li
               "summed over rounds; Python RSS is the peak, during the measurement, of the summed resident "
               "memory of the processes that run the application (total / largest single process, "
               "process count)",
-              "- vs best peer: req/s divided by the best of mod_wsgi (embedded, daemon), uWSGI and gunicorn "
-              "on that workload" + ("; for ASGI rows, the best of the ASGI peers (uvicorn behind nginx or "
-                                    "Apache, gunicorn + uvicorn worker, granian, hypercorn)"
-                                    if any(c.interface == "asgi" for c in configs) else ""),
+              "- vs best peer: req/s divided by the best peer's on that workload: for a daemon row (the "
+              "application in processes of its own) the best of the daemon-style peers, mod_wsgi daemon "
+              "(4.9 and 6.1), uWSGI (2.0.21 and 2.0.31) and gunicorn; for an embedded row the best of "
+              "those and mod_wsgi embedded (4.9 and 6.1)"
+              + ("; for ASGI rows, the best of the ASGI peers (uvicorn behind nginx or Apache, gunicorn + "
+                 "uvicorn worker, granian, hypercorn)" if any(c.interface == "asgi" for c in configs) else ""),
               ""]
     return lines
 
 
-def best_peer(configs: list[Config], summaries: dict, workload: str, interface: str):
-    """(req/s, label) of the best peer of that interface on the workload, or None."""
-    peers = [(summaries[c.name][workload]["rps"], c.label) for c in configs
-             if c.group == "peer" and c.interface == interface and summaries[c.name].get(workload)]
+def best_peer(configs: list[Config], summaries: dict, workload: str, interface: str, mode: str = "embedded"):
+    """(req/s, label, name) of the best peer of that interface on the workload, or None. A
+    daemon row's best peer is the best daemon-style peer; any other row's the best of all."""
+    peers = [(summaries[c.name][workload]["rps"], c.label, c.name) for c in configs
+             if c.group == "peer" and c.interface == interface and summaries[c.name].get(workload)
+             and (mode != "daemon" or c.mode == "daemon")]
     return max(peers) if peers else None
 
 
@@ -1281,7 +1383,7 @@ def report_table(args, w: Workload, configs, all_configs, summaries, results) ->
             continue
         rss = (f"{s['rss_total'] / MIB:.0f} / {s['rss_process'] / MIB:.0f} ({s['python_processes']})"
                if s["python_processes"] else "-")
-        best = best_peer(configs, summaries, w.name, c.interface)
+        best = best_peer(configs, summaries, w.name, c.interface, c.mode)
         ratio = f"{s['rps'] / best[0]:.2f}x" if best else "-"
         failure = results[c.name][w.name]["failure"]
         note = f" ({s['rounds']}/{args.rounds} rounds; then {cell_text(failure)})" if failure else ""
@@ -1291,9 +1393,12 @@ def report_table(args, w: Workload, configs, all_configs, summaries, results) ->
     return out
 
 
-def report_goals(configs, skipped: dict, summaries, results) -> list[str]:
+def report_goals(configs, skipped: dict, workloads, summaries, results) -> list[str]:
     labels = {cls.name: cls.label for cls in CONFIGS}
+    modes = {cls.name: cls.mode for cls in CONFIGS}
+    interfaces = {cls.name: cls.interface for cls in CONFIGS}
     titles = {w.name: w.title for w in WORKLOADS}
+    ran = {w.name for w in workloads}
 
     def why_missing(name, wname):
         for c, reason in skipped.items():
@@ -1306,34 +1411,70 @@ def report_goals(configs, skipped: dict, summaries, results) -> list[str]:
             return f"{labels[name]}: {cell_text(cell['failure'])}"
         return f"{labels[name]}: no result for {wname}"
 
+    def peer_of(goal: Goal):
+        """(summary, label of the peer chosen when there was a choice, why not measured)."""
+        if goal.peer in (BEST_PEER, BEST_ASGI_PEER):
+            best = best_peer(configs, summaries, goal.workload, interfaces[goal.ours], modes[goal.ours])
+            if not best:
+                return None, None, f"no {peer_text(goal)} measured"
+            return summaries[best[2]][goal.workload], best[1], None
+        names = goal.peer.names if isinstance(goal.peer, Peers) else (goal.peer,)
+        measured = [(summaries[n][goal.workload]["rps"], n) for n in names if summaries.get(n, {}).get(goal.workload)]
+        if not measured:
+            return None, None, "; ".join(why_missing(n, goal.workload) for n in names)
+        name = max(measured)[1]
+        return summaries[name][goal.workload], labels[name] if len(names) > 1 else None, None
+
+    def peer_text(goal: Goal) -> str:
+        if goal.peer == BEST_PEER:
+            return "best daemon-style peer" if modes[goal.ours] == "daemon" else "best peer"
+        if isinstance(goal.peer, Peers):
+            return f"the best {goal.peer.label}"
+        return labels.get(goal.peer, goal.peer)
+
     out = []
-    for ours, peer, goal, wname in GOALS:
-        line = f"- goal: {labels[ours]} >= {goal:.1f}x {labels.get(peer, peer)} ({titles[wname]}): "
-        a = summaries.get(ours, {}).get(wname)
-        if peer == BEST_ASGI_PEER:
-            best = best_peer(configs, summaries, wname, "asgi")
-            b, peer_label = ({"rps": best[0]}, best[1]) if best else (None, None)
-        else:
-            b, peer_label = summaries.get(peer, {}).get(wname), None
+    for goal in GOALS:
+        if not goal.always and (goal.ours not in summaries or goal.workload not in ran):
+            continue
+        wanted = f"{goal.ratio:.1f}x {peer_text(goal)}"
+        if goal.p99:
+            wanted += f", p99 <= {goal.p99:.1f}x its p99"
+        line = f"- goal: {labels[goal.ours]} >= {wanted} ({titles[goal.workload]}): "
+        a = summaries.get(goal.ours, {}).get(goal.workload)
+        b, peer_label, peer_missing = peer_of(goal)
         if a and b:
-            ratio = a["rps"] / b["rps"]
-            verdict = "met" if ratio >= goal else "NOT met"
-            which = f", {peer_label}" if peer_label else ""
-            line += f"measured {ratio:.2f}x ({a['rps']:.0f} vs {b['rps']:.0f} req/s{which}) — {verdict}"
+            line += goal_verdict(goal, a, b, peer_label)
         else:
-            reasons = [why_missing(ours, wname)] if not a else []
+            reasons = [why_missing(goal.ours, goal.workload)] if not a else []
             if not b:
-                reasons.append("no ASGI peer measured" if peer == BEST_ASGI_PEER else why_missing(peer, wname))
+                reasons.append(peer_missing)
             line += "not measured (" + "; ".join(reasons) + ")"
         out.append(line)
     out += memory_lines(summaries, labels, titles)
     return out
 
 
+def goal_verdict(goal: Goal, ours: dict, peer: dict, peer_label: str | None) -> str:
+    ratio = ours["rps"] / peer["rps"]
+    met = ratio >= goal.ratio
+    which = f", {peer_label}" if peer_label else ""
+    text = f"measured {ratio:.2f}x ({ours['rps']:.0f} vs {peer['rps']:.0f} req/s{which})"
+    if goal.p99:
+        if ours["p99_ms"] is None or not peer["p99_ms"]:
+            text += ", p99 not measured"
+            met = False
+        else:
+            tail = ours["p99_ms"] / peer["p99_ms"]
+            met = met and tail <= goal.p99
+            text += f", p99 {tail:.2f}x ({fmt_ms(ours['p99_ms'])} vs {fmt_ms(peer['p99_ms'])} ms)"
+    return text + (" — met" if met else " — NOT met")
+
+
 def memory_lines(summaries, labels, titles) -> list[str]:
     """The peak RSS of one process: Gateway's daemons next to the peers' processes."""
-    groups = [("hello", ["apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon"], True),
-              ("flask", ["apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon"], True),
+    wsgi_daemons = ["apache-gateway-daemon", "nginx-gateway-daemon", "apache-modwsgi-daemon", "apache-modwsgi6-daemon"]
+    groups = [("hello", wsgi_daemons, True),
+              ("flask", wsgi_daemons, True),
               ("hello", ["apache-gateway-asgi-daemon", "nginx-gateway-asgi-daemon", "nginx-uvicorn",
                          "gunicorn-uvicorn", "granian", "hypercorn"], False),
               ("sleep256", ["apache-gateway-asgi-daemon", "nginx-gateway-asgi-daemon", "nginx-uvicorn",
@@ -1389,6 +1530,9 @@ def gather_facts(env: Env) -> dict:
 
     py = str(env.venv / "bin" / "python")
     flask = "import importlib.metadata as m; print(m.version('flask'))"
+    pypi_version = ("import importlib.metadata as m\n"
+                    "try: print(m.version('{}'))\n"
+                    "except m.PackageNotFoundError: print('not installed')")
     asgi = ("import importlib.metadata as m\n"
             f"for name in {ASGI_PACKAGES!r}:\n"
             "    try: print(name, m.version(name), end=', ')\n"
@@ -1396,8 +1540,10 @@ def gather_facts(env: Env) -> dict:
     versions = [
         ("Apache", first(["apache2", "-v"], r"Apache/(\S+)")),
         ("nginx", first(["nginx", "-v"], r"nginx/(\S+)")),
-        ("mod_wsgi", first(["dpkg-query", "-W", "-f", "${Version}", "libapache2-mod-wsgi-py3"])),
-        ("uWSGI", first(["uwsgi", "--version"])),
+        ("mod_wsgi (Debian)", first(["dpkg-query", "-W", "-f", "${Version}", "libapache2-mod-wsgi-py3"])),
+        ("mod_wsgi (PyPI)", first([py, "-c", pypi_version.format("mod_wsgi")])),
+        ("uWSGI (Debian)", first(["/usr/bin/uwsgi", "--version"])),
+        ("uWSGI (PyPI)", first([py, "-c", pypi_version.format("uwsgi")])),
         ("gunicorn", first([py, "-c", "import gunicorn; print(gunicorn.__version__)"])),
         ("Flask", first([py, "-c", flask])),
         ("Python", first([py, "-c", "import platform; print(platform.python_version())"])),
