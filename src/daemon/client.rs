@@ -361,17 +361,24 @@ fn alive(pid: u32) -> bool {
 /// its death within milliseconds).
 fn death_of(run_dir: &Path, pid: u32) -> Option<String> {
     let record = exit_record_path(run_dir, pid);
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let start = Instant::now();
     loop {
         if let Ok(how) = std::fs::read_to_string(&record) {
             return Some(how);
         }
-        if Instant::now() > deadline || alive(pid) {
+        // A process killed a moment ago closes its sockets before /proc shows
+        // it dead: only one still alive after a short while is.
+        let waited = start.elapsed();
+        if waited > Duration::from_secs(1) || (waited > STILL_ALIVE && alive(pid)) {
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// How long a daemon process must still look alive after closing a
+/// connection for the close to count as its own (a drain), not its death.
+const STILL_ALIVE: Duration = Duration::from_millis(100);
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
