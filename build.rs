@@ -60,19 +60,30 @@ fn query(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 /// Stops the build unless libclang, which bindgen loads, can be found: in
-/// LIBCLANG_PATH when that is set, else in the usual Debian places.
+/// LIBCLANG_PATH when that is set, else where Debian puts it (every installed LLVM
+/// version's lib directory, the multiarch directory, /usr/lib).
 fn check_libclang() {
-    let dirs: Vec<String> = match env::var("LIBCLANG_PATH") {
-        Ok(dir) => vec![dir],
-        Err(_) => [
-            "/usr/lib/llvm-14/lib",
-            "/usr/lib/llvm-15/lib",
-            "/usr/lib/llvm-16/lib",
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib",
-        ]
-        .map(String::from)
-        .to_vec(),
+    let dirs: Vec<PathBuf> = match env::var("LIBCLANG_PATH") {
+        Ok(dir) => vec![PathBuf::from(dir)],
+        Err(_) => {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter_map(|name| {
+                    if name.starts_with("llvm-") {
+                        Some(Path::new("/usr/lib").join(name).join("lib"))
+                    } else if name.contains("-linux-") {
+                        Some(Path::new("/usr/lib").join(name))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            dirs.push(PathBuf::from("/usr/lib"));
+            dirs
+        }
     };
     let found = dirs.iter().any(|d| {
         std::fs::read_dir(d).is_ok_and(|mut entries| {
