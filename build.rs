@@ -60,19 +60,30 @@ fn query(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 /// Stops the build unless libclang, which bindgen loads, can be found: in
-/// LIBCLANG_PATH when that is set, else in the usual Debian places.
+/// LIBCLANG_PATH when that is set, else where Debian puts it (every installed LLVM
+/// version's lib directory, the multiarch directory, /usr/lib).
 fn check_libclang() {
-    let dirs: Vec<String> = match env::var("LIBCLANG_PATH") {
-        Ok(dir) => vec![dir],
-        Err(_) => [
-            "/usr/lib/llvm-14/lib",
-            "/usr/lib/llvm-15/lib",
-            "/usr/lib/llvm-16/lib",
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib",
-        ]
-        .map(String::from)
-        .to_vec(),
+    let dirs: Vec<PathBuf> = match env::var("LIBCLANG_PATH") {
+        Ok(dir) => vec![PathBuf::from(dir)],
+        Err(_) => {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter_map(|name| {
+                    if name.starts_with("llvm-") {
+                        Some(Path::new("/usr/lib").join(name).join("lib"))
+                    } else if name.contains("-linux-") {
+                        Some(Path::new("/usr/lib").join(name))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            dirs.push(PathBuf::from("/usr/lib"));
+            dirs
+        }
     };
     let found = dirs.iter().any(|d| {
         std::fs::read_dir(d).is_ok_and(|mut entries| {
@@ -195,20 +206,7 @@ fn build_nginx() {
     println!("cargo:rerun-if-changed={}", addon.join("config").display());
     let tree = configured_nginx(&src, &version, &addon);
     let objs = tree.join("objs");
-    let includes: Vec<PathBuf> = [
-        "src/core",
-        "src/event",
-        "src/event/modules",
-        "src/os/unix",
-        "src/http",
-        "src/http/modules",
-        "src/http/v2",
-    ]
-    .iter()
-    .map(|d| tree.join("src").join(d))
-    .chain([objs.clone()])
-    .collect();
-
+    let includes = nginx_includes(&tree);
     let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("c-shim");
     println!("cargo:rerun-if-changed={}", shim.join(NGINX_SHIM).display());
     println!("cargo:rerun-if-changed={}", shim.join(NGINX_ABI).display());
@@ -272,6 +270,38 @@ fn generate_abi(headers: bindgen::Builder, abi: &str, helpers: &str, server: &st
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join(format!("{server}_abi.rs"));
     std::fs::write(out, format!("same_signatures! {{\n{declarations}}}\n"))
         .expect("write the ABI declarations");
+}
+
+/// The include directories configure chose for this nginx (`ALL_INCS` in objs/Makefile):
+/// they follow its version and flags (nginx 1.25 and later built `--with-http_v3_module`
+/// need src/event/quic and src/http/v3). Relative ones are under the configured sources.
+fn nginx_includes(tree: &Path) -> Vec<PathBuf> {
+    let makefile = std::fs::read_to_string(tree.join("objs/Makefile")).unwrap_or_default();
+    let mut words = Vec::new();
+    let mut in_incs = false;
+    for line in makefile.lines() {
+        if let Some(rest) = line.strip_prefix("ALL_INCS") {
+            in_incs = true;
+            words.extend(rest.trim_start().trim_start_matches('=').split_whitespace());
+        } else if in_incs {
+            words.extend(line.split_whitespace());
+        }
+        if in_incs && !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    let includes: Vec<PathBuf> = words
+        .windows(2)
+        .filter(|w| w[0] == "-I")
+        .map(|w| tree.join("src").join(w[1]))
+        .collect();
+    if includes.is_empty() {
+        fail(&format!(
+            "cannot find ALL_INCS in {}: remove that directory to configure the nginx sources again",
+            tree.join("objs/Makefile").display()
+        ));
+    }
+    includes
 }
 
 /// The version in the sources' `nginx.h`.

@@ -51,6 +51,11 @@ class SharedReader(io.BufferedReader):
     def close(self):
         pass
 
+    def flush(self):
+        # Nothing to flush in a reader; a response dropped after the socket closed
+        # flushes it from its finalizer, whose errors Python 3.13 reports.
+        pass
+
     def makefile(self, *args, **kwargs):
         return self
 
