@@ -6,6 +6,7 @@
     non_snake_case,
     non_upper_case_globals,
     dead_code,
+    unknown_lints,
     unnecessary_transmutes,
     clippy::all,
     clippy::undocumented_unsafe_blocks,

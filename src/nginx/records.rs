@@ -717,15 +717,18 @@ impl<'r> Request<'r> {
         let Some(h) = NonNull::new(h.cast::<ngx_table_elt_t>()) else {
             return Err(NoMemory);
         };
-        // SAFETY: h is the list's fresh element, in the pool.
-        unsafe {
-            h.as_ptr().write(ngx_table_elt_t {
-                hash: 1,
-                key,
-                value,
-                lowcase_key: ptr::null_mut(),
-            })
+        // nginx 1.23+ links same-named headers through a `next` field that
+        // 1.22 lacks: the rest of the element is zero in both.
+        #[allow(clippy::needless_update)]
+        let elt = ngx_table_elt_t {
+            hash: 1,
+            key,
+            value,
+            lowcase_key: ptr::null_mut(),
+            ..Default::default()
         };
+        // SAFETY: h is the list's fresh element, in the pool.
+        unsafe { h.as_ptr().write(elt) };
         self.change(|r| {
             if name.eq_ignore_ascii_case("date") {
                 r.headers_out.date = h.as_ptr();
