@@ -24,9 +24,10 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
+use crate::common::cgi::RequestHead;
 use crate::common::config::AppSpec;
 use crate::common::log::request_line;
-use crate::common::transport::{Done, Flow, Outcome, Request};
+use crate::common::transport::{Done, Flow, Outcome, Request, ResponseChannel};
 use crate::python::ServerInfo;
 use event_loop::{Event, NewRequest};
 
@@ -52,6 +53,23 @@ fn glue(py: Python<'_>, name: &str) -> PyResult<Py<PyAny>> {
         .unbind())
 }
 
+/// This process's loop, for a request; None (logged with the request's method
+/// and URI) when it cannot run, and the request gets a 503.
+fn loop_for(
+    head: &RequestHead<'_>,
+    response: &dyn ResponseChannel,
+) -> Option<std::sync::Arc<event_loop::Shared>> {
+    event_loop::get()
+        .map_err(|e| {
+            let why = format!("cannot run the ASGI application: {e}");
+            response.log(
+                log::Level::Error,
+                &request_line(head.method, head.request_uri, &why),
+            );
+        })
+        .ok()
+}
+
 /// Runs `request` with the ASGI application `spec` on this process's loop;
 /// this thread does the request's I/O and blocks until it has ended.
 pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
@@ -61,16 +79,8 @@ pub fn run(spec: &AppSpec, info: &ServerInfo, request: Request<'_>) -> Outcome {
         body,
         response,
     } = request;
-    let shared = match event_loop::get() {
-        Ok(shared) => shared,
-        Err(e) => {
-            let why = format!("cannot run the ASGI application: {e}");
-            response.log(
-                log::Level::Error,
-                &request_line(head.method, head.request_uri, &why),
-            );
-            return Outcome::Status(503);
-        }
+    let Some(shared) = loop_for(&head, &*response) else {
+        return Outcome::Status(503);
     };
     let ops = std::sync::Arc::new(threaded::Ops::default());
     let id = event_loop::next_id();
@@ -101,16 +111,8 @@ pub fn start(
         body,
         response,
     } = request;
-    let shared = match event_loop::get() {
-        Ok(shared) => shared,
-        Err(e) => {
-            let why = format!("cannot run the ASGI application: {e}");
-            response.log(
-                log::Level::Error,
-                &request_line(head.method, head.request_uri, &why),
-            );
-            return done(Outcome::Status(503));
-        }
+    let Some(shared) = loop_for(&head, &*response) else {
+        return done(Outcome::Status(503));
     };
     let id = event_loop::next_id();
     let watched = crate::python::slow::watch_task(&head, id);
