@@ -34,58 +34,56 @@ check-python:
 	@test "$(PY_SHARED)" = 1 || { echo "error: $(PYTHON) has no shared libpython; Gateway needs one (Debian: apt-get install python3-dev)" >&2; exit 1; }
 	@test -e "$(PY_LIBDIR)/libpython$(PY_LDVERSION).so" || { echo "error: $(PY_LIBDIR)/libpython$(PY_LDVERSION).so is missing (Debian: apt-get install python3-dev)" >&2; exit 1; }
 
-# Each server gets its own cargo target directory: the two builds differ only in
-# features, and must not overwrite each other's libgateway.a.
-#
-# $(call link-apache,LIBGATEWAY,OUT) and $(call link-nginx,...) link a staticlib with its shim's
-# symbols kept; nginx looks up ngx_modules, ngx_module_names and ngx_module_order in the module
-# (the generated module list that build.rs compiles into the staticlib).
-define link-apache
-	@mkdir -p $(dir $(2))
-	$(CC) -shared -o $(2) -Wl,-u,gateway_module -Wl,--version-script=c-shim/apache.map -Wl,--gc-sections \
-		$(1) $(PY_LIBS) $(SYS_LIBS)
-endef
-define link-nginx
-	@mkdir -p $(dir $(2))
-	$(CC) -shared -o $(2) -Wl,-u,ngx_modules -Wl,-u,ngx_module_names -Wl,-u,ngx_module_order \
-		-Wl,--version-script=c-shim/nginx.map -Wl,--gc-sections \
-		$(1) $(PY_LIBS) $(SYS_LIBS)
-endef
+# All release builds share one cargo target directory, and the fault builds another: the builds
+# differ only in features, so the dependencies (bindgen, PyO3, ...) compile once per directory
+# instead of once per module. Cargo leaves each build's libgateway.a and gateway-daemon at the
+# same path, so a build and the step that reads its output hold one lock (make -j).
+RELEASE_DIR := target/release-build
+FAULTS_DIR := target/faults-build
+locked = @mkdir -p target && flock target/.build.lock sh -ec '$(1)'
+
+# $(call build-apache,CARGO-ARGS,TARGET-DIR,OUT) and $(call build-nginx,...) build the staticlib
+# and link it with its shim's symbols kept; nginx looks up ngx_modules, ngx_module_names and
+# ngx_module_order in the module (the generated module list that build.rs compiles into the
+# staticlib). $(call build-daemon,...) builds the daemon executable, installed next to them.
+build-apache = $(call locked,mkdir -p $(dir $(3)); $(CARGO) build --release --lib $(1) --target-dir $(2); \
+	$(CC) -shared -o $(3) -Wl$(comma)-u$(comma)gateway_module -Wl$(comma)--version-script=c-shim/apache.map \
+	-Wl$(comma)--gc-sections $(2)/release/libgateway.a $(PY_LIBS) $(SYS_LIBS))
+build-nginx = $(call locked,mkdir -p $(dir $(3)); $(CARGO) build --release --lib $(1) --target-dir $(2); \
+	$(CC) -shared -o $(3) -Wl$(comma)-u$(comma)ngx_modules -Wl$(comma)-u$(comma)ngx_module_names \
+	-Wl$(comma)-u$(comma)ngx_module_order -Wl$(comma)--version-script=c-shim/nginx.map \
+	-Wl$(comma)--gc-sections $(2)/release/libgateway.a $(PY_LIBS) $(SYS_LIBS))
+build-daemon = $(call locked,$(CARGO) build --release --bin gateway-daemon $(1) --target-dir $(2); \
+	install -D -m 0755 $(2)/release/gateway-daemon $(3))
+comma := ,
 
 $(MODULES)/mod_gateway.so: check-python FORCE
-	$(CARGO) build --release --lib --features apache --target-dir target/apache
-	$(call link-apache,target/apache/release/libgateway.a,$@)
+	$(call build-apache,--features apache,$(RELEASE_DIR),$@)
 
 # The daemon executable (supervisor and daemon processes of daemon mode) is
 # server-neutral: one build, next to the modules, where they look for it.
 $(MODULES)/gateway-daemon: check-python FORCE
-	$(CARGO) build --release --bin gateway-daemon --target-dir target/daemon
-	@mkdir -p $(MODULES)
-	install -m 0755 target/daemon/release/gateway-daemon $@
+	$(call build-daemon,,$(RELEASE_DIR),$@)
 
 $(MODULES)/ngx_http_gateway_module.so: check-python FORCE
-	$(CARGO) build --release --lib --features nginx --target-dir target/nginx
-	$(call link-nginx,target/nginx/release/libgateway.a,$@)
+	$(call build-nginx,--features nginx,$(RELEASE_DIR),$@)
 
 # The same three with the test-only cargo feature fault-injection, for the tests that make
-# the module panic on purpose (GATEWAY_FAULT names where); never installed.
+# the module panic on purpose (GATEWAY_FAULT names where); never installed. Without LTO:
+# they are built for the tests only, and link faster.
 FAULTS := target/modules-faults
-FAULT_BUILD := CARGO_PROFILE_RELEASE_LTO=false $(CARGO) build --release
+$(FAULTS)/%: export CARGO_PROFILE_RELEASE_LTO := false
 
 faults: $(FAULTS)/mod_gateway.so $(FAULTS)/ngx_http_gateway_module.so $(FAULTS)/gateway-daemon
 
 $(FAULTS)/mod_gateway.so: check-python FORCE
-	$(FAULT_BUILD) --lib --features apache,fault-injection --target-dir target/faults-apache
-	$(call link-apache,target/faults-apache/release/libgateway.a,$@)
+	$(call build-apache,--features apache$(comma)fault-injection,$(FAULTS_DIR),$@)
 
 $(FAULTS)/ngx_http_gateway_module.so: check-python FORCE
-	$(FAULT_BUILD) --lib --features nginx,fault-injection --target-dir target/faults-nginx
-	$(call link-nginx,target/faults-nginx/release/libgateway.a,$@)
+	$(call build-nginx,--features nginx$(comma)fault-injection,$(FAULTS_DIR),$@)
 
 $(FAULTS)/gateway-daemon: check-python FORCE
-	$(FAULT_BUILD) --bin gateway-daemon --features fault-injection --target-dir target/faults-daemon
-	@mkdir -p $(FAULTS)
-	install -m 0755 target/faults-daemon/release/gateway-daemon $@
+	$(call build-daemon,--features fault-injection,$(FAULTS_DIR),$@)
 
 test: all faults
 	tests/run
