@@ -1,9 +1,14 @@
 # nginx with Gateway, serving the bundled demo application in embedded and
-# daemon mode on port 80. Build from the repository root:
+# daemon mode on port 80, on Debian 12 (bookworm, the default) or 13 (trixie).
+# Build from the repository root:
 #   docker build -f docker/nginx.Dockerfile -t gateway-nginx .
+#   docker build -f docker/nginx.Dockerfile --build-arg DEBIAN=trixie -t gateway-nginx:trixie .
 # The module must match the nginx it loads into exactly (version and build
-# signature): both stages use Debian bookworm's nginx.
-FROM rust:1-bookworm AS build
+# signature): both stages use the same release's nginx. Both install with
+# tools/install-deps, as CI does on both releases.
+ARG DEBIAN=bookworm
+
+FROM rust:1-${DEBIAN} AS build
 WORKDIR /src
 COPY tools/install-deps tools/install-deps
 RUN tools/install-deps --build
@@ -13,13 +18,12 @@ COPY c-shim c-shim
 COPY src src
 RUN make nginx && make install-nginx DESTDIR=/staging
 
-FROM debian:bookworm
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx libpython3.11 python3 curl \
- && rm -rf /var/lib/apt/lists/*
+FROM debian:${DEBIAN}
+COPY tools/install-deps /usr/local/sbin/gateway-install-deps
+RUN gateway-install-deps --run nginx && rm -rf /var/lib/apt/lists/*
 COPY --from=build /staging/ /
 COPY demo/app.py /srv/demo/app.py
 COPY docker/nginx-demo.conf /etc/nginx/sites-available/default
 EXPOSE 80
-HEALTHCHECK CMD curl -fs http://127.0.0.1/embedded/ || exit 1
+HEALTHCHECK CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1/embedded/')"
 CMD ["nginx", "-g", "daemon off;"]

@@ -43,6 +43,38 @@ def test_dockerfiles_install_like_ci(dockerfile):
     assert "tools/install-deps" in (ROOT / ".ci" / "run").read_text()
 
 
+RELEASES = ("bookworm", "trixie")
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
+def test_dockerfiles_build_on_either_release(dockerfile):
+    """Both stages take their Debian release from one build argument, so the module is built
+    against the very server (and nginx build signature) the image runs."""
+    text = dockerfile.read_text()
+    assert "ARG DEBIAN=bookworm" in text
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms == ["rust:1-${DEBIAN}", "debian:${DEBIAN}"], froms
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.name)
+def test_dockerfiles_last_stage_installs_what_serving_needs(dockerfile):
+    """The image's last stage installs with the same script, in its --run mode, which must work
+    on this machine too (everything it names is installed here, so it installs nothing)."""
+    server = dockerfile.name.split(".")[0]
+    assert f"gateway-install-deps --run {server}" in dockerfile.read_text()
+    r = subprocess.run([ROOT / "tools" / "install-deps", "--run", server], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_runs_both_servers_on_both_releases():
+    import yaml
+
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    built = {(s["build"]["dockerfile"], s["build"]["args"]["DEBIAN"]) for s in services.values() if "build" in s}
+    assert built == {(f"docker/{p.name}", r) for p in dockerfiles() for r in RELEASES}
+    assert set(services["check"]["depends_on"]) == {n for n, s in services.items() if "build" in s}
+
+
 def test_compose_builds_the_dockerfiles_that_exist():
     text = (DOCKER / "compose.yaml").read_text()
     referenced = re.findall(r"dockerfile:\s*(\S+)", text)
