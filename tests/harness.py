@@ -333,6 +333,26 @@ class Server:
         out = subprocess.run(["pgrep", "-P", str(self.pid())], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
 
+    def wait_for_no_connections(self, timeout: float = 10.0, settle: float = 0.2):
+        """Waits until the server's port has no connection other than its listener and
+        TIME_WAIT leftovers, then `settle` seconds more for its threads to finish with
+        them. Apache's event MPM stopped with SIGTERM while a worker still tears down a
+        connection can crash the child (its ungraceful stop closes the worker's socket as
+        the worker frees it), and a crashed child runs no exit handlers."""
+        port = f"{self.port:04X}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            open_ones = [
+                line for table in ("/proc/net/tcp", "/proc/net/tcp6")
+                for line in Path(table).read_text().splitlines()[1:]
+                if line.split()[1].endswith(f":{port}") and line.split()[3] not in ("0A", "06")
+            ]
+            if not open_ones:
+                time.sleep(settle)
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"connections to port {self.port} still open after {timeout}s")
+
     def marker(self, name: str) -> Path:
         return self.markers / name
 

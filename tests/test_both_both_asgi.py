@@ -504,6 +504,7 @@ def test_lifespan_shutdown_runs_when_the_server_stops(kind):
         pids = served_pids(srv)
         events = lifespan_events(srv)
         assert all(events.count(f"startup {pid}") == 1 for pid in pids), events
+        srv.wait_for_no_connections()
     started = {int(e.split()[1]) for e in lifespan_events(srv) if e.startswith("startup")}
     events = wait_for_shutdowns(srv, started, timeout=5)
     # Each process shut down once, after its startup.

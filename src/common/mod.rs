@@ -10,6 +10,7 @@ pub mod log;
 pub mod mount;
 pub mod panic;
 pub mod socket;
+pub mod thread;
 pub mod transport;
 
 /// The version reported as `gateway.version` and in log lines.

@@ -30,8 +30,8 @@ use super::watch::Watch;
 use crate::common::config::{AppSpec, DaemonOptions};
 use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
-use crate::common::socket;
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
+use crate::common::{socket, thread};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::{self, ServerInfo};
 
@@ -181,9 +181,7 @@ fn watch_for_changes(shared: &Arc<Shared>) {
         }
     };
     let shared = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("gateway-reload".into())
-        .spawn(move || watch_loop(&shared, watch));
+    let spawned = thread::spawn("gateway-reload".into(), move || watch_loop(&shared, watch));
     if let Err(e) = spawned {
         log::error!("cannot start the reload-on-change thread: {e}");
     }
@@ -1168,15 +1166,13 @@ fn epoll_and_wake() -> io::Result<(OwnedFd, OwnedFd)> {
 fn start_threads(shared: &Arc<Shared>) -> io::Result<()> {
     for slot in 0..shared.slots.len() {
         let shared = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("gateway-{slot}"))
-            .spawn(move || request_thread(&shared, slot))?;
+        thread::spawn(format!("gateway-{slot}"), move || {
+            request_thread(&shared, slot)
+        })?;
     }
     if shared.options.request_timeout > 0 || shared.options.slow_request > 0 {
         let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("gateway-watchdog".into())
-            .spawn(move || watchdog(shared))?;
+        thread::spawn("gateway-watchdog".into(), move || watchdog(shared))?;
     }
     Ok(())
 }
@@ -1657,9 +1653,9 @@ fn watchdog(shared: Arc<Shared>) {
     };
     let (reports, queue) = mpsc::channel();
     let reporter = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("gateway-stacks".into())
-        .spawn(move || gil_reports(&reporter, queue));
+    let spawned = thread::spawn("gateway-stacks".into(), move || {
+        gil_reports(&reporter, queue)
+    });
     if let Err(e) = spawned {
         log::error!("cannot start the thread that logs requests' stacks: {e}");
     }

@@ -388,9 +388,7 @@ fn spawn_threads(
     (0..count)
         .map(|i| {
             let (rx, info) = (rx.clone(), info.clone());
-            std::thread::Builder::new()
-                .name(format!("gateway-py-{i}"))
-                .spawn(move || serve(&rx, &info))
+            crate::common::thread::spawn(format!("gateway-py-{i}"), move || serve(&rx, &info))
                 .map_err(|e| format!("cannot start Python thread {i}: {e}"))
         })
         .collect()

@@ -50,9 +50,7 @@ pub fn configure(seconds: u64) {
     if seconds == 0 || LIMIT.set(Duration::from_secs(seconds)).is_err() {
         return;
     }
-    let spawned = std::thread::Builder::new()
-        .name("gateway-slow".into())
-        .spawn(watch);
+    let spawned = crate::common::thread::spawn("gateway-slow".into(), watch);
     if let Err(e) = spawned {
         log::error!("cannot start the thread that logs slow requests: {e}");
     }

@@ -169,10 +169,10 @@ fn spawn() -> Result<Arc<Shared>, String> {
         thread: Mutex::new(None),
     });
     let for_thread = shared.clone();
-    let thread = std::thread::Builder::new()
-        .name("gateway-asgi".into())
-        .spawn(move || thread_main(for_thread, alive_tx))
-        .map_err(|e| format!("starting the ASGI event loop thread: {e}"))?;
+    let thread = crate::common::thread::spawn("gateway-asgi".into(), move || {
+        thread_main(for_thread, alive_tx)
+    })
+    .map_err(|e| format!("starting the ASGI event loop thread: {e}"))?;
     *lock(&shared.thread) = Some(thread);
     Ok(shared)
 }
