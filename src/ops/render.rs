@@ -590,12 +590,14 @@ mod tests {
     use super::*;
 
     fn snapshot() -> Snapshot {
-        let mut totals = Totals::default();
-        totals.requests = 3;
-        totals.classes = [0, 2, 0, 1, 0];
+        let mut totals = Totals {
+            requests: 3,
+            classes: [0, 2, 0, 1, 0],
+            sum_us: 12_000_000,
+            ..Default::default()
+        };
         totals.buckets[0] = 2;
         totals.buckets[11] = 1;
-        totals.sum_us = 12_000_000;
         let process = Process {
             pid: 7,
             state: Some(State::Ready),
