@@ -856,6 +856,8 @@ impl Supervisor {
             file.board.prepare(slot, self.groups[i].options.threads);
         }
         let board_fd = file.map(|f| f.fd.as_raw_fd());
+        // The child takes its slot before exec, so that it finds it at once.
+        let own_slot = file.zip(slot).map(|(f, i)| &f.board.slots()[i]);
         let envp: Vec<*const libc::c_char> = env
             .iter()
             .map(|var| var.as_ptr())
@@ -868,6 +870,11 @@ impl Supervisor {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
+            if let Some(own) = own_slot {
+                // An atomic store into shared memory: async-signal-safe.
+                // SAFETY: getpid has no preconditions.
+                own.set_pid(unsafe { libc::getpid() } as u32);
+            }
             // SAFETY: in the child, between fork and exec.
             unsafe {
                 process::reset_signals();

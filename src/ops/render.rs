@@ -62,7 +62,8 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// A bucket's upper bound as Prometheus writes it.
 fn le(i: usize) -> String {
     match BUCKET_BOUNDS_US.get(i) {
-        Some(us) => format!("{}", *us as f64 / 1e6),
+        // Always with a decimal point, as Prometheus clients write bounds: 1.0, 0.005.
+        Some(us) => format!("{:?}", *us as f64 / 1e6),
         None => "+Inf".into(),
     }
 }
@@ -133,9 +134,7 @@ fn json_process(snapshot: &Snapshot, p: &Process) -> String {
             )
         })
         .collect();
-    let state = p
-        .state
-        .map_or("gone", |s| if p.alive { s.name() } else { "gone" });
+    let state = p.state.map_or("", |s| s.name());
     format!(
         "{{\"pid\":{},\"state\":{},\"started\":{},\"threads\":{},\"busy_threads\":{},\"idle_threads\":{},\"rss_bytes\":{},{},\"current\":[{}]}}",
         p.pid,
@@ -151,8 +150,10 @@ fn json_process(snapshot: &Snapshot, p: &Process) -> String {
 }
 
 fn json_processes(snapshot: &Snapshot, processes: &[Process]) -> String {
+    // A process that died without giving its slot back shows in the totals only.
     let all: Vec<String> = processes
         .iter()
+        .filter(|p| p.alive)
         .map(|p| json_process(snapshot, p))
         .collect();
     format!("[{}]", all.join(","))
