@@ -131,6 +131,10 @@ struct LoopState<'r> {
 impl Drop for LoopState<'_> {
     /// The request is over on the nginx side.
     fn drop(&mut self) {
+        // Ended by nginx, not by this module: the client went away (or timed out).
+        if let Some(ticket) = self.ticket.take() {
+            ticket.finish(NGX_HTTP_CLIENT_CLOSED_REQUEST as u16);
+        }
         let me = (self as *mut Self).cast::<c_void>();
         let _ = self.exchange.loop_state.compare_exchange(
             me,

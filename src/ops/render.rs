@@ -371,6 +371,11 @@ fn process_families(out: &mut String, sections: &[Section<'_>]) {
             sample(v, base(s), idle)
         },
     );
+    per_process_families(out, sections);
+}
+
+/// The families with one sample per live process.
+fn per_process_families(out: &mut String, sections: &[Section<'_>]) {
     let per_process = |f: fn(&Process) -> String| {
         move |s: &Section<'_>, v: &mut Samples<'_>| {
             for p in s.processes.iter().filter(|p| p.alive) {
