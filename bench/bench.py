@@ -1480,7 +1480,7 @@ def report_goals(configs, skipped: dict, workloads, summaries, results) -> list[
     for goal in GOALS:
         if not goal.always and (goal.ours not in summaries or goal.workload not in ran):
             continue
-        wanted = f"{goal.ratio:.1f}x {peer_text(goal)}"
+        wanted = f"{ratio_text(goal.ratio)}x {peer_text(goal)}"
         if goal.p99:
             wanted += f", p99 <= {goal.p99:.1f}x its p99"
         line = f"- goal: {labels[goal.ours]} >= {wanted} ({titles[goal.workload]}): "
@@ -1496,6 +1496,11 @@ def report_goals(configs, skipped: dict, workloads, summaries, results) -> list[
         out.append(line)
     out += memory_lines(summaries, labels, titles)
     return out
+
+
+def ratio_text(ratio: float) -> str:
+    """A goal's ratio with one decimal, or two when it needs them (0.97)."""
+    return f"{ratio:.1f}" if round(ratio, 1) == ratio else f"{ratio:.2f}"
 
 
 def goal_verdict(goal: Goal, ours: dict, peer: dict, peer_label: str | None) -> str:
