@@ -81,11 +81,11 @@ pub fn run(runner: Runner<'_>, app: &AppSpec, request: Request<'_>) -> Outcome {
 /// Counts a daemon group's request that this server answered 503 (shed) or
 /// 504 (timed out) for the status page.
 pub fn count_refusal(group: &str, outcome: Outcome) {
-    match (outcome, scoreboard::group(group)) {
-        (Outcome::Status(503), Some(g)) => g.count_shed(),
-        (Outcome::Status(504), Some(g)) => g.count_timeout(),
-        _ => {}
-    }
+    match outcome {
+        Outcome::Status(503) => scoreboard::group(group).map(|g| g.count_shed()),
+        Outcome::Status(504) => scoreboard::group(group).map(|g| g.count_timeout()),
+        _ => None,
+    };
 }
 
 /// Answers a status request (`SetHandler gateway-status`, `gateway_status;`)

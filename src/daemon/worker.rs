@@ -1381,7 +1381,11 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
             return false;
         }
     };
-    lock(&conn.io.writer).progress = Progress::Waiting;
+    {
+        let mut w = lock(&conn.io.writer);
+        w.progress = Progress::Waiting;
+        w.status = 0;
+    }
     let (method, uri) = (request.head.method, request.head.request_uri);
     match panic::catch(move || answer(shared, conn, slot, generation, request)) {
         Ok(keep) => keep,
@@ -1482,7 +1486,6 @@ fn respond(
         timed_out: false,
         reported_slow: false,
     });
-    lock(&conn.io.writer).status = 0;
     let ticket = scoreboard::begin(request.head.method, request.head.request_uri);
     let body = DaemonBody {
         io: conn.io.clone(),

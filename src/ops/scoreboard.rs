@@ -324,8 +324,16 @@ pub struct GroupCounters {
 }
 
 impl GroupCounters {
-    fn name(&self) -> Vec<u8> {
-        load_bytes(&self.name, self.name_len.load(Relaxed) as usize)
+    /// Whether this is the group `name`, compared word by word (no copy).
+    fn is(&self, name: &[u8]) -> bool {
+        if self.name_len.load(Relaxed) != name.len() as u64 {
+            return false;
+        }
+        name.chunks(8).zip(&self.name).all(|(chunk, word)| {
+            let mut bytes = [0u8; 8];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            word.load(Relaxed) == u64::from_le_bytes(bytes)
+        })
     }
 
     pub fn count_shed(&self) {
@@ -598,7 +606,7 @@ impl Board {
         groups
             .iter()
             .take_while(|g| g.name_len.load(Relaxed) > 0)
-            .find(|g| g.name() == name.as_bytes())
+            .find(|g| g.is(name.as_bytes()))
     }
 
     /// Takes a free slot for process `pid`, or that of a process that died
