@@ -43,6 +43,8 @@ static const command_rec gateway_cmds[] = {
                  "On: each child imports the embedded applications when it starts"),
     AP_INIT_TAKE1("GatewaySlowRequest", gateway_cmd_slow_request, NULL, RSRC_CONF,
                   "SECONDS: log the Python stack of an embedded request still running after this long"),
+    AP_INIT_FLAG("GatewayStatusCounters", gateway_cmd_status_counters, NULL, RSRC_CONF,
+                 "Off: count no requests for the status page (default On)"),
     {NULL}
 };
 

@@ -58,6 +58,7 @@ const char *gateway_cmd_python_path(cmd_parms *cmd, void *dcfg, const char *path
 const char *gateway_cmd_shared_interpreter(cmd_parms *cmd, void *dcfg, int on);
 const char *gateway_cmd_preload(cmd_parms *cmd, void *dcfg, int on);
 const char *gateway_cmd_slow_request(cmd_parms *cmd, void *dcfg, const char *value);
+const char *gateway_cmd_status_counters(cmd_parms *cmd, void *dcfg, int on);
 
 /* src/apache/hooks.rs: hooks */
 int gateway_pre_config(apr_pool_t *pconf, apr_pool_t *plog, apr_pool_t *ptemp);

@@ -16,6 +16,8 @@
 
 static char *ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_gateway_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_gateway_status_handler(ngx_http_request_t *r);
 static char *ngx_http_gateway_init_main_conf(ngx_conf_t *cf, void *conf);
 static char *ngx_http_gateway_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
@@ -89,6 +91,20 @@ static ngx_command_t  ngx_http_gateway_commands[] = {
       0,
       NULL },
 
+    { ngx_string("gateway_status_counters"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_FLAG,
+      gateway_conf_status_counters,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("gateway_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_gateway_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
@@ -144,6 +160,34 @@ ngx_http_gateway_app(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* gateway_status: the location's content handler becomes the status page. */
+static char *
+ngx_http_gateway_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    clcf->handler = ngx_http_gateway_status_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+/* The status page: no body to read, answered at once on the event loop. */
+static ngx_int_t
+ngx_http_gateway_status_handler(ngx_http_request_t *r)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_discard_request_body(r);
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    return gateway_status_request(r);
+}
+
+
 /* gateway_mode: records the mode (and which daemon groups are named). */
 static char *
 ngx_http_gateway_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -188,6 +232,7 @@ ngx_http_gateway_init_module(ngx_cycle_t *cycle)
                ngx_http_cycle_get_module_main_conf(cycle, ngx_http_gateway_module),
                ngx_test_config || ngx_process == NGX_PROCESS_SIGNALLER,
                ccf->user, ccf->group, &ccf->pid,
+               ccf->master ? ccf->worker_processes : 1,
                ccf->daemon && !ngx_daemonized && !ngx_inherited
                && ngx_process == NGX_PROCESS_SINGLE);
 }
@@ -224,6 +269,43 @@ ngx_http_gateway_exit_process(ngx_cycle_t *cycle)
 
 
 /* Helpers for Rust, made of nginx macros. */
+
+ngx_int_t
+gateway_ngx_send_whole(ngx_http_request_t *r, ngx_uint_t status,
+    const u_char *content_type, size_t type_len, const u_char *data, size_t len)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
+
+    r->headers_out.status = status;
+    r->headers_out.content_length_n = len;
+    r->headers_out.content_type.len = type_len;
+    r->headers_out.content_type.data = ngx_pnalloc(r->pool, type_len);
+    if (r->headers_out.content_type.data == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    ngx_memcpy(r->headers_out.content_type.data, content_type, type_len);
+    r->headers_out.content_type_len = type_len;
+
+    rc = ngx_http_send_header(r);
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    b = ngx_create_temp_buf(r->pool, len > 0 ? len : 1);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    b->last = ngx_cpymem(b->pos, data, len);
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
 
 void
 gateway_ngx_log(ngx_log_t *log, ngx_uint_t level, const char *msg)

@@ -33,6 +33,11 @@ void gateway_ngx_del_timer(ngx_event_t *ev);
  * handler is handler; NULL if nginx has no connection or event left. */
 ngx_connection_t *gateway_ngx_watch_fd(ngx_cycle_t *cycle, ngx_fd_t fd,
                                        ngx_event_handler_pt handler);
+/* Send a whole response of len bytes from data (copied to the pool), with this
+ * status and Content-Type; returns what the content handler returns. */
+ngx_int_t gateway_ngx_send_whole(ngx_http_request_t *r, ngx_uint_t status,
+                                 const u_char *content_type, size_t type_len,
+                                 const u_char *data, size_t len);
 
 /* --- Defined in Rust, called by ngx_http_gateway_module.c --- */
 
@@ -53,11 +58,12 @@ char *gateway_conf_threads(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_shared_interpreter(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_preload(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *gateway_conf_slow_request(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+char *gateway_conf_status_counters(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 
 /* src/nginx/daemons.rs: the daemon supervisor's start in the master */
 ngx_int_t gateway_init_module(ngx_cycle_t *cycle, void *mcf, ngx_uint_t test,
                               ngx_uid_t user, ngx_gid_t group, const ngx_str_t *pid,
-                              ngx_uint_t daemonizing);
+                              ngx_int_t worker_processes, ngx_uint_t daemonizing);
 
 /* src/nginx/runtime.rs: a worker's start and exit */
 ngx_int_t gateway_init_process(ngx_cycle_t *cycle, void *mcf,
@@ -66,5 +72,8 @@ void gateway_exit_process(ngx_cycle_t *cycle);
 
 /* src/nginx/request.rs: the content handler */
 ngx_int_t gateway_handle_request(ngx_http_request_t *r, void *lcf);
+
+/* src/nginx/status.rs: the status page's content handler */
+ngx_int_t gateway_status_request(ngx_http_request_t *r);
 
 #endif /* NGX_HTTP_GATEWAY_MODULE_H */

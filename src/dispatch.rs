@@ -7,8 +7,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::common::config::{AppSpec, Mode};
-use crate::common::transport::{Done, Flow, Outcome, Request};
-use crate::daemon::{client, Endpoint};
+use crate::common::transport::{Done, Flow, Outcome, Request, ResponseChannel};
+use crate::daemon::{client, status_path, Endpoint};
+use crate::ops::{self, render, scoreboard};
 use crate::python::{self, ServerInfo};
 
 /// Where the requests of one location or virtual host run.
@@ -69,8 +70,51 @@ pub fn run(runner: Runner<'_>, app: &AppSpec, request: Request<'_>) -> Outcome {
                 mut body,
                 mut response,
             } = request;
-            client::forward(endpoint, app, &head, has_body, &mut *body, &mut *response)
+            let outcome =
+                client::forward(endpoint, app, &head, has_body, &mut *body, &mut *response);
+            count_refusal(&endpoint.group, outcome);
+            outcome
         }
+    }
+}
+
+/// Counts a daemon group's request that this server answered 503 (shed) or
+/// 504 (timed out) for the status page.
+pub fn count_refusal(group: &str, outcome: Outcome) {
+    match outcome {
+        Outcome::Status(503) => scoreboard::group(group).map(|g| g.count_shed()),
+        Outcome::Status(504) => scoreboard::group(group).map(|g| g.count_timeout()),
+        _ => None,
+    };
+}
+
+/// Answers a status request (`SetHandler gateway-status`, `gateway_status;`)
+/// of server `server` with the page in the format that `query` and the
+/// `Accept` header ask for: this server's processes and every daemon group's.
+pub fn status(
+    server: &'static str,
+    query: &[u8],
+    accept: Option<&[u8]>,
+    response: &mut dyn ResponseChannel,
+) -> Outcome {
+    let groups: Vec<_> = client::endpoints()
+        .iter()
+        .map(|ep| (ep.group.clone(), status_path(&ep.run_dir, &ep.group)))
+        .collect();
+    let snapshot = ops::collect(server, &groups);
+    let format = render::Format::choose(query, accept);
+    let body = render::render(&snapshot, format);
+    let headers = [
+        ("Content-Type".to_string(), format.content_type().into()),
+        ("Content-Length".to_string(), body.len().to_string().into()),
+        ("Cache-Control".to_string(), b"no-store".to_vec()),
+    ];
+    let sent = response
+        .start(200, "200 OK", &headers)
+        .and_then(|()| response.write(body.as_bytes(), true));
+    match sent {
+        Ok(()) => Outcome::Complete,
+        Err(_) => Outcome::ClientGone,
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`common`]: server- and protocol-neutral values: configuration, mount
 //!   points, the CGI view of a request, the transport seam between a server and
 //!   what runs its requests, logging, the panic guard.
+//! - [`ops`]: the status page: the scoreboard in shared memory and its rendering.
 //! - [`python`]: the embedded interpreter and one folder per Python protocol.
 //! - [`daemon`]: daemon mode: the wire protocol, the server-side client, the
 //!   supervisor and the daemon processes (the `gateway-daemon` executable).
@@ -15,6 +16,7 @@
 pub mod common;
 pub mod daemon;
 pub mod dispatch;
+pub mod ops;
 pub mod python;
 
 #[cfg(test)]

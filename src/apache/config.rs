@@ -39,6 +39,9 @@ pub struct ServerConfig {
     /// `GatewaySlowRequest`: seconds after which an embedded request still
     /// running has its Python stack logged.
     pub slow_request: Option<u64>,
+    /// `GatewayStatusCounters`: whether requests are counted for the status
+    /// page (default on).
+    pub status_counters: Option<bool>,
 }
 
 impl ServerConfig {
@@ -93,6 +96,7 @@ impl ServerConfig {
             shared_interpreter: base.shared_interpreter,
             preload: base.preload,
             slow_request: base.slow_request,
+            status_counters: base.status_counters,
         }
     }
 }
@@ -396,6 +400,26 @@ pub unsafe extern "C" fn gateway_cmd_preload(
             return Err(ConfigError("is given twice: give it once".into()));
         }
         cfg.preload = Some(on != 0);
+        Ok(())
+    })
+}
+
+/// `GatewayStatusCounters On|Off`
+#[no_mangle]
+pub unsafe extern "C" fn gateway_cmd_status_counters(
+    cmd: *mut cmd_parms,
+    dcfg: *mut c_void,
+    on: c_int,
+) -> *const c_char {
+    // SAFETY: httpd calls a directive handler with its live cmd_parms and the section's record.
+    let cmd = unsafe { Cmd::from_raw(cmd, dcfg) };
+    directive(cmd, "GatewayStatusCounters", |cmd| {
+        cmd.check_context(GLOBAL_ONLY)?;
+        let cfg = server_config(cmd)?;
+        if cfg.status_counters.is_some() {
+            return Err(ConfigError("is given twice: give it once".into()));
+        }
+        cfg.status_counters = Some(on != 0);
         Ok(())
     })
 }

@@ -22,11 +22,15 @@ use crate::daemon::launch::{self, Problem};
 use crate::daemon::protocol::{Decoder, Encoder};
 use crate::daemon::{self, supervisor};
 use crate::dispatch::{self, NotRunning, Route, Runner};
+use crate::ops::scoreboard::{self, Board};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::ServerInfo;
 
 /// The handler name that GatewayScriptAlias gives to the requests it maps.
 const HANDLER: &CStr = c"gateway-script";
+
+/// The status page's handler (`SetHandler gateway-status`).
+const STATUS_HANDLER: &CStr = c"gateway-status";
 
 /// What a configuration hook answers when it fails: httpd stops with it.
 const CONFIG_FAILED: c_int = HTTP_INTERNAL_SERVER_ERROR as c_int;
@@ -260,7 +264,9 @@ fn interpreter_clash_in(main: Server<'_>, sections: &[(String, ServerId)]) -> Op
 /// restart) drain: its daemons finish their requests while new connections
 /// already reach the new ones.
 fn start_daemons(pconf: Pool<'_>, main: Server<'_>, one: OneThread) -> Result<(), String> {
-    let groups = parsed().groups.options();
+    let mut groups = parsed().groups.options();
+    let counting = main.config().and_then(|c| c.status_counters) != Some(false);
+    groups.iter_mut().for_each(|g| g.status_counters = counting);
     let process = main.process_pool(one);
     let lifeline = process.slot(&LIFELINE);
     let previous = lifeline.replace(-1);
@@ -362,12 +368,35 @@ fn post_config(pconf: Pool<'_>, main: Server<'_>, one: OneThread) -> c_int {
         log::error!("daemon mode cannot start: {e}");
         return CONFIG_FAILED;
     }
+    make_status_board(pconf, main);
     log::info!(
         "Gateway/{} ready, {} application(s) mounted",
         crate::common::VERSION,
         mounts
     );
     OK as c_int
+}
+
+/// This generation's embedded scoreboard, made before the children fork: a
+/// slot for each child that may run at once, and as many again for children
+/// that finish their requests while their replacements start. Unmapped with
+/// the configuration (the children keep their own mapping).
+fn make_status_board(pconf: Pool<'_>, main: Server<'_>) {
+    if main.config().and_then(|c| c.status_counters) == Some(false) {
+        scoreboard::install_embedded(None);
+        return;
+    }
+    let children = records::mpm_query(AP_MPMQ_MAX_DAEMONS).max(1) as usize;
+    let groups = parsed().groups.options();
+    let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+    match Board::anonymous((2 * children + 4).min(1024), true, &names) {
+        Ok(board) => scoreboard::install_embedded(Some(board)),
+        Err(e) => {
+            log::warn!("the status page has no counters: its shared memory cannot be made: {e}");
+            scoreboard::install_embedded(None);
+        }
+    }
+    pconf.on_cleanup(|| scoreboard::install_embedded(None));
 }
 
 #[no_mangle]
@@ -392,6 +421,10 @@ pub unsafe extern "C" fn gateway_child_init(pchild: *mut apr_pool_t, s: *mut ser
         // pchild lives until the child exits: then the atexit handlers run.
         pchild.on_cleanup(interpreter::run_exit_handlers);
         pchild.on_cleanup(log_drain);
+        let threads = records::mpm_query(AP_MPMQ_MAX_THREADS).max(1) as u32;
+        scoreboard::claim_embedded(threads);
+        // The child's counters stay in the server's totals after it exits.
+        pchild.on_cleanup(scoreboard::release_local);
         if s.config().and_then(|c| c.preload) == Some(true) {
             preload(s);
         }
@@ -547,6 +580,9 @@ pub unsafe extern "C" fn gateway_handler(r: *mut request_rec) -> c_int {
 }
 
 fn handle(r: &mut Request<'_>) -> c_int {
+    if r.handler() == Some(STATUS_HANDLER) {
+        return request::serve_status(r);
+    }
     if r.handler() != Some(HANDLER) {
         return DECLINED;
     }
@@ -574,7 +610,19 @@ fn handle(r: &mut Request<'_>) -> c_int {
 fn embedded(r: &mut Request<'_>, mount: &Mount) -> c_int {
     let server = r.server();
     match PYTHON.get_or_init(|| start_python(server)) {
-        Ok(info) => request::serve(r, mount, Runner::Embedded(info)),
+        Ok(info) => {
+            let ticket = scoreboard::begin(r.method(), r.unparsed_uri());
+            let rc = request::serve(r, mount, Runner::Embedded(info));
+            if let Some(ticket) = ticket {
+                // OK: the response went out with the status it set.
+                ticket.finish(if rc == OK as c_int {
+                    r.status()
+                } else {
+                    rc as u16
+                });
+            }
+            rc
+        }
         Err(why) => {
             let msg = format!("Python is not available in this process: {why}");
             request::log(r, log::Level::Error, &msg);

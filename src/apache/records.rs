@@ -729,6 +729,12 @@ impl Request<'_> {
 
 /// The response, written through httpd's output filters.
 impl Request<'_> {
+    /// The response's status as set so far.
+    pub fn status(&self) -> u16 {
+        // SAFETY: the request is live (from_raw).
+        u16::try_from(unsafe { (*self.raw).status }).unwrap_or(500)
+    }
+
     pub fn set_status(&mut self, status: u16, line: &[u8]) {
         let line = self.pool().strdup(line).as_ptr();
         // SAFETY: the request is live; the line is in its pool.

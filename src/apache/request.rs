@@ -137,6 +137,27 @@ impl ResponseChannel for ApacheResponse {
     }
 }
 
+/// Answers `r` with the status page (`SetHandler gateway-status`).
+pub fn serve_status(r: &mut Request<'_>) -> c_int {
+    let query = r.args().to_vec();
+    let accept = r
+        .headers_in()
+        .into_iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(b"accept"))
+        .map(|(_, value)| value.to_vec());
+    let outcome = r.lend(|shared| {
+        let mut response = ApacheResponse {
+            r: shared,
+            unflushed: 0,
+        };
+        dispatch::status("apache", &query, accept.as_deref(), &mut response)
+    });
+    if outcome == Outcome::Complete {
+        r.finish();
+    }
+    OK as c_int
+}
+
 /// The CGI view of request `r` for the application at `mount`.
 fn head<'a>(r: &Request<'a>, mount: &'a Mount) -> RequestHead<'a> {
     let (script_name, path_info) = mount.prefix.split_or_root(r.uri());

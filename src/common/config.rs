@@ -303,6 +303,9 @@ pub struct DaemonOptions {
     pub queue_timeout: u64,
     /// Connections the group's socket holds before new ones are refused (503).
     pub listen_backlog: u32,
+    /// Whether its processes count requests for the status page: the server's
+    /// `GatewayStatusCounters` / `gateway_status_counters`, not a group option.
+    pub status_counters: bool,
     pub display_name: Option<String>,
 }
 
@@ -359,6 +362,7 @@ impl DaemonOptions {
             socket_timeout: 75,
             queue_timeout: 0,
             listen_backlog: 256,
+            status_counters: true,
             display_name: None,
         };
         let mut seen: Vec<(&str, &str)> = Vec::new();

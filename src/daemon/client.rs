@@ -31,6 +31,7 @@ use crate::common::framing::{self, BodyFraming};
 use crate::common::log::request_line;
 use crate::common::socket;
 use crate::common::transport::{Outcome, RequestBody, ResponseChannel};
+use crate::ops::scoreboard;
 
 static ENDPOINTS: LazyLock<RwLock<HashMap<String, Arc<Endpoint>>>> =
     LazyLock::new(Default::default);
@@ -52,6 +53,14 @@ pub fn endpoint(group: &str) -> Option<Arc<Endpoint>> {
         .unwrap_or_else(|e| e.into_inner())
         .get(group)
         .cloned()
+}
+
+/// Every daemon group this process can reach, by name.
+pub fn endpoints() -> Vec<Arc<Endpoint>> {
+    let map = ENDPOINTS.read().unwrap_or_else(|e| e.into_inner());
+    let mut all: Vec<_> = map.values().cloned().collect();
+    all.sort_by(|a, b| a.group.cmp(&b.group));
+    all
 }
 
 /// One connection to a daemon process.
@@ -248,6 +257,13 @@ fn connect(ep: &Endpoint) -> Result<Conn, ConnectError> {
     })
 }
 
+/// [`connect`], counted in the group's queue (for the status page) until a
+/// daemon process takes the connection.
+fn connect_queued(ep: &Endpoint) -> Result<Conn, ConnectError> {
+    let _queued = scoreboard::group(&ep.group).map(|g| g.enter_queue());
+    connect(ep)
+}
+
 /// Connects a new socket to the group's, without waiting: a full queue is
 /// refused at once rather than waited on.
 fn dial(ep: &Endpoint) -> Result<UnixStream, ConnectError> {
@@ -418,7 +434,7 @@ pub fn forward(
         loop {
             let (conn, reused) = match pool_take(&ep.socket) {
                 Some(conn) => (conn, true),
-                None => match connect(ep) {
+                None => match connect_queued(ep) {
                     Ok(conn) => (conn, false),
                     Err(refused) => {
                         log(resp, log::Level::Error, &format!("{refused}; answering 503"));

@@ -108,6 +108,16 @@ pub fn socket_path(run_dir: &Path, group: &str) -> PathBuf {
     run_dir.join(socket_name(group))
 }
 
+/// The file name of `group`'s status file (its scoreboard) in the run directory.
+pub fn status_name(group: &str) -> String {
+    format!("{group}.status")
+}
+
+/// The status file of `group` in `run_dir`.
+pub fn status_path(run_dir: &Path, group: &str) -> PathBuf {
+    run_dir.join(status_name(group))
+}
+
 /// The prefix of the supervisor's exit records in the run directory.
 pub const EXIT_RECORD_PREFIX: &str = "exit-";
 

@@ -398,11 +398,16 @@ pub fn read_signals(fd: RawFd) -> Vec<i32> {
 
 /// This process's resident memory in MiB, from `/proc/self/statm`.
 pub fn resident_mib() -> Option<u64> {
+    resident_bytes().map(|b| b / (1024 * 1024))
+}
+
+/// This process's resident memory in bytes, from `/proc/self/statm`.
+pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    Some(pages * page / (1024 * 1024))
+    Some(pages * page)
 }
 
 #[cfg(test)]

@@ -562,6 +562,7 @@ pub fn put_options(e: &mut Encoder<'_>, d: &DaemonOptions) {
     e.u64(d.socket_timeout);
     e.u64(d.queue_timeout);
     e.u32(d.listen_backlog);
+    e.u8(u8::from(d.status_counters));
     e.opt(d.display_name.as_deref().map(str::as_bytes));
 }
 
@@ -603,6 +604,7 @@ pub fn decode_options(d: &mut Decoder<'_>) -> Result<DaemonOptions, ProtocolErro
         socket_timeout: d.u64("socket-timeout")?,
         queue_timeout: d.u64("queue-timeout")?,
         listen_backlog: d.u32("listen-backlog")?,
+        status_counters: d.u8("status counters")? != 0,
         display_name: text(d.opt("display-name")?)?,
     })
 }

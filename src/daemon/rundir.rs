@@ -126,6 +126,38 @@ impl RunDir {
         (&file).write_all(data)
     }
 
+    /// Makes the file `name` anew for reading and writing, mode 0640 and, for
+    /// root, group `reader_gid` (the server's workers read it; only
+    /// descriptors handed out write it). It is made under a temporary name and
+    /// renamed into place: a previous generation keeps its own file.
+    pub fn create_shared(&self, name: &str, reader_gid: u32) -> io::Result<OwnedFd> {
+        let tmp = format!(".{name}.{}", std::process::id());
+        let c = c_name(&tmp)?;
+        self.remove(&tmp)?;
+        // SAFETY: opens a new entry of the directory we hold; O_EXCL and
+        // O_NOFOLLOW refuse anything that is already there.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        check(fd)?;
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // SAFETY: changes the owner and mode of the file we hold open.
+            check(unsafe { libc::fchown(fd.as_raw_fd(), 0, reader_gid) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::fchmod(fd.as_raw_fd(), 0o640) })?;
+        }
+        self.rename(&tmp, name)?;
+        Ok(fd)
+    }
+
     /// Removes the entry `name` (not what a link points to); a missing one is fine.
     pub fn remove(&self, name: &str) -> io::Result<()> {
         let c = c_name(name)?;

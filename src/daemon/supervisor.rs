@@ -30,10 +30,12 @@ use super::process::{self, describe_status};
 use super::protocol::{self, Decoder, Encoder, Kind};
 use super::rundir::RunDir;
 use super::{
-    exit_record_name, socket_name, socket_path, Endpoint, EXIT_RECORD_PREFIX, MAX_SOCKET_PATH,
+    exit_record_name, socket_name, socket_path, status_name, Endpoint, EXIT_RECORD_PREFIX,
+    MAX_SOCKET_PATH,
 };
 use crate::common::config::DaemonOptions;
 use crate::common::panic;
+use crate::ops::scoreboard::{Board, Reason, State};
 use crate::python::interpreter;
 
 /// Everything the supervisor needs, sent over the lifeline.
@@ -329,12 +331,18 @@ pub const STATUS_IDLE: u8 = b'I';
 /// The descriptor numbers a daemon process finds at exec.
 pub const LISTEN_FD: RawFd = 3;
 pub const STATUS_FD: RawFd = 4;
+/// The group's status file (its scoreboard), open for writing, when there is one.
+pub const BOARD_FD: RawFd = 5;
 
 /// One daemon process as the supervisor sees it.
 struct Child {
     group: usize,
     ready: bool,
     draining: bool,
+    /// Stopped because the grown pool shrinks.
+    shrunk: bool,
+    /// Its slot in the group's scoreboard.
+    slot: Option<usize>,
 }
 
 /// One group's state in the supervisor.
@@ -353,6 +361,17 @@ struct Group {
     wanted: usize,
     /// No growth before this: one process a second at most.
     next_growth: Instant,
+    /// The status file: the scoreboard the group's processes write into.
+    board: Option<StatusFile>,
+}
+
+/// A group's status file as the supervisor holds it.
+struct StatusFile {
+    board: Board,
+    /// Open for writing: each daemon process inherits it.
+    fd: OwnedFd,
+    /// Which file it is, to remove it at the end only if it is still this one.
+    id: (u64, u64),
 }
 
 struct Supervisor {
@@ -446,6 +465,37 @@ fn bind_group_socket(
     Ok((listener, inode))
 }
 
+/// Makes the status file of group `options` for this generation: slots for
+/// its processes, those that drain and their replacements. The daemon
+/// processes write it through the descriptor they inherit; the server's
+/// workers read it. Without it the group runs, unseen by the status page.
+fn make_board(
+    run_dir: &RunDir,
+    config: &SupervisorConfig,
+    options: &DaemonOptions,
+) -> Option<StatusFile> {
+    let slots = 2 * options.processes.max(1) as usize + 2;
+    let name = status_name(&options.name);
+    let made = run_dir
+        .create_shared(&name, config.server_gid)
+        .and_then(|fd| {
+            let board = Board::create_in(fd.as_raw_fd(), slots, options.status_counters)?;
+            let id = run_dir.entry(&name)?.id;
+            Ok(StatusFile { board, fd, id })
+        });
+    match made {
+        Ok(board) => Some(board),
+        Err(e) => {
+            log::warn!(
+                "cannot make the status file of daemon group '{}' in {}: {e}; the status page will not show it",
+                options.name,
+                run_dir.path().display()
+            );
+            None
+        }
+    }
+}
+
 /// Binds a Unix socket whose file is mode 0600 from the start, so that nobody
 /// but its owner can connect before it is handed over.
 fn bind_private(path: &Path) -> io::Result<UnixListener> {
@@ -477,6 +527,7 @@ impl Supervisor {
                 failures: 0,
                 wanted: options.min_processes.clamp(1, options.processes) as usize,
                 next_growth: Instant::now(),
+                board: make_board(&run_dir, &config, options),
             });
         }
         let mut fds = [0; 2];
@@ -799,6 +850,14 @@ impl Supervisor {
             std::ptr::null(),
         ];
         let env = self.worker_environment(i);
+        let file = self.groups[i].board.as_ref();
+        let slot = file.and_then(|f| f.board.free_slot());
+        if let (Some(file), Some(slot)) = (file, slot) {
+            file.board.prepare(slot, self.groups[i].options.threads);
+        }
+        let board_fd = file.map(|f| f.fd.as_raw_fd());
+        // The child takes its slot before exec, so that it finds it at once.
+        let own_slot = file.zip(slot).map(|(f, i)| &f.board.slots()[i]);
         let envp: Vec<*const libc::c_char> = env
             .iter()
             .map(|var| var.as_ptr())
@@ -811,16 +870,30 @@ impl Supervisor {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
+            if let Some(own) = own_slot {
+                // An atomic store into shared memory: async-signal-safe.
+                // SAFETY: getpid has no preconditions.
+                own.set_pid(unsafe { libc::getpid() } as u32);
+            }
             // SAFETY: in the child, between fork and exec.
             unsafe {
                 process::reset_signals();
                 process::move_fd(config_read.as_raw_fd(), 0);
                 process::move_fd(self.groups[i].listener.as_raw_fd(), LISTEN_FD);
                 process::move_fd(self.status_write.as_raw_fd(), STATUS_FD);
-                process::close_from(STATUS_FD + 1);
+                match board_fd {
+                    Some(fd) => {
+                        process::move_fd(fd, BOARD_FD);
+                        process::close_from(BOARD_FD + 1);
+                    }
+                    None => process::close_from(STATUS_FD + 1),
+                }
                 libc::execve(self.exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
                 libc::_exit(127);
             }
+        }
+        if let (Some(file), Some(slot)) = (self.groups[i].board.as_ref(), slot) {
+            file.board.slots()[slot].set_pid(pid as u32);
         }
         self.children.insert(
             pid,
@@ -828,6 +901,8 @@ impl Supervisor {
                 group: i,
                 ready: false,
                 draining: false,
+                shrunk: false,
+                slot,
             },
         );
         Ok(())
@@ -852,6 +927,16 @@ impl Supervisor {
                 let Some(child) = self.children.get_mut(&pid) else {
                     continue;
                 };
+                let state = match msg[0] {
+                    STATUS_READY => Some(State::Ready),
+                    STATUS_DRAINING => Some(State::Draining),
+                    _ => None,
+                };
+                if let (Some(state), Some(slot)) = (state, child.slot) {
+                    if let Some(file) = &self.groups[child.group].board {
+                        file.board.slots()[slot].set_state(state);
+                    }
+                }
                 match msg[0] {
                     STATUS_READY => {
                         child.ready = true;
@@ -914,6 +999,7 @@ impl Supervisor {
             return;
         };
         child.draining = true;
+        child.shrunk = true;
         // SAFETY: pid is a child this process has not reaped (it is in
         // `children`), so the pid is still its: it drains and exits.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -941,9 +1027,10 @@ impl Supervisor {
                     self.run_dir.path().display()
                 );
             }
+            let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            self.retire(&child, clean);
             let group = &mut self.groups[child.group];
             let name = &group.options.name;
-            let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
             if self.stopping.is_some() || (child.draining && clean) {
                 log::info!("daemon process {pid} of group '{name}' {how}");
             } else if !child.ready {
@@ -957,6 +1044,27 @@ impl Supervisor {
                 log::error!("daemon process {pid} of group '{name}' {how}; starting a replacement");
             }
         }
+    }
+
+    /// Keeps what the ended process `child` counted in its group's totals, and
+    /// counts why it was replaced: its own word for a clean exit (max-requests,
+    /// memory, change), the supervisor's for a shrink or a stop, a crash otherwise.
+    fn retire(&self, child: &Child, clean: bool) {
+        let (Some(file), Some(slot)) = (&self.groups[child.group].board, child.slot) else {
+            return;
+        };
+        let board = &file.board;
+        let told = board.slots()[slot].reason();
+        let reason = if child.shrunk {
+            Reason::IdleShrink
+        } else if self.stopping.is_some() {
+            Reason::Reload
+        } else if !clean {
+            Reason::Crash
+        } else {
+            told.unwrap_or(Reason::Reload)
+        };
+        board.retire(slot, Some(reason));
     }
 
     /// Removes exit records old enough that no client still waits for them (a
@@ -994,6 +1102,11 @@ impl Supervisor {
             let name = socket_name(&g.options.name);
             if self.run_dir.entry(&name).is_ok_and(|e| e.id == g.inode) {
                 let _ = self.run_dir.remove(&name);
+            }
+            let status = status_name(&g.options.name);
+            let own = |e: super::rundir::Entry| g.board.as_ref().is_some_and(|f| f.id == e.id);
+            if self.run_dir.entry(&status).is_ok_and(own) {
+                let _ = self.run_dir.remove(&status);
             }
         }
     }

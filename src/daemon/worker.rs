@@ -17,14 +17,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::auth::GroupAccess;
 use super::process::{self, ArgvArea};
 use super::protocol::{self, Decoder, Encoder, Kind, FLAG_FLUSH, HEADER_LEN, MAX_FRAME};
 use super::supervisor::{
-    LISTEN_FD, STATUS_BUSY, STATUS_DRAINING, STATUS_FD, STATUS_IDLE, STATUS_READY,
+    BOARD_FD, LISTEN_FD, STATUS_BUSY, STATUS_DRAINING, STATUS_FD, STATUS_IDLE, STATUS_READY,
 };
 use super::watch::Watch;
 use crate::common::config::{AppSpec, DaemonOptions};
@@ -32,6 +32,7 @@ use crate::common::log::request_line;
 use crate::common::panic::{self, Panic};
 use crate::common::transport::{Header, Outcome, Request, RequestBody, ResponseChannel};
 use crate::common::{socket, thread};
+use crate::ops::scoreboard::{self, Board, Reason, Slot};
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::{self, ServerInfo};
 
@@ -96,6 +97,7 @@ fn fail(msg: &str) -> ! {
 pub fn run(argv: Option<ArgvArea>) -> ! {
     process::log_to_stderr();
     let config = read_config();
+    map_status_file(config.options.status_counters);
     detach_stdio();
     let opts = &config.options;
     let title = opts
@@ -223,6 +225,7 @@ fn watch_loop(shared: &Shared, mut watch: Watch) {
         }
         if socket::readable_within(watch.fd(), Duration::from_secs(1)) {
             if let Some(file) = watch.changed() {
+                tell_reason(Reason::Change);
                 shared.request_drain(format!("reload-on-change: {} changed", file.display()));
                 return;
             }
@@ -356,6 +359,8 @@ struct Writer {
     poisoned: bool,
     /// How far the response to the connection's current request went.
     progress: Progress,
+    /// The status of the current request's response, once its head went (0 before).
+    status: u16,
 }
 
 /// How far a response went, as the server sees it: what must follow if the
@@ -706,6 +711,7 @@ impl Shared {
                 buf: Vec::with_capacity(64 * 1024),
                 poisoned: false,
                 progress: Progress::Waiting,
+                status: 0,
             }),
         });
         let state = ConnState::Greeting {
@@ -916,6 +922,7 @@ impl Daemon {
             drained_from: 0,
             full_since: None,
             memory_checked: Instant::now(),
+            rss_shown: Instant::now() - MEMORY_CHECK,
             busy_since: None,
             last_busy: Instant::now(),
             told_idle: false,
@@ -970,6 +977,7 @@ impl Daemon {
     /// connections.
     fn turn(&self, drain_why: Option<String>, main: &mut MainState) {
         self.shared.drop_stalled_greetings();
+        show_memory(main);
         let drain_why = drain_why.or_else(|| self.over_memory(main));
         if let (Some(why), None) = (drain_why, main.draining_since) {
             // Set first: even a drain that panicked half-way ends at graceful-timeout.
@@ -1012,8 +1020,10 @@ impl Daemon {
         }
         main.memory_checked = Instant::now();
         let rss = process::resident_mib()?;
-        (rss > limit)
-            .then(|| format!("its resident memory of {rss} MiB passed max-memory={limit} MiB"))
+        (rss > limit).then(|| {
+            tell_reason(Reason::Memory);
+            format!("its resident memory of {rss} MiB passed max-memory={limit} MiB")
+        })
     }
 
     /// Tells the supervisor of a growing pool when all threads have been busy
@@ -1119,6 +1129,19 @@ impl Daemon {
     }
 }
 
+/// Puts the process's resident memory in its slot, once a second.
+fn show_memory(main: &mut MainState) {
+    let Some(slot) = SLOT.get().copied().flatten() else {
+        return;
+    };
+    if main.rss_shown.elapsed() >= MEMORY_CHECK {
+        main.rss_shown = Instant::now();
+        if let Some(bytes) = process::resident_bytes() {
+            slot.set_rss(bytes);
+        }
+    }
+}
+
 /// What the main thread keeps between its rounds.
 struct MainState {
     /// When the drain began, if it did.
@@ -1129,6 +1152,8 @@ struct MainState {
     full_since: Option<Instant>,
     /// When max-memory was last looked at.
     memory_checked: Instant,
+    /// When the resident memory last went to the status page.
+    rss_shown: Instant,
     /// Since when all threads are busy, and when a request last ran.
     busy_since: Option<Instant>,
     last_busy: Instant,
@@ -1239,6 +1264,7 @@ fn serve_conn(shared: &Shared, conn: Conn, slot: usize, payload: &mut Vec<u8>) {
     let max = shared.options.max_requests;
     let served = shared.served.fetch_add(1, Ordering::AcqRel) + 1;
     if max > 0 && served == max {
+        tell_reason(Reason::MaxRequests);
         shared.request_drain(format!("max-requests={max} reached"));
     }
     // While draining, a request already waiting on the connection is still served.
@@ -1351,7 +1377,11 @@ fn serve_one(shared: &Shared, conn: &Conn, slot: usize, payload: &mut Vec<u8>) -
             return false;
         }
     };
-    lock(&conn.io.writer).progress = Progress::Waiting;
+    {
+        let mut w = lock(&conn.io.writer);
+        w.progress = Progress::Waiting;
+        w.status = 0;
+    }
     let (method, uri) = (request.head.method, request.head.request_uri);
     match panic::catch(move || answer(shared, conn, slot, generation, request)) {
         Ok(keep) => keep,
@@ -1452,6 +1482,7 @@ fn respond(
         timed_out: false,
         reported_slow: false,
     });
+    let ticket = scoreboard::begin(request.head.method, request.head.request_uri);
     let body = DaemonBody {
         io: conn.io.clone(),
         done: !request.has_body,
@@ -1470,11 +1501,54 @@ fn respond(
     let outcome = python::run(app, &shared.info, request);
     lock(&shared.slots[slot]).take();
     let mut w = lock(&conn.io.writer);
+    if let Some(ticket) = ticket {
+        ticket.finish(final_status(&w, outcome));
+    }
     if w.poisoned {
         return false;
     }
     w.end(outcome);
     w.flush().is_ok() && outcome != Outcome::ClientGone
+}
+
+/// The status the client got for a request that ended with `outcome`: the
+/// watchdog's 504, the one the server answers, or the response's own (499,
+/// as nginx logs it, for a client that left before any).
+fn final_status(w: &Writer, outcome: Outcome) -> u16 {
+    match outcome {
+        _ if w.poisoned => 504,
+        Outcome::Status(status) => status,
+        _ if w.status == 0 => 499,
+        _ => w.status,
+    }
+}
+
+/// This process's slot in its group's status file, when the supervisor made one.
+static SLOT: OnceLock<Option<&'static Slot>> = OnceLock::new();
+
+/// Maps the group's status file the supervisor handed over (before anything
+/// else can take its descriptor number), finds this process's slot, and
+/// counts requests in it when the server's status counters are on.
+fn map_status_file(counting: bool) {
+    let board = Board::map_fd(BOARD_FD).ok();
+    // SAFETY: closes the inherited descriptor, which nothing else uses: the mapping stays.
+    unsafe { libc::close(BOARD_FD) };
+    let slot = board.and_then(|board| {
+        let board: &'static Board = Box::leak(Box::new(board));
+        let index = board.find(std::process::id())?;
+        if counting && board.counting() {
+            scoreboard::set_local(board, index);
+        }
+        Some(&board.slots()[index])
+    });
+    let _ = SLOT.set(slot);
+}
+
+/// Tells the status page why this process drains.
+fn tell_reason(reason: Reason) {
+    if let Some(slot) = SLOT.get().copied().flatten() {
+        slot.set_reason(reason);
+    }
 }
 
 /// Ends a request whose thread panicked while serving it: the server answers
@@ -1562,6 +1636,7 @@ impl ResponseChannel for DaemonResponse {
         w.check()?;
         protocol::put_start(&mut w.buf, status, status_line, headers)?;
         w.progress = Progress::Started;
+        w.status = status;
         Ok(())
     }
 
@@ -1723,6 +1798,7 @@ fn recycle_for(shared: &Shared, running: Running, limit: Duration) {
         std::process::id()
     );
     running.log(log::Level::Error, &msg);
+    tell_reason(Reason::Timeout);
     shared.request_drain("a request is stuck outside Python code".into());
 }
 

@@ -8,6 +8,7 @@ use super::daemons::*;
 use super::ffi::*;
 use super::request::*;
 use super::runtime::*;
+use super::status::*;
 use crate::common::abi::same_signatures;
 
 include!(concat!(env!("OUT_DIR"), "/nginx_abi.rs"));

@@ -58,6 +58,9 @@ pub struct MainConfig {
     /// `gateway_slow_request`: seconds after which an embedded request still
     /// running has its Python stack logged.
     pub slow_request: Option<u64>,
+    /// `gateway_status_counters`: whether requests are counted for the status
+    /// page (default on).
+    pub status_counters: Option<bool>,
 }
 
 /// An application mounted by `gateway_app` in one location.
@@ -467,6 +470,19 @@ pub unsafe extern "C" fn gateway_conf_preload(
     let (cf, mcf) = unsafe { main_directive(cf, conf) };
     directive(&cf, mcf, |mcf, args| {
         set_once(&mut mcf.preload, on_off(args.values[0])?)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gateway_conf_status_counters(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls the handler of an http-level directive.
+    let (cf, mcf) = unsafe { main_directive(cf, conf) };
+    directive(&cf, mcf, |mcf, args| {
+        set_once(&mut mcf.status_counters, on_off(args.values[0])?)
     })
 }
 

@@ -22,6 +22,7 @@ use crate::common::panic::catch;
 use crate::daemon::auth::Generation;
 use crate::daemon::launch::{self, Problem};
 use crate::daemon::{self, supervisor};
+use crate::ops::scoreboard::{self, Board};
 
 /// The master's end of the current generation's lifeline, or -1. A static of the
 /// module survives reloads: nginx reopens the module it already has loaded.
@@ -66,6 +67,7 @@ pub unsafe extern "C" fn gateway_init_module(
     user: libc::uid_t,
     group: libc::gid_t,
     pid_file: *const ngx_str_t,
+    worker_processes: ngx_int_t,
     daemonizing: ngx_uint_t,
 ) -> ngx_int_t {
     // SAFETY: nginx passes its live cycle; the shim the http main record (made by
@@ -83,6 +85,7 @@ pub unsafe extern "C" fn gateway_init_module(
         user,
         group,
         pid_file: PathBuf::from(String::from_utf8_lossy(pid_file).as_ref()),
+        worker_processes: worker_processes.max(1) as usize,
         daemonizing: daemonizing != 0,
     };
     // SAFETY: nginx runs init_module in its master, which runs no other thread.
@@ -101,6 +104,7 @@ struct Start {
     user: libc::uid_t,
     group: libc::gid_t,
     pid_file: PathBuf,
+    worker_processes: usize,
     daemonizing: bool,
 }
 
@@ -116,7 +120,11 @@ impl Start {
 /// with the process's environment and standard output swapped).
 unsafe fn init_module(cycle: Cycle<'_>, mcf: Option<&MainConfig>, start: &Start) -> ngx_int_t {
     let groups = mcf.map(|m| m.groups.clone()).unwrap_or_default();
-    let options = groups.options();
+    let mut options = groups.options();
+    let counting = mcf.and_then(|m| m.status_counters) != Some(false);
+    options
+        .iter_mut()
+        .for_each(|g| g.status_counters = counting);
     // Made here, in the master before the workers fork: they inherit it in memory.
     let mounts = mcf.iter().flat_map(|m| &m.daemon_mounts);
     let generation = match Generation::new(&options, mounts.map(|(g, app)| (g.as_str(), app))) {
@@ -139,6 +147,7 @@ unsafe fn init_module(cycle: Cycle<'_>, mcf: Option<&MainConfig>, start: &Start)
     if start.test {
         return records::OK;
     }
+    make_status_board(mcf, start.worker_processes);
     STARTED.store(true, Ordering::Relaxed);
     let previous = LIFELINE.load(Ordering::Relaxed);
     // SAFETY: the master runs no other thread (caller).
@@ -153,6 +162,26 @@ unsafe fn init_module(cycle: Cycle<'_>, mcf: Option<&MainConfig>, start: &Start)
     LIFELINE.store(fd, Ordering::Relaxed);
     *running = (fd >= 0).then(|| config.generation.clone());
     records::OK
+}
+
+/// This generation's embedded scoreboard, made in the master before the
+/// workers fork: a slot for each worker, and as many again for the old
+/// generation's workers that finish their requests (they keep their own
+/// mapping) and for workers started again after a crash.
+fn make_status_board(mcf: Option<&MainConfig>, workers: usize) {
+    if mcf.and_then(|m| m.status_counters) == Some(false) {
+        scoreboard::install_embedded(None);
+        return;
+    }
+    let groups = mcf.map(|m| m.groups.options()).unwrap_or_default();
+    let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+    match Board::anonymous((2 * workers + 4).min(1024), true, &names) {
+        Ok(board) => scoreboard::install_embedded(Some(board)),
+        Err(e) => {
+            log::warn!("the status page has no counters: its shared memory cannot be made: {e}");
+            scoreboard::install_embedded(None);
+        }
+    }
 }
 
 /// The supervisor's settings for a start by nginx (`start`).

@@ -51,6 +51,9 @@ impl Handoff {
                     log::Level::Error,
                     &request_line(head.method, head.request_uri, &why),
                 );
+                if let Runner::Daemon(endpoint) = &runner {
+                    dispatch::count_refusal(&endpoint.group, Outcome::Status(503));
+                }
                 Outcome::Status(503)
             }
             None => {

@@ -15,3 +15,4 @@ mod inherit;
 mod records;
 mod request;
 mod runtime;
+mod status;

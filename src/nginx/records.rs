@@ -748,6 +748,27 @@ impl<'r> Request<'r> {
         self.get().header_only() != 0
     }
 
+    /// The response's status as set so far.
+    pub fn response_status(&self) -> u16 {
+        u16::try_from(self.get().headers_out.status).unwrap_or(500)
+    }
+
+    /// Sends a whole response, `body` copied to the pool; what the content
+    /// handler returns.
+    pub fn send_whole(&self, status: u16, content_type: &[u8], body: &[u8]) -> ngx_int_t {
+        // SAFETY: the request is live; the shim copies both buffers before it returns.
+        unsafe {
+            gateway_ngx_send_whole(
+                self.raw.as_ptr(),
+                status as ngx_uint_t,
+                content_type.as_ptr(),
+                content_type.len(),
+                body.as_ptr(),
+                body.len(),
+            )
+        }
+    }
+
     /// Sends the response head through nginx's header filters.
     pub fn send_header(&self) -> ngx_int_t {
         // SAFETY: the request is live and its headers_out set.

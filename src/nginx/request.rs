@@ -26,6 +26,7 @@ use crate::common::panic::{catch, fault_point};
 use crate::common::transport::{Header, Outcome};
 use crate::daemon::Endpoint;
 use crate::dispatch::{self, Route, Runner};
+use crate::ops::scoreboard::{self, Ticket};
 use crate::python::ServerInfo;
 
 /// Response bytes handed to nginx but not yet sent before the loop stops taking
@@ -81,7 +82,13 @@ fn handle(r: Request<'_>, lcf: Option<&LocConfig>) -> ngx_int_t {
 /// Puts the loop's state of the request in its pool, then reads the body.
 fn start(r: Request<'_>, mount: Arc<Mount>, daemon: Option<Arc<Endpoint>>) -> ngx_int_t {
     let exchange = Arc::new(Exchange::new(r.method(), r.unparsed_uri()));
+    // The worker counts its embedded requests; a daemon group counts its own.
+    let ticket = daemon
+        .is_none()
+        .then(|| scoreboard::begin(r.method(), r.unparsed_uri()))
+        .flatten();
     let state = LoopState {
+        ticket,
         request: Some(r),
         mount,
         daemon,
@@ -110,6 +117,8 @@ fn start(r: Request<'_>, mount: Arc<Mount>, daemon: Option<Arc<Endpoint>>) -> ng
 struct LoopState<'r> {
     /// The request, until this module finalizes it: nothing goes to nginx after.
     request: Option<Request<'r>>,
+    /// Its count on the status page (embedded requests).
+    ticket: Option<Ticket>,
     mount: Arc<Mount>,
     /// The daemon group that runs the application, None when it runs embedded.
     daemon: Option<Arc<Endpoint>>,
@@ -122,6 +131,10 @@ struct LoopState<'r> {
 impl Drop for LoopState<'_> {
     /// The request is over on the nginx side.
     fn drop(&mut self) {
+        // Ended by nginx, not by this module: the client went away (or timed out).
+        if let Some(ticket) = self.ticket.take() {
+            ticket.finish(NGX_HTTP_CLIENT_CLOSED_REQUEST as u16);
+        }
         let me = (self as *mut Self).cast::<c_void>();
         let _ = self.exchange.loop_state.compare_exchange(
             me,
@@ -203,11 +216,24 @@ unsafe fn finish(state: NonNull<LoopState<'_>>, rc: ngx_int_t) {
         // SAFETY: live (caller); the reference ends before the request may be freed.
         let s = unsafe { &mut *state.as_ptr() };
         s.exchange.set_gone();
+        if let (Some(ticket), Some(r)) = (s.ticket.take(), &s.request) {
+            ticket.finish(final_status(r, s.header_sent, rc));
+        }
         s.request.take()
     };
     if let Some(r) = r {
         // SAFETY: the state's view is gone, and the caller uses no other after.
         unsafe { r.finalize(rc) };
+    }
+}
+
+/// The status a request finalized with `rc` answered: the one its head
+/// carried once sent, else the one nginx answers for `rc` (500 for an error).
+fn final_status(r: &Request<'_>, header_sent: bool, rc: ngx_int_t) -> u16 {
+    match u16::try_from(rc) {
+        _ if header_sent => r.response_status(),
+        Ok(status @ 100..=599) => status,
+        _ => 500,
     }
 }
 

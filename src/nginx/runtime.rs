@@ -24,6 +24,7 @@ use crate::common::config::AppSpec;
 use crate::common::config::DaemonOptions;
 use crate::common::log::escape_controls;
 use crate::common::panic::{catch, fault_point, guard};
+use crate::ops::scoreboard;
 use crate::python::interpreter::{self, PythonSettings};
 use crate::python::{self, ServerInfo};
 
@@ -259,8 +260,12 @@ fn init_process(cycle: Cycle<'_>, cfg: Option<&MainConfig>, worker_processes: ng
     }
     crate::common::log::install(log_line);
     let runtime = start(cycle, cfg, worker_processes);
-    if let Err(e) = &runtime {
-        log::error!("{e}");
+    match &runtime {
+        Ok(_) if cfg.embedded > 0 => {
+            scoreboard::claim_embedded(thread_count(cfg, true) as u32);
+        }
+        Ok(_) => {}
+        Err(e) => log::error!("{e}"),
     }
     let _ = RUNTIME.set(runtime);
 }
@@ -573,6 +578,8 @@ fn log_drain() {
 }
 
 fn exit_process(lt: LoopThread) {
+    // The worker's counters stay in the server's totals after it exits.
+    scoreboard::release_local();
     let Some(Ok(rt)) = RUNTIME.get() else { return };
     log_drain();
     // Closing the channel ends each thread after its current request.
