@@ -33,6 +33,8 @@ void gateway_ngx_del_timer(ngx_event_t *ev);
  * handler is handler; NULL if nginx has no connection or event left. */
 ngx_connection_t *gateway_ngx_watch_fd(ngx_cycle_t *cycle, ngx_fd_t fd,
                                        ngx_event_handler_pt handler);
+/* Give the links of chain cl (not their buffers) back to pool for reuse. */
+void gateway_ngx_free_chain(ngx_pool_t *pool, ngx_chain_t *cl);
 
 /* --- Defined in Rust, called by ngx_http_gateway_module.c --- */
 
