@@ -32,7 +32,11 @@ impl Broken {
 
 #[derive(Default)]
 struct State {
-    bytes: VecDeque<u8>,
+    /// The pieces as the server read them; `offset` bytes of the first are read.
+    pieces: VecDeque<Vec<u8>>,
+    offset: usize,
+    /// Bytes queued and not read yet.
+    bytes: usize,
     /// How the body ended: None while it still arrives.
     end: Option<Result<(), Broken>>,
     /// The loop stopped reading from the client until the reader makes room.
@@ -43,6 +47,38 @@ struct State {
     waiting: bool,
     /// Woken when bytes arrive or the body ends (a runner without a thread).
     reader: Option<Waker>,
+}
+
+impl State {
+    /// Takes the first bytes of the queue, as many as fit in `buf`: parts of
+    /// pieces are copied here, whole pieces go to `whole` with where in `buf`
+    /// they belong, to be copied once the lock is released. Returns how many
+    /// bytes were taken.
+    fn take(&mut self, buf: &mut [u8], whole: &mut Vec<(usize, Vec<u8>)>) -> usize {
+        let mut at = 0;
+        while let Some(front) = self.pieces.front() {
+            let left = front.len() - self.offset;
+            let room = buf.len() - at;
+            if room == 0 {
+                break;
+            }
+            if self.offset == 0 && left <= room {
+                whole.extend(self.pieces.pop_front().map(|piece| (at, piece)));
+                at += left;
+                continue;
+            }
+            let n = left.min(room);
+            buf[at..at + n].copy_from_slice(&front[self.offset..self.offset + n]);
+            at += n;
+            self.offset += n;
+            if self.offset == front.len() {
+                self.pieces.pop_front();
+                self.offset = 0;
+            }
+        }
+        self.bytes -= at;
+        at
+    }
 }
 
 /// The body queue of one request, shared by the loop and the application.
@@ -58,9 +94,9 @@ impl Inbound {
     }
 
     /// Wakes whoever waits for bytes; takes the lock's guard to drop it first.
-    fn notify(&self, mut s: MutexGuard<'_, State>) {
+    fn wake_reader(&self, mut s: MutexGuard<'_, State>) {
         if std::mem::take(&mut s.waiting) {
-            self.arrived.notify_all();
+            self.arrived.notify_one();
         }
         let reader = s.reader.take();
         drop(s);
@@ -69,14 +105,26 @@ impl Inbound {
         }
     }
 
-    /// Queues bytes the client sent. Loop thread.
-    pub fn push(&self, data: &[u8]) {
+    /// Queues a piece the client sent, without waking the reader: the loop
+    /// calls [`Inbound::arrived`] once it has queued what it read. Loop thread.
+    pub fn push(&self, piece: Vec<u8>) {
+        if piece.is_empty() {
+            return;
+        }
         let mut s = self.lock();
         if s.end.is_some() {
             return;
         }
-        s.bytes.extend(data);
-        self.notify(s);
+        s.bytes += piece.len();
+        s.pieces.push_back(piece);
+    }
+
+    /// Wakes the reader if it waits for what was pushed.
+    pub fn arrived(&self) {
+        let s = self.lock();
+        if s.bytes > 0 {
+            self.wake_reader(s);
+        }
     }
 
     /// Ends the body (complete, or broken: queued bytes are dropped and reads
@@ -87,17 +135,19 @@ impl Inbound {
             return;
         }
         if end.is_err() {
-            s.bytes = VecDeque::new();
+            s.pieces = VecDeque::new();
+            s.offset = 0;
+            s.bytes = 0;
         }
         s.end = Some(end);
-        self.notify(s);
+        self.wake_reader(s);
     }
 
     /// Whether the loop must stop reading from the client now (the queue is
     /// full): [`Inbound::take_resume`] says when to read on. Loop thread.
     pub fn pause_if_full(&self) -> bool {
         let mut s = self.lock();
-        s.paused = s.bytes.len() >= LIMIT && s.end.is_none();
+        s.paused = s.bytes >= LIMIT && s.end.is_none();
         s.paused
     }
 
@@ -114,19 +164,24 @@ impl Inbound {
     /// Reads the next bytes of the body into `buf`, waiting for them; `Ok(0)`
     /// at its end. The bool is true when the loop must be woken to read on.
     pub fn read(&self, buf: &mut [u8]) -> (io::Result<usize>, bool) {
+        if buf.is_empty() {
+            return (Ok(0), false);
+        }
+        let mut whole = Vec::new();
         let mut s = self.lock();
         loop {
-            if buf.is_empty() {
-                return (Ok(0), false);
-            }
-            if !s.bytes.is_empty() {
-                let n = copy_out(&mut s.bytes, buf);
-                let resume = s.paused && s.bytes.len() <= LIMIT / 2;
+            if s.bytes > 0 {
+                let taken = s.take(buf, &mut whole);
+                let resume = s.paused && s.bytes <= LIMIT / 2;
                 if resume {
                     s.paused = false;
                     s.resume = true;
                 }
-                return (Ok(n), resume);
+                drop(s);
+                for (at, piece) in whole {
+                    buf[at..at + piece.len()].copy_from_slice(&piece);
+                }
+                return (Ok(taken), resume);
             }
             match s.end {
                 Some(Ok(())) => return (Ok(0), false),
@@ -143,23 +198,12 @@ impl Inbound {
     /// otherwise `cx`'s waker is woken when it would not.
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.lock();
-        if !s.bytes.is_empty() || s.end.is_some() {
+        if s.bytes > 0 || s.end.is_some() {
             return Poll::Ready(());
         }
         s.reader = Some(cx.waker().clone());
         Poll::Pending
     }
-}
-
-/// Moves the first bytes of `queue` into `buf`: as many as fit.
-fn copy_out(queue: &mut VecDeque<u8>, buf: &mut [u8]) -> usize {
-    let n = buf.len().min(queue.len());
-    let (front, back) = queue.as_slices();
-    let first = n.min(front.len());
-    buf[..first].copy_from_slice(&front[..first]);
-    buf[first..n].copy_from_slice(&back[..n - first]);
-    queue.drain(..n);
-    n
 }
 
 #[cfg(test)]
@@ -170,8 +214,8 @@ mod tests {
     #[test]
     fn bytes_arrive_in_order_then_the_end() {
         let q = Inbound::default();
-        q.push(b"hello ");
-        q.push(b"world");
+        q.push(b"hello ".to_vec());
+        q.push(b"world".to_vec());
         let mut buf = [0u8; 8];
         assert_eq!(q.read(&mut buf).0.unwrap(), 8);
         assert_eq!(&buf, b"hello wo");
@@ -182,9 +226,29 @@ mod tests {
     }
 
     #[test]
+    fn reads_of_any_size_keep_the_order_across_pieces() {
+        let q = Inbound::default();
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        for piece in data.chunks(777) {
+            q.push(piece.to_vec());
+        }
+        q.finish(Ok(()));
+        let mut out = Vec::new();
+        for size in [1, 5, 777, 2000, 3, 4096].into_iter().cycle() {
+            let mut buf = vec![0u8; size];
+            let n = q.read(&mut buf).0.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(out, data);
+    }
+
+    #[test]
     fn a_broken_body_fails_the_read_at_once() {
         let q = Inbound::default();
-        q.push(b"partial");
+        q.push(b"partial".to_vec());
         q.finish(Err(Broken::GONE));
         q.finish(Ok(()));
         let err = q.read(&mut [0u8; 4]).0.unwrap_err();
@@ -195,7 +259,7 @@ mod tests {
     fn a_full_queue_pauses_the_loop_until_the_reader_takes_half() {
         let q = Inbound::default();
         assert!(!q.pause_if_full());
-        q.push(&vec![7u8; LIMIT]);
+        q.push(vec![7u8; LIMIT]);
         assert!(q.pause_if_full());
         let mut buf = vec![0u8; LIMIT / 4];
         let (n, resume) = q.read(&mut buf);
@@ -219,7 +283,8 @@ mod tests {
             })
         };
         std::thread::sleep(std::time::Duration::from_millis(50));
-        q.push(b"late");
+        q.push(b"late".to_vec());
+        q.arrived();
         assert_eq!(reader.join().unwrap(), b"late");
     }
 }

@@ -681,18 +681,17 @@ impl<'r> Request<'r> {
 
     /// Passes the bytes of the body's chain to `sink` and empties the chain,
     /// marking its buffers consumed so that nginx reads into them again.
-    /// Returns how many bytes went, or Err for a part nginx put in a file
-    /// (which it never does for a body read unbuffered).
-    pub fn take_body(&self, mut sink: impl FnMut(&[u8])) -> Result<usize, ()> {
+    /// Err for a part nginx put in a file (which it never does for a body
+    /// read unbuffered).
+    pub fn take_body(&self, mut sink: impl FnMut(&[u8])) -> Result<(), ()> {
         let rb = self.get().request_body;
         if rb.is_null() {
-            return Ok(0);
+            return Ok(());
         }
         // SAFETY: the body record lives in the request's pool; its chain's links and
         // buffers too, the memory they point to in the body's buffer or the header's.
         unsafe {
             let chain = std::mem::replace(&mut (*rb).bufs, ptr::null_mut());
-            let mut moved = 0;
             let mut link = chain;
             let mut in_file = false;
             while let Some(l) = link.as_ref() {
@@ -703,7 +702,6 @@ impl<'r> Request<'r> {
                     let len = b.last.offset_from(b.pos) as usize;
                     sink(std::slice::from_raw_parts(b.pos, len));
                     b.pos = b.last;
-                    moved += len;
                 }
                 link = l.next;
             }
@@ -711,7 +709,7 @@ impl<'r> Request<'r> {
             if in_file {
                 return Err(());
             }
-            Ok(moved)
+            Ok(())
         }
     }
 

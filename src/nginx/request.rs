@@ -403,17 +403,25 @@ impl<'r> LoopState<'r> {
     /// or the queue is full: then reading pauses (client_body_timeout too: the
     /// wait is the application's) until the application takes some.
     fn pump(&mut self, r: Request<'r>) -> Next {
+        let next = self.read_rounds(r);
+        // One wake-up of a waiting reader for all that came.
+        self.exchange.body.arrived();
+        next
+    }
+
+    /// [`LoopState::pump`]'s reads.
+    fn read_rounds(&mut self, r: Request<'r>) -> Next {
         let body = &self.exchange.body;
         let mut asked = false;
         loop {
-            let Ok(moved) = r.take_body(|data| body.push(data)) else {
-                log_request(
-                    &r,
-                    log::Level::Error,
-                    "the request body was spooled to a file",
-                );
+            let mut piece = Vec::new();
+            if r.take_body(|data| piece.extend_from_slice(data)).is_err() {
+                let msg = "the request body was spooled to a file";
+                log_request(&r, log::Level::Error, msg);
                 return self.body_failed(r, INTERNAL_SERVER_ERROR);
-            };
+            }
+            let moved = piece.len();
+            body.push(piece);
             if !r.reading_body() {
                 body.finish(Ok(()));
                 r.set_read_handler(gateway_client_check);
