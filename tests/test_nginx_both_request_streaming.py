@@ -11,6 +11,8 @@ import os
 import socket
 import time
 
+import h2.config
+import h2.connection
 import pytest
 
 from harness import VENV, Mount, Nginx, battery_settings, built, h2_request, token
@@ -142,6 +144,55 @@ def test_a_client_that_leaves_mid_upload_fails_the_read(srv, iface):
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode() + b"x" * 100000)
         wait_for_marker(srv, t)
     seen = wait_for_marker(srv, t + ".error")
+    assert seen == ("http.disconnect" if iface == "asgi" else "OSError OSError=True"), seen
+    srv.wait_for_log(f"gateway: POST {path}: the client closed the connection while sending the request body")
+    assert reply_json_of(srv, iface)["length"] == 3
+
+
+@IFACES
+def test_an_application_that_does_not_read_holds_the_client_back(srv, iface):
+    """While the application holds on to its first piece, nginx reads only a
+    bounded amount ahead: the client's sending stalls far before the 64 MiB are
+    out. Once the application reads on, all arrives intact."""
+    t, hold = token(), token()
+    size = 64 << 20
+    chunk = os.urandom(1 << 20)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+        s.sendall(f"POST {PREFIXES[iface]}?progress={t}&hold={hold} HTTP/1.1\r\nHost: x\r\n"
+                  f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode())
+        s.settimeout(2)
+        try:
+            while sent < size:
+                sent += s.send(chunk[:min(len(chunk), size - sent)])
+        except TimeoutError:
+            pass
+        assert sent < size // 2, f"{sent} bytes went out while the application did not read"
+        srv.marker(hold).write_text("go")
+        s.settimeout(30)
+        while sent < size:
+            sent += s.send(chunk[:min(len(chunk), size - sent)])
+        out = reply_json(recv_all(s))
+    whole = (chunk * 64)[:size]
+    assert out == {"length": size, "sha256": hashlib.sha256(whole).hexdigest()}
+
+
+@IFACES
+def test_an_http2_client_that_resets_mid_upload_fails_the_read(srv, iface):
+    t = token()
+    path = f"{PREFIXES[iface]}?progress={t}"
+    with socket.create_connection(("127.0.0.1", srv.h2_port), timeout=15) as s:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", path), (":scheme", "http"),
+                              (":authority", "x"), ("content-length", "1000000")])
+        for _ in range(3):  # within the stream's first window
+            conn.send_data(1, b"x" * 16384)
+        s.sendall(conn.data_to_send())
+        wait_for_marker(srv, t)
+        conn.reset_stream(1)
+        s.sendall(conn.data_to_send())
+        seen = wait_for_marker(srv, t + ".error")
     assert seen == ("http.disconnect" if iface == "asgi" else "OSError OSError=True"), seen
     srv.wait_for_log(f"gateway: POST {path}: the client closed the connection while sending the request body")
     assert reply_json_of(srv, iface)["length"] == 3

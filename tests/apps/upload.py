@@ -2,11 +2,14 @@
 bodies streamed as they arrive (WSGI `application`, ASGI `asgi`). With
 ?progress=NAME each writes the bytes received so far to the marker NAME after
 every piece; a read that fails writes what it saw to the marker NAME.error.
-Both answer with the body's length and SHA-256."""
+With ?hold=NAME they stop reading after the first piece until the marker NAME
+exists. Both answer with the body's length and SHA-256."""
 
+import asyncio
 import hashlib
 import json
 import os
+import time
 from urllib.parse import parse_qs
 
 MARKERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "markers")
@@ -17,18 +20,22 @@ def touch(name, text):
         f.write(text)
 
 
-def progress_of(query_string):
-    values = parse_qs(query_string).get("progress")
+def param(query_string, name):
+    values = parse_qs(query_string).get(name)
     return values[0] if values else None
 
 
+def held(name):
+    return name is not None and not os.path.exists(os.path.join(MARKERS, os.path.basename(name)))
+
+
 def application(environ, start_response):
-    progress = progress_of(environ.get("QUERY_STRING", ""))
+    progress, hold = (param(environ.get("QUERY_STRING", ""), name) for name in ("progress", "hold"))
     digest, length = hashlib.sha256(), 0
     stream = environ["wsgi.input"]
     while True:
         try:
-            data = stream.read(65536)
+            data = stream.read(16384)
         except Exception as e:
             if progress:
                 touch(progress + ".error", f"{type(e).__name__} OSError={isinstance(e, OSError)}")
@@ -39,6 +46,8 @@ def application(environ, start_response):
         length += len(data)
         if progress:
             touch(progress, str(length))
+        while held(hold):
+            time.sleep(0.02)
     body = json.dumps({"length": length, "sha256": digest.hexdigest()}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
@@ -47,7 +56,7 @@ def application(environ, start_response):
 async def asgi(scope, receive, send):
     if scope["type"] != "http":
         raise RuntimeError(f"this application serves only http, not {scope['type']}")
-    progress = progress_of(scope["query_string"].decode("latin-1"))
+    progress, hold = (param(scope["query_string"].decode("latin-1"), name) for name in ("progress", "hold"))
     digest, length = hashlib.sha256(), 0
     while True:
         message = await receive()
@@ -60,6 +69,8 @@ async def asgi(scope, receive, send):
         length += len(data)
         if progress and data:
             touch(progress, str(length))
+        while held(hold):
+            await asyncio.sleep(0.02)
         if not message.get("more_body", False):
             break
     body = json.dumps({"length": length, "sha256": digest.hexdigest()}).encode()
