@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 
 import h2.config
@@ -175,6 +176,30 @@ def test_an_application_that_does_not_read_holds_the_client_back(srv, iface):
         out = reply_json(recv_all(s))
     whole = (chunk * 64)[:size]
     assert out == {"length": size, "sha256": hashlib.sha256(whole).hexdigest()}
+
+
+@IFACES
+def test_an_http2_upload_waits_for_the_application_past_client_body_timeout(srv, iface):
+    """While the application holds on to its first piece for longer than
+    client_body_timeout (2 s here), the HTTP/2 client is held back by its
+    window, and that wait is not the client's: the upload then completes."""
+    t, hold = token(), token()
+    payload = os.urandom(2 << 20)
+    result = {}
+
+    def upload():
+        result["reply"] = h2_request(srv.h2_port, "POST", f"{PREFIXES[iface]}?progress={t}&hold={hold}",
+                                     body=payload, timeout=30)
+
+    client = threading.Thread(target=upload)
+    client.start()
+    wait_for_marker(srv, t)
+    time.sleep(3.5)
+    srv.marker(hold).write_text("go")
+    client.join(30)
+    headers, data = result["reply"]
+    assert headers[":status"] == "200", data
+    assert json.loads(data) == {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
 @IFACES

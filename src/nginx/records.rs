@@ -997,6 +997,12 @@ impl<'c> Connection<'c> {
         unsafe { gateway_ngx_del_timer(self.get().read) };
     }
 
+    /// Forgets that the read timeout passed: the wait was not the client's.
+    pub fn forgive_read_timeout(&self) {
+        // SAFETY: a connection in use has its read event; loop thread.
+        unsafe { (*self.get().read).set_timedout(0) };
+    }
+
     /// Whether the peer has closed the socket (pipelined bytes are left unread).
     pub fn peer_closed(&self) -> bool {
         let mut byte = 0u8;

@@ -387,14 +387,18 @@ impl<'r> LoopState<'r> {
 
     /// nginx's read event while the body arrives: read on, unless the
     /// application has not taken what came (then only a broken connection
-    /// matters; the rest waits in the socket, which holds the client back).
+    /// matters; the rest waits in the socket, or HTTP/2's window, which holds
+    /// the client back, and a timeout nginx armed meanwhile is not the client's).
     fn body_ready(&mut self, r: Request<'r>) -> Next {
         if !self.exchange.body.is_paused() {
             return self.pump(r);
         }
-        if r.connection().error() {
+        let c = r.connection();
+        if c.error() {
             return self.body_failed(r, records::status(NGX_HTTP_BAD_REQUEST));
         }
+        c.cancel_read_timer();
+        c.forgive_read_timeout();
         Next::Wait
     }
 
