@@ -40,6 +40,10 @@ pub const fn status(code: u32) -> ngx_int_t {
 #[derive(Debug)]
 pub struct NoMemory;
 
+/// A part of a request body that nginx wrote to a file instead of memory.
+#[derive(Debug)]
+pub struct InFile;
+
 /// Bytes of an `ngx_str_t`, empty when unset.
 ///
 /// # Safety
@@ -681,9 +685,9 @@ impl<'r> Request<'r> {
 
     /// Passes the bytes of the body's chain to `sink` and empties the chain,
     /// marking its buffers consumed so that nginx reads into them again.
-    /// Err for a part nginx put in a file (which it never does for a body
+    /// Fails for a part nginx put in a file (which it never does for a body
     /// read unbuffered).
-    pub fn take_body(&self, mut sink: impl FnMut(&[u8])) -> Result<(), ()> {
+    pub fn take_body(&self, mut sink: impl FnMut(&[u8])) -> Result<(), InFile> {
         let rb = self.get().request_body;
         if rb.is_null() {
             return Ok(());
@@ -707,7 +711,7 @@ impl<'r> Request<'r> {
             }
             gateway_ngx_free_chain(self.get().pool, chain);
             if in_file {
-                return Err(());
+                return Err(InFile);
             }
             Ok(())
         }
