@@ -271,6 +271,35 @@ def test_a_content_length_past_client_max_body_size_gets_413_before_the_applicat
     assert not srv.marker(t).exists() and not srv.marker(t + ".error").exists()
 
 
+def test_an_asgi_application_detected_at_its_first_request_streams_it_too():
+    """Without interface=, the first request runs on a thread while the
+    application's protocol is found out; its body streams there too."""
+    with UploadNginx([Mount("/detected", "upload.py", "asgi")], battery_settings()) as srv:
+        t = token()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(f"POST /detected?progress={t} HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n"
+                      "Connection: close\r\n\r\n".encode() + b"x" * 100000)
+            assert 0 < int(wait_for_marker(srv, t)) <= 100000
+            s.sendall(b"x" * 100000)
+            assert reply_json(recv_all(s))["length"] == 200000
+
+
+def test_clients_that_leave_mid_upload_leave_no_thread_behind():
+    """With one module thread, uploads whose clients left do not keep it: the
+    next uploads are served."""
+    with UploadNginx([Mount("/upload", "upload.py")], battery_settings(), workers=1, threads=1) as srv:
+        for _ in range(4):
+            t = token()
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+                s.sendall(f"POST /upload?progress={t} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                          "\r\n".encode() + b"x" * 100000)
+                wait_for_marker(srv, t)
+            wait_for_marker(srv, t + ".error")
+        for _ in range(3):
+            resp, data = srv.request("POST", "/upload", body=os.urandom(300000), timeout=10)
+            assert resp.status == 200 and json.loads(data)["length"] == 300000
+
+
 def reply_json_of(srv, iface) -> dict:
     """The server still serves: a small upload's answer."""
     resp, data = srv.request("POST", PREFIXES[iface], body=b"abc")
