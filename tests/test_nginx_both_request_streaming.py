@@ -300,6 +300,21 @@ def test_clients_that_leave_mid_upload_leave_no_thread_behind():
             assert resp.status == 200 and json.loads(data)["length"] == 300000
 
 
+def test_a_worker_that_stops_mid_upload_lets_the_application_finish():
+    """nginx -s stop while a body arrives: the application's read fails, its
+    thread ends, and the worker exits without a thread left busy."""
+    srv = UploadNginx([Mount("/upload", "upload.py")], battery_settings(), workers=1)
+    with srv:
+        t = token()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=15) as s:
+            s.sendall(f"POST /upload?progress={t} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                      "\r\n".encode() + b"x" * 100000)
+            wait_for_marker(srv, t)
+            srv.stop()
+        assert wait_for_marker(srv, t + ".error") == "OSError OSError=True"
+        assert "still busy" not in srv.log_text(), srv.log_text()[-2000:]
+
+
 def reply_json_of(srv, iface) -> dict:
     """The server still serves: a small upload's answer."""
     resp, data = srv.request("POST", PREFIXES[iface], body=b"abc")

@@ -8,12 +8,33 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 /// Body bytes the loop reads ahead of the application before it stops reading
 /// from the client.
 const LIMIT: usize = 256 * 1024;
+
+/// How often a thread waiting for body bytes looks whether the process
+/// abandoned the bodies still arriving ([`abandon_all`]).
+const ABANDON_CHECK: Duration = Duration::from_millis(100);
+
+/// Set once no event loop fills this process's body queues any more.
+static ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// The process exits and its event loop fills no body queue any more: each
+/// read that waits for bytes fails now, so that its thread can finish.
+pub fn abandon_all() {
+    ABANDONED.store(true, Ordering::Relaxed);
+}
+
+/// Why a read fails once the bodies were abandoned.
+const ABANDONED_BODY: Broken = Broken {
+    kind: io::ErrorKind::ConnectionAborted,
+    why: "the server stopped before the request body was complete",
+};
 
 /// Why a body ended before its end, for the application's read to fail with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,9 +207,16 @@ impl Inbound {
             match s.end {
                 Some(Ok(())) => return (Ok(0), false),
                 Some(Err(broken)) => return (Err(io::Error::new(broken.kind, broken.why)), false),
+                None if ABANDONED.load(Ordering::Relaxed) => {
+                    let broken = ABANDONED_BODY;
+                    return (Err(io::Error::new(broken.kind, broken.why)), false);
+                }
                 None => {
                     s.waiting = true;
-                    s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
+                    s = match self.arrived.wait_timeout(s, ABANDON_CHECK) {
+                        Ok((s, _)) => s,
+                        Err(e) => e.into_inner().0,
+                    };
                 }
             }
         }
