@@ -237,7 +237,7 @@ fn build_nginx() {
              ngx_http_request_body_t|ngx_file_t|ngx_module_t|ngx_uid_t|ngx_gid_t",
         )
         .allowlist_function(
-            "ngx_http_(read_client_request_body|finalize_request|send_header|output_filter|send_special|run_posted_requests|request_empty_handler|block_reading)|\
+            "ngx_http_(read_client_request_body|read_unbuffered_request_body|finalize_request|send_header|output_filter|send_special|run_posted_requests|request_empty_handler|block_reading)|\
              ngx_(chain_get_free_buf|chain_update_chains|list_push|pnalloc|pcalloc|palloc|pool_cleanup_add|pool_cleanup_file|\
              connection_local_sockaddr|inet_get_port|handle_write_event|close_connection|set_environment)|\
              gateway_ngx_.*",

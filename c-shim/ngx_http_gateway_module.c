@@ -379,3 +379,17 @@ gateway_ngx_watch_fd(ngx_cycle_t *cycle, ngx_fd_t fd, ngx_event_handler_pt handl
 
     return c;
 }
+
+
+/* The links of a request body chain this module has copied out: nginx reuses them. */
+void
+gateway_ngx_free_chain(ngx_pool_t *pool, ngx_chain_t *cl)
+{
+    ngx_chain_t  *ln;
+
+    while (cl) {
+        ln = cl;
+        cl = cl->next;
+        ngx_free_chain(pool, ln);
+    }
+}

@@ -38,6 +38,8 @@ ngx_connection_t *gateway_ngx_watch_fd(ngx_cycle_t *cycle, ngx_fd_t fd,
 ngx_int_t gateway_ngx_send_whole(ngx_http_request_t *r, ngx_uint_t status,
                                  const u_char *content_type, size_t type_len,
                                  const u_char *data, size_t len);
+/* Give the links of chain cl (not their buffers) back to pool for reuse. */
+void gateway_ngx_free_chain(ngx_pool_t *pool, ngx_chain_t *cl);
 
 /* --- Defined in Rust, called by ngx_http_gateway_module.c --- */
 

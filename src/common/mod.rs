@@ -6,6 +6,7 @@ pub mod account;
 pub mod cgi;
 pub mod config;
 pub mod framing;
+pub mod inbound;
 pub mod log;
 pub mod mount;
 pub mod panic;

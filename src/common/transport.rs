@@ -57,9 +57,16 @@ pub trait ResponseChannel: Send + Sync {
 
 /// What a runner that serves many requests from one thread (an event loop)
 /// needs besides the two traits: wake-ups instead of waits. A server offers it
-/// for requests whose body it has already read (so `read` never waits) and
-/// whose response channel only queues (so `start` and `write` never wait).
+/// for requests whose response channel only queues (so `start` and `write`
+/// never wait) and whose body `read` waits only when [`Flow::poll_body`] did
+/// not say it was ready.
 pub trait Flow: Send + Sync {
+    /// Ready when a body read would not wait (bytes arrived, or the body ended
+    /// or broke); otherwise `cx`'s waker is woken once it would not. A body the
+    /// server read whole before the request started is always ready.
+    fn poll_body(&self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
     /// Ready when the response queue has room for another write, or the client
     /// is gone (the write then fails); otherwise `cx`'s waker is woken once it is.
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()>;

@@ -2,7 +2,8 @@
 //! of response pieces. The thread blocks while the queue is full (backpressure from
 //! a slow client reaches the application); the loop is woken once per batch.
 //! A request served without a thread (an ASGI application on its event loop)
-//! queues without blocking and is woken through a [`Waker`] instead.
+//! queues without blocking and is woken through a [`Waker`] instead. The
+//! request body goes the other way, in an [`Inbound`] queue, while it arrives.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -12,6 +13,7 @@ use std::sync::atomic::AtomicPtr;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use crate::common::inbound::{Broken, Inbound};
 use crate::common::log::request_line;
 use crate::common::transport::{Header, Outcome};
 
@@ -83,6 +85,9 @@ pub struct Exchange {
     /// The loop's state of this request while nginx still has it; touched by the
     /// loop thread only.
     pub loop_state: AtomicPtr<c_void>,
+    /// The body while it arrives (a body read whole with the head is in the
+    /// hand-off instead).
+    pub body: Inbound,
     /// The request's method and URI, for log lines about it from any thread.
     method: Box<[u8]>,
     uri: Box<[u8]>,
@@ -94,6 +99,7 @@ impl Exchange {
             queue: Mutex::default(),
             space: Condvar::new(),
             loop_state: AtomicPtr::default(),
+            body: Inbound::default(),
             method: method.into(),
             uri: uri.into(),
         }
@@ -242,8 +248,10 @@ impl Exchange {
     }
 
     /// Marks the request as over on the nginx side: the thread's writes fail, a
-    /// thread waiting for room wakes up, and its `End` wakes the loop.
+    /// thread waiting for room wakes up, and its `End` wakes the loop. A body
+    /// still arriving breaks: its reader fails rather than waits forever.
     pub fn set_gone(&self) {
+        self.body.finish(Err(Broken::GONE));
         let mut q = self.lock();
         q.gone = true;
         q.scheduled = false;

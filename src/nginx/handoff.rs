@@ -1,6 +1,7 @@
-//! What a Python thread gets of a request: a copy of its head, its body as nginx
-//! stored it, and a response that queues pieces for the event loop. Nothing here
-//! touches nginx's memory once the hand-off is taken.
+//! What a Python thread gets of a request: a copy of its head, its body (as
+//! nginx stored it when it came whole with the head, else from the exchange's
+//! queue as it arrives), and a response that queues pieces for the event loop.
+//! Nothing here touches nginx's memory once the hand-off is taken.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -27,6 +28,8 @@ use crate::python::ServerInfo;
 pub struct Handoff {
     snapshot: Snapshot,
     body: VecDeque<Segment>,
+    /// The body arrives in the exchange's queue ([`Exchange::body`]).
+    streamed: bool,
 }
 
 impl Handoff {
@@ -35,7 +38,43 @@ impl Handoff {
         Ok(Handoff {
             snapshot: Snapshot::take(r),
             body: body_segments(r)?,
+            streamed: false,
         })
+    }
+
+    /// Copies the head of `r`, whose body is still arriving: the loop queues it
+    /// in the request's exchange.
+    pub fn streamed(r: &records::Request<'_>) -> Handoff {
+        Handoff {
+            snapshot: Snapshot::take(r),
+            body: VecDeque::new(),
+            streamed: true,
+        }
+    }
+
+    /// The request as a runner gets it, its body and response over `exchange`.
+    fn request<'a>(
+        snapshot: &'a Snapshot,
+        mount: &'a Mount,
+        body: VecDeque<Segment>,
+        streamed: bool,
+        exchange: &Arc<Exchange>,
+        queue_only: bool,
+    ) -> Request<'a> {
+        Request {
+            head: snapshot.head(mount),
+            has_body: streamed || !body.is_empty(),
+            body: Box::new(NginxBody {
+                segments: body,
+                offset: 0,
+                streamed,
+                exchange: exchange.clone(),
+            }),
+            response: Box::new(NginxResponse {
+                exchange: exchange.clone(),
+                queue_only,
+            }),
+        }
     }
 
     /// Runs the request (on a module thread, which waits for it) with `runner`
@@ -43,10 +82,14 @@ impl Handoff {
     /// a thread in this worker, which counts against a daemon group's
     /// queue-timeout: past it, the request gets a 503 at once.
     pub fn run(self, mount: &Mount, runner: Runner<'_>, exchange: Arc<Exchange>, waited: Duration) {
-        let Handoff { snapshot, body } = self;
-        let head = snapshot.head(mount);
+        let Handoff {
+            snapshot,
+            body,
+            streamed,
+        } = self;
         let outcome = match queue_timeout_passed(&runner, waited) {
             Some(why) => {
+                let head = snapshot.head(mount);
                 log_line(
                     log::Level::Error,
                     &request_line(head.method, head.request_uri, &why),
@@ -57,19 +100,7 @@ impl Handoff {
                 Outcome::Status(503)
             }
             None => {
-                let request = Request {
-                    head,
-                    has_body: !body.is_empty(),
-                    body: Box::new(NginxBody {
-                        segments: body,
-                        offset: 0,
-                        exchange: exchange.clone(),
-                    }),
-                    response: Box::new(NginxResponse {
-                        exchange: exchange.clone(),
-                        queue_only: false,
-                    }),
-                };
+                let request = Self::request(&snapshot, mount, body, streamed, &exchange, false);
                 dispatch::run(runner, &mount.app, request)
             }
         };
@@ -80,21 +111,16 @@ impl Handoff {
     /// the interpreter's event loop) and returns at once; its response and its
     /// end are queued as a thread's are. Loop thread: nothing here blocks.
     pub fn start(self, mount: &Mount, info: &ServerInfo, exchange: Arc<Exchange>) {
-        let Handoff { snapshot, body } = self;
-        let request = Request {
-            head: snapshot.head(mount),
-            has_body: !body.is_empty(),
-            body: Box::new(NginxBody {
-                segments: body,
-                offset: 0,
-                exchange: exchange.clone(),
-            }),
-            response: Box::new(NginxResponse {
-                exchange: exchange.clone(),
-                queue_only: true,
-            }),
-        };
-        let flow = Box::new(ExchangeFlow(exchange.clone()));
+        let Handoff {
+            snapshot,
+            body,
+            streamed,
+        } = self;
+        let request = Self::request(&snapshot, mount, body, streamed, &exchange, true);
+        let flow = Box::new(ExchangeFlow {
+            exchange: exchange.clone(),
+            streamed,
+        });
         let done = Box::new(move |outcome| {
             let _ = exchange.push_now(Piece::End(outcome), runtime::wake);
         });
@@ -102,16 +128,27 @@ impl Handoff {
     }
 }
 
-/// Backpressure and disconnects of a request served without a thread.
-struct ExchangeFlow(Arc<Exchange>);
+/// The body, backpressure and disconnects of a request served without a thread.
+struct ExchangeFlow {
+    exchange: Arc<Exchange>,
+    /// The body arrives in the exchange's queue (else it came whole with the head).
+    streamed: bool,
+}
 
 impl Flow for ExchangeFlow {
+    fn poll_body(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.streamed {
+            return Poll::Ready(());
+        }
+        self.exchange.body.poll_ready(cx)
+    }
+
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.poll_room(cx)
+        self.exchange.poll_room(cx)
     }
 
     fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.poll_gone(cx)
+        self.exchange.poll_gone(cx)
     }
 }
 
@@ -259,12 +296,29 @@ fn body_segments(r: &records::Request<'_>) -> io::Result<VecDeque<Segment>> {
 struct NginxBody {
     segments: VecDeque<Segment>,
     offset: usize,
+    /// The body arrives in the exchange's queue instead.
+    streamed: bool,
     /// Tells whether the client left (the loop ends the request then).
     exchange: Arc<Exchange>,
 }
 
+impl NginxBody {
+    /// Reads from the queue the loop fills, and wakes the loop when it paused
+    /// for room that this read made.
+    fn read_streamed(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (read, resume) = self.exchange.body.read(buf);
+        if resume {
+            runtime::wake(self.exchange.clone());
+        }
+        read
+    }
+}
+
 impl RequestBody for NginxBody {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.streamed {
+            return self.read_streamed(buf);
+        }
         loop {
             let Some(front) = self.segments.front_mut() else {
                 return Ok(0);

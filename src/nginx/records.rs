@@ -40,6 +40,10 @@ pub const fn status(code: u32) -> ngx_int_t {
 #[derive(Debug)]
 pub struct NoMemory;
 
+/// A part of a request body that nginx wrote to a file instead of memory.
+#[derive(Debug)]
+pub struct InFile;
+
 /// Bytes of an `ngx_str_t`, empty when unset.
 ///
 /// # Safety
@@ -650,10 +654,67 @@ impl<'r> Request<'r> {
         });
     }
 
-    /// Reads the request body, then calls `then` (maybe before this returns).
+    /// Makes `read` the request's read event handler.
+    pub fn set_read_handler(&self, read: unsafe extern "C" fn(*mut ngx_http_request_t)) {
+        self.change(|r| r.read_event_handler = Some(read));
+    }
+
+    /// Starts reading the request body without buffering it (never to a file),
+    /// then calls `then` (maybe before this returns): with the whole body when
+    /// it came with the head, else with what came so far and
+    /// [`Request::reading_body`] set, the rest for [`Request::read_more_body`].
     pub fn read_body(&self, then: unsafe extern "C" fn(*mut ngx_http_request_t)) -> ngx_int_t {
+        self.change(|r| r.set_request_body_no_buffering(1));
         // SAFETY: the request is live, in its content phase.
         unsafe { ngx_http_read_client_request_body(self.raw.as_ptr(), Some(then)) }
+    }
+
+    /// Whether the body is still arriving (after [`Request::read_body`]).
+    pub fn reading_body(&self) -> bool {
+        self.get().reading_body() != 0
+    }
+
+    /// Reads what the client sent of the body since, into the body's chain:
+    /// `AGAIN` while more is to come (the read event and client_body_timeout
+    /// armed), `OK` at its end, or an HTTP status for a body that failed
+    /// (408, 413, 400; the connection's error flag says the client left).
+    pub fn read_more_body(&self) -> ngx_int_t {
+        // SAFETY: the request is live and reading its body unbuffered.
+        unsafe { ngx_http_read_unbuffered_request_body(self.raw.as_ptr()) }
+    }
+
+    /// Passes the bytes of the body's chain to `sink` and empties the chain,
+    /// marking its buffers consumed so that nginx reads into them again.
+    /// Fails for a part nginx put in a file (which it never does for a body
+    /// read unbuffered).
+    pub fn take_body(&self, mut sink: impl FnMut(&[u8])) -> Result<(), InFile> {
+        let rb = self.get().request_body;
+        if rb.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the body record lives in the request's pool; its chain's links and
+        // buffers too, the memory they point to in the body's buffer or the header's.
+        unsafe {
+            let chain = std::mem::replace(&mut (*rb).bufs, ptr::null_mut());
+            let mut link = chain;
+            let mut in_file = false;
+            while let Some(l) = link.as_ref() {
+                let b = &mut *l.buf;
+                if b.in_file() != 0 && b.file_last > b.file_pos {
+                    in_file = true;
+                } else if !b.pos.is_null() && b.last > b.pos {
+                    let len = b.last.offset_from(b.pos) as usize;
+                    sink(std::slice::from_raw_parts(b.pos, len));
+                    b.pos = b.last;
+                }
+                link = l.next;
+            }
+            gateway_ngx_free_chain(self.get().pool, chain);
+            if in_file {
+                return Err(InFile);
+            }
+            Ok(())
+        }
     }
 
     /// The body nginx read, in order: memory and ranges of its temporary file.
@@ -953,6 +1014,18 @@ impl<'c> Connection<'c> {
     pub fn cancel_write_timer(&self) {
         // SAFETY: a connection in use has its write event; loop thread.
         unsafe { gateway_ngx_del_timer(self.get().write) };
+    }
+
+    /// Disarms the read timeout (client_body_timeout while a body arrives).
+    pub fn cancel_read_timer(&self) {
+        // SAFETY: a connection in use has its read event; loop thread.
+        unsafe { gateway_ngx_del_timer(self.get().read) };
+    }
+
+    /// Forgets that the read timeout passed: the wait was not the client's.
+    pub fn forgive_read_timeout(&self) {
+        // SAFETY: a connection in use has its read event; loop thread.
+        unsafe { (*self.get().read).set_timedout(0) };
     }
 
     /// Whether the peer has closed the socket (pipelined bytes are left unread).

@@ -1,6 +1,9 @@
-//! One request on the event loop: read the body, hand a snapshot of the request
-//! to a module thread (see [`super::handoff`]), and send the response pieces the
-//! thread queues, waiting for the client when it reads slowly.
+//! One request on the event loop: start reading the body, hand a snapshot of
+//! the request to a module thread (see [`super::handoff`]) as soon as the head
+//! is in, pass the body on as it arrives ([`LoopState::pump`]: never spooled,
+//! reading paused while the application's queue is full), and send the
+//! response pieces the thread queues, waiting for the client when it reads
+//! slowly.
 //!
 //! Every entry from nginx runs behind the panic guard. The steps under the guard
 //! never finalize the request: they say what comes next ([`Next`]), and only
@@ -21,6 +24,7 @@ use super::handoff::Handoff;
 use super::records::{self, NoMemory, Output, Request};
 use super::runtime::{self, log_line, Job};
 use crate::common::framing;
+use crate::common::inbound::Broken;
 use crate::common::log::request_line;
 use crate::common::panic::{catch, fault_point};
 use crate::common::transport::{Header, Outcome};
@@ -40,7 +44,9 @@ fn log_request(r: &Request<'_>, level: log::Level, msg: &str) {
     log_line(level, &request_line(r.method(), r.unparsed_uri(), msg));
 }
 
-/// The content handler: reads the body, then continues in [`gateway_body_read`].
+/// The content handler: starts reading the body, then continues in
+/// [`gateway_body_read`] once the whole body, or the part that came with the
+/// head, is in.
 #[no_mangle]
 pub unsafe extern "C" fn gateway_handle_request(
     r: *mut ngx_http_request_t,
@@ -96,6 +102,7 @@ fn start(r: Request<'_>, mount: Arc<Mount>, daemon: Option<Arc<Endpoint>>) -> ng
         output: Output::new(&r),
         header_sent: false,
         header_only: false,
+        after_body: None,
     };
     let Ok(state) = r.pool().own(state) else {
         return INTERNAL_SERVER_ERROR;
@@ -106,10 +113,16 @@ fn start(r: Request<'_>, mount: Arc<Mount>, daemon: Option<Arc<Endpoint>>) -> ng
     r.set_ctx(state.as_ptr().cast());
     let rc = r.read_body(gateway_body_read);
     if rc >= records::status(NGX_HTTP_SPECIAL_RESPONSE) {
+        if rc == records::status(NGX_HTTP_REQUEST_ENTITY_TOO_LARGE) {
+            log_request(&r, log::Level::Error, TOO_LARGE);
+        }
         return rc;
     }
     records::DONE
 }
+
+/// Why a body that grew past its limit gets a 413.
+const TOO_LARGE: &str = "the request body is larger than client_max_body_size; answering 413";
 
 /// The loop's side of one request. Lives in the request's pool, so the response
 /// bytes nginx still points to outlive it; its drop (as the pool goes) tells the
@@ -126,6 +139,10 @@ struct LoopState<'r> {
     output: Output<'r>,
     header_sent: bool,
     header_only: bool,
+    /// The response is complete but the client still sends a body the
+    /// application did not read: it is read and dropped, then the request
+    /// ends with this code, and the connection stays usable.
+    after_body: Option<ngx_int_t>,
 }
 
 impl Drop for LoopState<'_> {
@@ -237,7 +254,8 @@ fn final_status(r: &Request<'_>, header_sent: bool, rc: ngx_int_t) -> u16 {
     }
 }
 
-/// The body is read: snapshot the request and hand it to a module thread.
+/// The body is read, or its first part: snapshot the request and hand it to
+/// a module thread.
 unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
     // SAFETY: nginx calls the body handler with the live request.
     let r = unsafe { Request::from_raw(r) };
@@ -249,35 +267,35 @@ unsafe extern "C" fn gateway_body_read(r: *mut ngx_http_request_t) {
     }
 }
 
-/// Hands the request to a module thread.
+/// Hands the request to a module thread (or the event loop of an application
+/// that runs without one); a body still arriving then goes on to it.
 fn dispatch<'r>(r: Request<'r>, state: &mut LoopState<'r>) -> Next {
-    r.set_handlers(gateway_write_ready, gateway_client_check);
-    let handoff = match Handoff::take(&r) {
-        Ok(handoff) => handoff,
-        Err(e) => {
-            let msg = format!("cannot pass the request body on: {e}");
-            log_request(&r, log::Level::Error, &msg);
-            return Next::Finish(INTERNAL_SERVER_ERROR);
+    let streamed = r.reading_body();
+    let read = if streamed {
+        gateway_body_ready
+    } else {
+        gateway_client_check
+    };
+    r.set_handlers(gateway_write_ready, read);
+    let handoff = if streamed {
+        Handoff::streamed(&r)
+    } else {
+        match Handoff::take(&r) {
+            Ok(handoff) => handoff,
+            Err(e) => {
+                let msg = format!("cannot pass the request body on: {e}");
+                log_request(&r, log::Level::Error, &msg);
+                return Next::Finish(INTERNAL_SERVER_ERROR);
+            }
         }
     };
-    let Ok(rt) = runtime::runtime() else {
-        return Next::Finish(INTERNAL_SERVER_ERROR);
-    };
-    if state.daemon.is_none() && dispatch::runs_without_thread(&state.mount.app) {
-        rt.count_running(r.loop_thread());
-        handoff.start(&state.mount, rt.info(), state.exchange.clone());
-        return Next::Wait;
+    if let Next::Finish(rc) = state.run(&r, handoff) {
+        return Next::Finish(rc);
     }
-    let job = state.job(handoff);
-    let group = state.daemon.as_ref().map(|ep| ep.group.as_str());
-    match rt.submit(job, group, r.loop_thread()) {
-        Ok(()) => Next::Wait,
-        Err(why) => {
-            let msg = format!("cannot run the application: {why}");
-            log_request(&r, log::Level::Error, &msg);
-            Next::Finish(records::status(NGX_HTTP_SERVICE_UNAVAILABLE))
-        }
+    if streamed {
+        return state.pump(r);
     }
+    Next::Wait
 }
 
 /// The loop was woken for `exchange`: send what its thread queued.
@@ -297,8 +315,19 @@ pub fn on_ready(exchange: &Arc<Exchange>) {
     };
     let c = r.connection();
     // SAFETY: as above.
-    unsafe { resume(state, |r, s| s.drain(r)) };
+    unsafe { resume(state, |r, s| s.on_ready(r)) };
     c.run_posted_requests();
+}
+
+/// The client sent more of the body (nginx's read event while it arrives), or
+/// its client_body_timeout passed.
+unsafe extern "C" fn gateway_body_ready(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls the read handler with the live request.
+    let r = unsafe { Request::from_raw(r) };
+    if let Some(state) = state_of(&r) {
+        // SAFETY: the request's ctx is the state start() put in its pool.
+        unsafe { resume(state, |r, s| s.body_ready(r)) };
+    }
 }
 
 /// Keeps sending when the client can take more (nginx's write event).
@@ -348,6 +377,146 @@ fn wait_for_client(r: &Request<'_>) -> Next {
 }
 
 impl<'r> LoopState<'r> {
+    /// Starts the application: on the interpreter's event loop when it runs
+    /// without a thread, else as a job for the module's threads.
+    fn run(&self, r: &Request<'r>, handoff: Handoff) -> Next {
+        let Ok(rt) = runtime::runtime() else {
+            return Next::Finish(INTERNAL_SERVER_ERROR);
+        };
+        if self.daemon.is_none() && dispatch::runs_without_thread(&self.mount.app) {
+            rt.count_running(r.loop_thread());
+            handoff.start(&self.mount, rt.info(), self.exchange.clone());
+            return Next::Wait;
+        }
+        let job = self.job(handoff);
+        let group = self.daemon.as_ref().map(|ep| ep.group.as_str());
+        match rt.submit(job, group, r.loop_thread()) {
+            Ok(()) => Next::Wait,
+            Err(why) => {
+                let msg = format!("cannot run the application: {why}");
+                log_request(r, log::Level::Error, &msg);
+                Next::Finish(records::status(NGX_HTTP_SERVICE_UNAVAILABLE))
+            }
+        }
+    }
+
+    /// A wake-up from the request's thread: read on if its body read made
+    /// room, and send what it queued.
+    fn on_ready(&mut self, r: Request<'r>) -> Next {
+        if self.exchange.body.take_resume() {
+            if let Next::Finish(rc) = self.pump(r) {
+                return Next::Finish(rc);
+            }
+        }
+        self.drain(r)
+    }
+
+    /// nginx's read event while the body arrives: read on, unless the
+    /// application has not taken what came (then only a broken connection
+    /// matters; the rest waits in the socket, or HTTP/2's window, which holds
+    /// the client back, and a timeout nginx armed meanwhile is not the client's).
+    fn body_ready(&mut self, r: Request<'r>) -> Next {
+        if !self.exchange.body.is_paused() {
+            return self.pump(r);
+        }
+        let c = r.connection();
+        if c.error() {
+            return self.body_failed(r, records::status(NGX_HTTP_BAD_REQUEST));
+        }
+        c.cancel_read_timer();
+        c.forgive_read_timeout();
+        Next::Wait
+    }
+
+    /// Moves the body nginx read to the application's queue and reads on,
+    /// until the client has sent nothing more for now, the body is complete,
+    /// or the queue is full: then reading pauses (client_body_timeout too: the
+    /// wait is the application's) until the application takes some.
+    fn pump(&mut self, r: Request<'r>) -> Next {
+        let next = self.read_rounds(r);
+        // One wake-up of a waiting reader for all that came.
+        self.exchange.body.arrived();
+        next
+    }
+
+    /// [`LoopState::pump`]'s reads.
+    fn read_rounds(&mut self, r: Request<'r>) -> Next {
+        let body = &self.exchange.body;
+        let mut asked = false;
+        loop {
+            let mut piece = Vec::new();
+            if r.take_body(|data| piece.extend_from_slice(data)).is_err() {
+                let msg = "the request body was spooled to a file";
+                log_request(&r, log::Level::Error, msg);
+                return self.body_failed(r, INTERNAL_SERVER_ERROR);
+            }
+            let moved = piece.len();
+            body.push(piece);
+            if !r.reading_body() {
+                body.finish(Ok(()));
+                r.set_read_handler(gateway_client_check);
+                return self.after_body.take().map_or(Next::Wait, Next::Finish);
+            }
+            if body.pause_if_full() {
+                r.connection().cancel_read_timer();
+                return Next::Wait;
+            }
+            // Nothing more came since the last read: wait for the read event.
+            if asked && moved == 0 {
+                return Next::Wait;
+            }
+            let rc = r.read_more_body();
+            if rc == records::ERROR || rc >= records::status(NGX_HTTP_SPECIAL_RESPONSE) {
+                return self.body_failed(r, rc);
+            }
+            asked = true;
+        }
+    }
+
+    /// The body broke with nginx's `rc`: the application's read fails, and
+    /// the request ends (with that status when no response head went out).
+    fn body_failed(&mut self, r: Request<'r>, rc: ngx_int_t) -> Next {
+        let c = r.connection();
+        let (broken, level, msg, rc) = if c.error() {
+            let msg = "the client closed the connection while sending the request body";
+            let rc = records::status(NGX_HTTP_CLIENT_CLOSED_REQUEST);
+            (Broken::GONE, log::Level::Info, msg, rc)
+        } else if rc == records::status(NGX_HTTP_REQUEST_TIME_OUT) {
+            c.set_timed_out();
+            let broken = Broken {
+                kind: std::io::ErrorKind::TimedOut,
+                why: "the client sent nothing of the request body for client_body_timeout",
+            };
+            (broken, log::Level::Info, broken.why, rc)
+        } else if rc == records::status(NGX_HTTP_REQUEST_ENTITY_TOO_LARGE) {
+            let broken = Broken {
+                kind: std::io::ErrorKind::InvalidData,
+                why: "the request body is larger than client_max_body_size",
+            };
+            let msg = if self.header_sent {
+                "the request body is larger than client_max_body_size; the response is cut short"
+            } else {
+                TOO_LARGE
+            };
+            (broken, log::Level::Error, msg, rc)
+        } else {
+            let broken = Broken {
+                kind: std::io::ErrorKind::InvalidData,
+                why: "the client sent an invalid request body",
+            };
+            (broken, log::Level::Info, broken.why, rc)
+        };
+        log_request(&r, level, msg);
+        self.exchange.body.finish(Err(broken));
+        Next::Finish(
+            if self.header_sent && rc != records::status(NGX_HTTP_CLIENT_CLOSED_REQUEST) {
+                records::ERROR
+            } else {
+                rc
+            },
+        )
+    }
+
     /// The job that runs the request on a module thread: embedded, or forwarded
     /// to its daemon group.
     fn job(&self, handoff: Handoff) -> Job {
@@ -404,7 +573,8 @@ impl<'r> LoopState<'r> {
             Piece::File { fd, offset, len } => self.send_file(r, fd, offset, len),
             Piece::End(outcome) => {
                 runtime::job_done();
-                return Some(Next::Finish(self.end(r, outcome)));
+                let rc = self.end(r, outcome);
+                return Some(self.end_after_body(*r, outcome, rc));
             }
         };
         if rc == records::ERROR || rc > records::OK {
@@ -476,6 +646,18 @@ impl<'r> LoopState<'r> {
             return records::OK;
         }
         self.output.send_file(r, fd, offset, len)
+    }
+
+    /// Ends the request with `rc`, or, for a complete HTTP/1 response whose
+    /// body the client still sends, once that body is read and dropped.
+    fn end_after_body(&mut self, r: Request<'r>, outcome: Outcome, rc: ngx_int_t) -> Next {
+        let sent = rc == records::OK || rc == records::AGAIN;
+        if outcome != Outcome::Complete || !sent || !r.reading_body() || r.is_http2() {
+            return Next::Finish(rc);
+        }
+        self.exchange.body.finish(Err(Broken::GONE));
+        self.after_body = Some(rc);
+        self.pump(r)
     }
 
     /// The rc to finalize the request with once the application is done.

@@ -582,6 +582,8 @@ fn exit_process(lt: LoopThread) {
     scoreboard::release_local();
     let Some(Ok(rt)) = RUNTIME.get() else { return };
     log_drain();
+    // Requests still open get no more of their bodies: a thread waiting for one goes on.
+    crate::common::inbound::abandon_all();
     // Closing the channel ends each thread after its current request.
     drop(rt.tasks.lock().unwrap_or_else(|e| e.into_inner()).take());
     let threads = std::mem::take(&mut *rt.threads.lock().unwrap_or_else(|e| e.into_inner()));

@@ -1,8 +1,8 @@
-//! The driver without a thread: a request whose body the server already holds
-//! and whose response only queues, served on the loop thread itself. Writes
-//! wait for the transport's room ([`Flow::poll_room`]); a waiting `receive()`
-//! after the body learns of the client leaving from [`Flow::poll_gone`]. Both
-//! wake the request through the loop's queue.
+//! The driver without a thread: a request whose response only queues, served
+//! on the loop thread itself. Body reads wait for the transport's bytes
+//! ([`Flow::poll_body`]), writes for its room ([`Flow::poll_room`]); a waiting
+//! `receive()` after the body learns of the client leaving from
+//! [`Flow::poll_gone`]. Each wakes the request through the loop's queue.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,8 @@ pub struct FlowBackend {
     done: Mutex<Option<Done>>,
     waker: Waker,
     pending: Option<PendingSend>,
+    /// A body read waits for bytes.
+    reading: bool,
     watching: bool,
     /// Deferred until the pending write has gone.
     finish: Option<Outcome>,
@@ -50,6 +52,7 @@ impl FlowBackend {
             done: Mutex::new(Some(done)),
             waker: Waker::from(Arc::new(RequestWaker { id, shared })),
             pending: None,
+            reading: false,
             watching: false,
             finish: None,
             head_sent: false,
@@ -67,6 +70,19 @@ impl FlowBackend {
             self.end(outcome);
         }
         reply.then_some(Reply::Sent(result))
+    }
+
+    /// Reads the next piece of the body if that does not wait now.
+    fn try_read(&mut self) -> Option<Reply> {
+        let mut cx = Context::from_waker(&self.waker);
+        self.flow.poll_body(&mut cx).is_ready().then_some(())?;
+        self.reading = false;
+        let mut buf = vec![0; READ_SIZE];
+        let read = self.body.read(&mut buf).map(|n| {
+            buf.truncate(n);
+            buf
+        });
+        Some(Reply::Data(read))
     }
 
     fn write(&mut self, head: Option<Head>, data: &[u8]) -> io::Result<()> {
@@ -139,12 +155,8 @@ impl Backend for FlowBackend {
     fn submit(&mut self, op: Op) -> Option<Reply> {
         match op {
             Op::Read => {
-                let mut buf = vec![0; READ_SIZE];
-                let read = self.body.read(&mut buf).map(|n| {
-                    buf.truncate(n);
-                    buf
-                });
-                Some(Reply::Data(read))
+                self.reading = true;
+                self.try_read()
             }
             Op::Send { head, data, reply } => {
                 self.pending = Some(PendingSend { head, data, reply });
@@ -170,6 +182,9 @@ impl Backend for FlowBackend {
     }
 
     fn resume(&mut self, replies: &mut Vec<Reply>) {
+        if self.reading {
+            replies.extend(self.try_read());
+        }
         if self.pending.is_some() {
             replies.extend(self.try_send());
         }

@@ -487,11 +487,13 @@ fn detection_routes_an_asgi_script_and_remembers_it() {
 }
 
 /// A transport that never blocks: room only once `open` is set (a waker is
-/// kept to call then); the client leaves when `gone` is set.
+/// kept to call then); the client leaves when `gone` is set; while `held` is
+/// set, the body has not arrived.
 #[derive(Default)]
 struct FakeFlow {
     open: AtomicBool,
     gone: AtomicBool,
+    held: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
@@ -502,9 +504,24 @@ impl FakeFlow {
             waker.wake();
         }
     }
+
+    fn release_body(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        if let Some(waker) = self.waker.lock().unwrap().take() {
+            waker.wake();
+        }
+    }
 }
 
 impl Flow for Arc<FakeFlow> {
+    fn poll_body(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.held.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        *self.waker.lock().unwrap() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.open.load(Ordering::SeqCst) || self.gone.load(Ordering::SeqCst) {
             return Poll::Ready(());
@@ -586,4 +603,36 @@ fn a_request_without_a_thread_learns_of_the_client_leaving() {
     }
     let outcome = done.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(outcome, Outcome::ClientGone);
+}
+
+#[test]
+fn a_request_without_a_thread_awaits_its_body_through_the_flow() {
+    Python::initialize();
+    let script = Script::new("flow-body", ECHO_MESSAGES);
+    let flow = Arc::new(FakeFlow::default());
+    flow.open.store(true, Ordering::SeqCst);
+    flow.held.store(true, Ordering::SeqCst);
+    let (channel, record) = RecordingChannel::new();
+    let request = Request {
+        head: head(&[]),
+        has_body: true,
+        body: Box::new(ChunkBody::of(&[b"late"])),
+        response: Box::new(channel),
+    };
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    super::start(
+        &script.spec(),
+        &info(),
+        request,
+        Box::new(flow.clone()),
+        Box::new(move |outcome| done_tx.send(outcome).unwrap()),
+    );
+    assert!(
+        done.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the body has not arrived"
+    );
+    flow.release_body();
+    let outcome = done.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(outcome, Outcome::Complete);
+    assert_eq!(text(&record), "[(b'late', True), (b'', False)]");
 }
