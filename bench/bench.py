@@ -542,12 +542,12 @@ class ApacheModWsgi(ApacheConfig):
 
 class ApacheModWsgiEmbedded(ApacheModWsgi):
     name = "apache-modwsgi-embedded"
-    label = "Apache + mod_wsgi 4.9 (Debian) embedded"
+    label = "Apache + mod_wsgi (Debian) embedded"
 
 
 class ApacheModWsgiDaemon(ApacheModWsgi):
     name = "apache-modwsgi-daemon"
-    label = "Apache + mod_wsgi 4.9 (Debian) daemon"
+    label = "Apache + mod_wsgi (Debian) daemon"
     mode = "daemon"
 
 
@@ -568,12 +568,12 @@ class ApacheModWsgi6(ApacheModWsgi):
 
 class ApacheModWsgi6Embedded(ApacheModWsgi6):
     name = "apache-modwsgi6-embedded"
-    label = "Apache + mod_wsgi 6.1 (PyPI) embedded"
+    label = "Apache + mod_wsgi (PyPI) embedded"
 
 
 class ApacheModWsgi6Daemon(ApacheModWsgi6):
     name = "apache-modwsgi6-daemon"
-    label = "Apache + mod_wsgi 6.1 (PyPI) daemon"
+    label = "Apache + mod_wsgi (PyPI) daemon"
     mode = "daemon"
 
 
@@ -711,7 +711,7 @@ class NginxUwsgi(NginxConfig):
     """Debian's uWSGI with its python3 plugin."""
 
     name = "nginx-uwsgi"
-    label = "nginx + uWSGI 2.0.21 (Debian)"
+    label = "nginx + uWSGI (Debian)"
     group = "peer"
     mode = "daemon"
 
@@ -767,7 +767,7 @@ class NginxUwsgiPypi(NginxUwsgi):
     built in, into the virtualenv's bin/."""
 
     name = "nginx-uwsgi-pypi"
-    label = "nginx + uWSGI 2.0.31 (PyPI)"
+    label = "nginx + uWSGI (PyPI)"
 
     def program(self):
         return self.env.venv / "bin" / "uwsgi"
@@ -1081,9 +1081,9 @@ class Peers:
 # daemon row the best daemon-style peer, for an embedded row the best of all.
 BEST_PEER = "best peer"
 BEST_ASGI_PEER = "best ASGI peer"
-MODWSGI_EMBEDDED = Peers("mod_wsgi embedded (4.9, 6.1)", ("apache-modwsgi-embedded", "apache-modwsgi6-embedded"))
-MODWSGI_DAEMON = Peers("mod_wsgi daemon (4.9, 6.1)", ("apache-modwsgi-daemon", "apache-modwsgi6-daemon"))
-UWSGI = Peers("nginx + uWSGI (2.0.21, 2.0.31)", ("nginx-uwsgi", "nginx-uwsgi-pypi"))
+MODWSGI_EMBEDDED = Peers("mod_wsgi embedded (Debian, PyPI)", ("apache-modwsgi-embedded", "apache-modwsgi6-embedded"))
+MODWSGI_DAEMON = Peers("mod_wsgi daemon (Debian, PyPI)", ("apache-modwsgi-daemon", "apache-modwsgi6-daemon"))
+UWSGI = Peers("nginx + uWSGI (Debian, PyPI)", ("nginx-uwsgi", "nginx-uwsgi-pypi"))
 
 
 @dataclass(frozen=True)
@@ -1394,8 +1394,8 @@ def report_header(args, env: Env, configs: list[Config], workloads, facts) -> li
               "process count)",
               "- vs best peer: req/s divided by the best peer's on that workload: for a daemon row (the "
               "application in processes of its own) the best of the daemon-style peers, mod_wsgi daemon "
-              "(4.9 and 6.1), uWSGI (2.0.21 and 2.0.31) and gunicorn; for an embedded row the best of "
-              "those and mod_wsgi embedded (4.9 and 6.1)"
+              "(Debian's and PyPI's), uWSGI (Debian's and PyPI's) and gunicorn; for an embedded row the best "
+              "of those and mod_wsgi embedded (Debian's and PyPI's); their versions are in the versions line"
               + ("; for ASGI rows, the best of the ASGI peers (uvicorn behind nginx or Apache, gunicorn + "
                  "uvicorn worker, granian, hypercorn)" if any(c.interface == "asgi" for c in configs) else ""),
               ""]
