@@ -614,11 +614,12 @@ fn embedded(r: &mut Request<'_>, mount: &Mount) -> c_int {
             let ticket = scoreboard::begin(r.method(), r.unparsed_uri());
             let rc = request::serve(r, mount, Runner::Embedded(info));
             if let Some(ticket) = ticket {
-                // OK: the response went out with the status it set.
-                ticket.finish(if rc == OK as c_int {
-                    r.status()
-                } else {
-                    rc as u16
+                // OK: the response went out with the status it set, unless the
+                // client left first (499, as nginx and daemon mode count it).
+                ticket.finish(match rc == OK as c_int {
+                    true if r.connection_aborted() => 499,
+                    true => r.status(),
+                    false => rc as u16,
                 });
             }
             rc

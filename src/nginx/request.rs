@@ -446,8 +446,6 @@ impl<'r> LoopState<'r> {
         loop {
             let mut piece = Vec::new();
             if r.take_body(|data| piece.extend_from_slice(data)).is_err() {
-                let msg = "the request body was spooled to a file";
-                log_request(&r, log::Level::Error, msg);
                 return self.body_failed(r, INTERNAL_SERVER_ERROR);
             }
             let moved = piece.len();
@@ -499,6 +497,12 @@ impl<'r> LoopState<'r> {
                 TOO_LARGE
             };
             (broken, log::Level::Error, msg, rc)
+        } else if rc == INTERNAL_SERVER_ERROR {
+            let broken = Broken {
+                kind: std::io::ErrorKind::Other,
+                why: "the request body was spooled to a file",
+            };
+            (broken, log::Level::Error, broken.why, rc)
         } else {
             let broken = Broken {
                 kind: std::io::ErrorKind::InvalidData,

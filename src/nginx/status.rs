@@ -8,6 +8,7 @@ use std::os::fd::RawFd;
 use super::ffi::*;
 use super::records::{self, Request};
 use super::runtime::log_line;
+use crate::common::log::request_line;
 use crate::common::panic::catch;
 use crate::common::transport::{Header, ResponseChannel};
 use crate::dispatch;
@@ -55,10 +56,9 @@ pub unsafe extern "C" fn gateway_status_request(r: *mut ngx_http_request_t) -> n
     // SAFETY: nginx passes the request of its content phase, on the loop thread.
     let r = unsafe { Request::from_raw(r) };
     catch(|| status(r)).unwrap_or_else(|p| {
-        log_line(
-            log::Level::Error,
-            &format!("gateway: {p} in the status page"),
-        );
+        let why = format!("{p} in the status page");
+        let line = request_line(r.method(), r.unparsed_uri(), &why);
+        log_line(log::Level::Error, &line);
         records::status(NGX_HTTP_INTERNAL_SERVER_ERROR)
     })
 }

@@ -187,17 +187,20 @@ impl Counters {
         }
     }
 
-    fn clear(&self) {
-        self.requests.store(0, Relaxed);
-        self.sum_us.store(0, Relaxed);
-        self.classes.iter().for_each(|c| c.store(0, Relaxed));
-        self.buckets.iter().for_each(|b| b.store(0, Relaxed));
+    /// Takes the counters, leaving zeros: an increment made meanwhile is either
+    /// taken or left for the next take, never lost.
+    fn take(&self) -> Totals {
+        Totals {
+            requests: self.requests.swap(0, Relaxed),
+            classes: self.classes.each_ref().map(|c| c.swap(0, Relaxed)),
+            buckets: self.buckets.each_ref().map(|b| b.swap(0, Relaxed)),
+            sum_us: self.sum_us.swap(0, Relaxed),
+        }
     }
 
     /// Moves these counters into `into`: what a process that ended served stays counted.
     fn fold_into(&self, into: &Counters) {
-        into.add(&self.load());
-        self.clear();
+        into.add(&self.take());
     }
 }
 
@@ -442,6 +445,9 @@ fn is_dead(pid: u32) -> bool {
 pub struct Board {
     base: NonNull<u8>,
     len: usize,
+    /// How many slots the mapping holds, from its length: never re-read from the
+    /// header, which a daemon process (running application code) can write.
+    slots: usize,
 }
 
 // SAFETY: the mapping holds atomics only; it is shared as they are.
@@ -495,6 +501,7 @@ impl Board {
         let board = Board {
             base: map(-1, len, true)?,
             len,
+            slots,
         };
         board.init(slots, counting, groups);
         Ok(board)
@@ -511,6 +518,7 @@ impl Board {
         let board = Board {
             base: map(fd, len, true)?,
             len,
+            slots,
         };
         board.init(slots, counting, &[]);
         Ok(board)
@@ -539,14 +547,16 @@ impl Board {
         if len < size_for(0) {
             return Err(io::Error::other("the status file is too short"));
         }
+        let slots = (len - size_for(0)) / std::mem::size_of::<Slot>();
         let board = Board {
             base: map(fd, len, writable)?,
             len,
+            slots,
         };
         let h = board.header();
-        let slots = h.slots.load(Relaxed) as usize;
         if h.magic.load(Acquire) != MAGIC
             || h.version.load(Relaxed) != VERSION
+            || h.slots.load(Relaxed) as usize != slots
             || size_for(slots) != len
         {
             return Err(io::Error::other(
@@ -581,13 +591,13 @@ impl Board {
     }
 
     pub fn slots(&self) -> &[Slot] {
-        let n = self.header().slots.load(Relaxed) as usize;
-        // SAFETY: the slots follow the header (size checked or made for n),
-        // aligned as the header's size is a multiple of 8.
+        // SAFETY: the mapping is size_for(self.slots) bytes (made so, or its
+        // length checked), so self.slots slots follow the header, aligned as the
+        // header's size is a multiple of 8.
         unsafe {
             std::slice::from_raw_parts(
                 self.base.as_ptr().add(std::mem::size_of::<Header>()).cast(),
-                n,
+                self.slots,
             )
         }
     }
@@ -957,6 +967,11 @@ mod tests {
         let reader = Board::open(&path).unwrap();
         assert_eq!(reader.generation(), writer.generation());
         assert_eq!(reader.restarts()[0], (Reason::Crash, 1));
+        // A daemon process runs application code with the file mapped writable: a
+        // slot count it writes changes no mapped board's bounds.
+        writer.header().slots.store(1_000_000, Relaxed);
+        assert_eq!((writer.slots().len(), reader.slots().len()), (2, 2));
+        assert!(Board::open(&path).is_err());
         std::fs::write(&path, b"not a board").unwrap();
         assert!(Board::open(&path).is_err());
         std::fs::remove_file(&path).unwrap();
