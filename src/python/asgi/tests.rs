@@ -539,16 +539,19 @@ impl Flow for Arc<FakeFlow> {
     }
 }
 
-#[test]
-fn a_request_without_a_thread_waits_for_room_and_ends_with_done() {
-    Python::initialize();
-    let script = Script::new("flow", ECHO_MESSAGES);
-    let flow = Arc::new(FakeFlow::default());
-    let (channel, record) = RecordingChannel::new();
+/// Starts `script`'s request without a thread (on the loop) over `flow`,
+/// with `body` as its body; the receiver gets its outcome.
+fn start_on_loop(
+    script: &Script,
+    flow: &Arc<FakeFlow>,
+    channel: RecordingChannel,
+    has_body: bool,
+    body: &[&[u8]],
+) -> crossbeam_channel::Receiver<Outcome> {
     let request = Request {
         head: head(&[]),
-        has_body: true,
-        body: Box::new(ChunkBody::of(&[b"abc"])),
+        has_body,
+        body: Box::new(ChunkBody::of(body)),
         response: Box::new(channel),
     };
     let (done_tx, done) = crossbeam_channel::bounded(1);
@@ -559,6 +562,16 @@ fn a_request_without_a_thread_waits_for_room_and_ends_with_done() {
         Box::new(flow.clone()),
         Box::new(move |outcome| done_tx.send(outcome).unwrap()),
     );
+    done
+}
+
+#[test]
+fn a_request_without_a_thread_waits_for_room_and_ends_with_done() {
+    Python::initialize();
+    let script = Script::new("flow", ECHO_MESSAGES);
+    let flow = Arc::new(FakeFlow::default());
+    let (channel, record) = RecordingChannel::new();
+    let done = start_on_loop(&script, &flow, channel, true, &[b"abc"]);
     assert!(
         done.recv_timeout(Duration::from_millis(300)).is_err(),
         "no room yet"
@@ -582,20 +595,7 @@ fn a_request_without_a_thread_learns_of_the_client_leaving() {
     );
     let flow = Arc::new(FakeFlow::default());
     let (channel, _record) = RecordingChannel::new();
-    let request = Request {
-        head: head(&[]),
-        has_body: false,
-        body: Box::new(ChunkBody::of(&[])),
-        response: Box::new(channel),
-    };
-    let (done_tx, done) = crossbeam_channel::bounded(1);
-    super::start(
-        &script.spec(),
-        &info(),
-        request,
-        Box::new(flow.clone()),
-        Box::new(move |outcome| done_tx.send(outcome).unwrap()),
-    );
+    let done = start_on_loop(&script, &flow, channel, false, &[]);
     std::thread::sleep(Duration::from_millis(100));
     flow.gone.store(true, Ordering::SeqCst);
     if let Some(waker) = flow.waker.lock().unwrap().take() {
@@ -613,20 +613,7 @@ fn a_request_without_a_thread_awaits_its_body_through_the_flow() {
     flow.open.store(true, Ordering::SeqCst);
     flow.held.store(true, Ordering::SeqCst);
     let (channel, record) = RecordingChannel::new();
-    let request = Request {
-        head: head(&[]),
-        has_body: true,
-        body: Box::new(ChunkBody::of(&[b"late"])),
-        response: Box::new(channel),
-    };
-    let (done_tx, done) = crossbeam_channel::bounded(1);
-    super::start(
-        &script.spec(),
-        &info(),
-        request,
-        Box::new(flow.clone()),
-        Box::new(move |outcome| done_tx.send(outcome).unwrap()),
-    );
+    let done = start_on_loop(&script, &flow, channel, true, &[b"late"]);
     assert!(
         done.recv_timeout(Duration::from_millis(300)).is_err(),
         "the body has not arrived"
